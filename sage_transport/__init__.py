@@ -1,0 +1,91 @@
+"""sage_transport: KV-cache transport and communication layer for LLM inference engines.
+
+Quick use::
+
+    async with KVTransferChannel(MockTransport(net), name="prefill") as channel:
+        channel.register(KVMemory(schema, num_blocks, kv_buffer))
+        peer = await channel.connect(address)
+        result = await channel.transfer(TransferPlan.for_blocks(peer, schema, src_blocks, dst_blocks))
+
+Importing this package imports no heavy backend (torch, ucxx, prometheus_client); transports load by name.
+"""
+
+from __future__ import annotations
+
+from .channel import ChannelStatistics, KVTransferChannel
+from .config import Compression, Integrity, KVTransportConfig
+from .errors import (
+    AuthError,
+    ChecksumError,
+    ConfigError,
+    ConnectionClosedError,
+    FrameTooLargeError,
+    HandshakeError,
+    PeerDeadError,
+    PlanError,
+    ProtocolError,
+    SageTransportError,
+    TransferAbortedError,
+    TransferTimeoutError,
+    TransportError,
+    UnsupportedError,
+    VersionMismatchError,
+)
+from .memory import KVGeometry, KVMemory
+from .plan import BlockMapping, IntegrityStatus, KVChunk, Priority, TransferPlan, TransferResult
+from .planner import ChunkTable, plan_chunks
+from .presets import load_presets
+from .scheduler import Scheduler
+from .schema import MODEL_SPECS, DType, KVCacheSchema, Layout
+from .transfers import LayerArrival, TransferHandle, TransferProgress, TransferStatus
+from .transports import Transport, available_transports, create_transport, register_transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "BlockMapping",
+    "ChannelStatistics",
+    "ChecksumError",
+    "ChunkTable",
+    "Compression",
+    "ConfigError",
+    "ConnectionClosedError",
+    "DType",
+    "FrameTooLargeError",
+    "HandshakeError",
+    "Integrity",
+    "IntegrityStatus",
+    "KVCacheSchema",
+    "KVChunk",
+    "KVGeometry",
+    "KVMemory",
+    "KVTransferChannel",
+    "KVTransportConfig",
+    "LayerArrival",
+    "Layout",
+    "MODEL_SPECS",
+    "PeerDeadError",
+    "PlanError",
+    "Priority",
+    "ProtocolError",
+    "SageTransportError",
+    "Scheduler",
+    "TransferAbortedError",
+    "TransferHandle",
+    "TransferPlan",
+    "TransferProgress",
+    "TransferResult",
+    "TransferStatus",
+    "TransferTimeoutError",
+    "Transport",
+    "TransportError",
+    "UnsupportedError",
+    "VersionMismatchError",
+    "__version__",
+    "available_transports",
+    "create_transport",
+    "load_presets",
+    "plan_chunks",
+    "register_transport",
+]

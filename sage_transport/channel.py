@@ -1,0 +1,642 @@
+"""``KVTransferChannel``: register KV memory once, connect peers, ``await channel.transfer(plan)``.
+
+The channel plans (:mod:`.planner`), schedules (:mod:`.scheduler`) and drives one
+:class:`~sage_transport.session.PeerSession` per peer over any :class:`~sage_transport.transports.base.Transport`.
+It knows nothing of a particular transport. ``transfer`` returns when the receiver verified every chunk;
+the receiver awaits the same transfer with :meth:`wait_received` or iterates :meth:`arrivals`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import structlog
+
+from .config import Integrity, KVTransportConfig
+from .errors import (
+    ChecksumError,
+    ConfigError,
+    ConnectionClosedError,
+    PeerDeadError,
+    PlanError,
+    SageTransportError,
+    TransferAbortedError,
+    TransferTimeoutError,
+    TransportError,
+    UnsupportedError,
+)
+from .handshake import Capabilities, client_handshake, server_handshake
+from .integrity import checksum_function
+from .memory import KVMemory
+from .plan import IntegrityStatus, TransferPlan, TransferResult
+from .planner import plan_chunks
+from .scheduler import AckOutcome, Scheduler
+from .schema import KVCacheSchema
+from .session import PeerSession
+from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
+from .transports.base import Connection, Listener, Transport
+from .transports.registry import create_transport
+from .wire import Abort, Announce, Region, RegionUpdate
+
+__all__ = ["ChannelStatistics", "KVTransferChannel"]
+
+log = structlog.get_logger("sage_transport.channel")
+
+_RECENT_RESULTS = 1024
+
+
+class ChannelStatistics(msgspec.Struct, frozen=True):
+    """A snapshot of a channel's counters (plain integers updated on the hot path)."""
+
+    name: str
+    peers: list[str]
+    transfers_sending: int
+    transfers_receiving: int
+    transfers_completed: int
+    transfers_failed: int
+    chunks_sent: int
+    chunks_received: int
+    bytes_sent: int
+    bytes_received: int
+    retries: int
+    checksum_failures: int
+    duplicates: int
+    inflight_chunks: int
+    queued_chunks: int
+    handshake_failures: int
+
+
+def _same_shape(a: KVCacheSchema, b: KVCacheSchema) -> bool:
+    fields = ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "kv_planes")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+class KVTransferChannel:
+    """Moves KV cache between this process and its peers over one transport.
+
+    ``transport`` is a :class:`Transport` or a registered name (default: ``config.backend``); ``config``
+    a :class:`KVTransportConfig` or a ``key=value,...`` string. Use as ``async with``.
+    """
+
+    def __init__(
+        self,
+        transport: Transport | str | None = None,
+        config: KVTransportConfig | str | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(config, str):
+            config = KVTransportConfig.from_string(config)
+        self.config = config if config is not None else KVTransportConfig()
+        if self.config.compression.value != "none":
+            raise UnsupportedError(f"compression={self.config.compression.value!r} is not available in this build; use none")
+        self._owns_transport = not isinstance(transport, Transport)
+        self.transport: Transport = (
+            transport if isinstance(transport, Transport) else create_transport(transport or self.config.backend)
+        )
+        if not self.transport.capabilities.ordered:
+            raise UnsupportedError(f"transport {self.transport.name!r} is unordered; the channel needs ordered frames")
+        self.name = name or f"sage-{uuid.uuid4().hex[:8]}"
+        self._scheduler = Scheduler(window=self.config.prefetch_depth, max_inflight=self.config.max_inflight)
+        self._checksum = checksum_function(self.config.integrity)
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._memory: KVMemory | None = None
+        self._memory_views: list[memoryview] = []
+        self._sessions: dict[str, PeerSession] = {}
+        self._listeners: list[Listener] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._outgoing: dict[str, Outgoing] = {}
+        self._expect: dict[str, Expectation] = {}
+        self._recent: collections.OrderedDict[str, Expectation] = collections.OrderedDict()
+        self._open = False
+        self._closed = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> KVTransferChannel:
+        if self._closed:
+            raise ConnectionClosedError(f"channel {self.name} is closed")
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Fail every open transfer, stop every task, close connections and listeners. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._open = False
+        await asyncio.shield(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        for listener in self._listeners:
+            await listener.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        for session in list(self._sessions.values()):
+            self._end_session(session, ConnectionClosedError(f"channel {self.name} closed"))
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for exp in list(self._expect.values()):
+            exp.finish(None, ConnectionClosedError(f"channel {self.name} closed before transfer {exp.transfer_id} arrived"))
+        self._expect.clear()
+        if self._owns_transport:
+            await self.transport.aclose()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise ConnectionClosedError(f"channel {self.name} is not open: use `async with KVTransferChannel(...)`")
+
+    # ---- memory and peers ---------------------------------------------------------------------------
+
+    def register(self, memory: KVMemory) -> None:
+        """Register this side's KV cache (once). Peers learn its geometry; transfers read or write it in place."""
+        if self._memory is not None:
+            raise ConfigError(f"channel {self.name} already has KV memory registered")
+        if memory.kind not in self.transport.capabilities.memory_kinds:
+            kinds = ", ".join(sorted(self.transport.capabilities.memory_kinds))
+            raise UnsupportedError(f"transport {self.transport.name!r} moves {kinds} memory, not {memory.kind}")
+        self._memory = memory
+        self._memory_views = memory.views
+        for session in self._sessions.values():
+            session.post(RegionUpdate(self._region()))  # type: ignore[arg-type]
+
+    def _region(self) -> Region | None:
+        return None if self._memory is None else Region(self._memory.schema, self._memory.geometry)
+
+    def _capabilities(self) -> Capabilities:
+        return Capabilities(
+            integrity=[m.value for m in Integrity],
+            memory_kinds=sorted(self.transport.capabilities.memory_kinds),
+            max_chunk=self.transport.capabilities.max_message_size,
+        )
+
+    @property
+    def peers(self) -> list[str]:
+        return sorted(self._sessions)
+
+    async def listen(self, address: str | None = None) -> str:
+        """Accept peers at ``address`` (``None``: a free one). Returns the address peers connect to."""
+        self._check_open()
+        listener = await self.transport.listen(address)
+        self._listeners.append(listener)
+        self._spawn(self._accept_loop(listener), f"sage-accept-{listener.address}")
+        return listener.address
+
+    async def _accept_loop(self, listener: Listener) -> None:
+        while True:
+            try:
+                conn = await listener.accept()
+            except ConnectionClosedError:
+                return
+            self._spawn(self._serve(conn), f"sage-handshake-{conn.peer_address}")
+
+    async def _serve(self, conn: Connection) -> None:
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                outcome = await server_handshake(
+                    conn, name=self.name, token=self.config.auth_token, region=self._region(), known_peers=set(self._sessions)
+                )
+        except (SageTransportError, TimeoutError) as exc:
+            self._counters["handshake_failures"] += 1
+            log.warning("peer.refused", address=conn.peer_address, error=str(exc) or type(exc).__name__)
+            await conn.aclose()
+            return
+        self._start_session(conn, outcome.peer_name, outcome.peer_region)
+
+    async def connect(self, address: str) -> str:
+        """Connect and authenticate to the channel listening at ``address``; returns the peer's name."""
+        self._check_open()
+        conn: Connection | None = None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                conn = await self.transport.connect(address)
+                outcome = await client_handshake(
+                    conn, name=self.name, token=self.config.auth_token, caps=self._capabilities(), region=self._region()
+                )
+        except TimeoutError:
+            if conn is not None:
+                await conn.aclose()
+            raise TransferTimeoutError(f"connecting to {address} took over {self.config.connect_timeout_s}s") from None
+        except BaseException:
+            if conn is not None:
+                await conn.aclose()
+            raise
+        if outcome.peer_name in self._sessions:
+            await conn.aclose()
+            raise ConfigError(f"already connected to a peer named {outcome.peer_name!r}")
+        self._start_session(conn, outcome.peer_name, outcome.peer_region)
+        log.info("peer.connected", peer=outcome.peer_name, address=address)
+        return outcome.peer_name
+
+    def _start_session(self, conn: Connection, peer: str, region: Region | None) -> None:
+        session = PeerSession(self, conn, peer, region)
+        self._sessions[peer] = session
+        session.start()
+
+    def _session_failed(self, session: PeerSession, exc: BaseException) -> None:
+        """A session's task hit a transport or protocol error: fail its transfers and tear it down."""
+        if session.closed:
+            return
+        busy = bool(session.outgoing or session.incoming)
+        if isinstance(exc, ConnectionClosedError) and not busy:
+            log.info("peer.closed", peer=session.peer)
+        else:
+            log.warning("peer.lost", peer=session.peer, error=str(exc), transfers_failed=busy)
+        self._end_session(session, exc)
+
+    def _end_session(self, session: PeerSession, cause: BaseException) -> None:
+        session.closed = True
+        if self._sessions.get(session.peer) is session:
+            del self._sessions[session.peer]
+        kind = PeerDeadError if isinstance(cause, PeerDeadError) else TransportError
+        for out in list(session.outgoing.values()):
+            acked = self._acked_count(out)
+            err = kind(
+                f"transfer {out.plan.transfer_id} to {session.peer} failed after {acked}/{len(out.table)} "
+                f"verified chunks: {cause}"
+            )
+            self._fail_outgoing(out, err, notify=False)
+        for inc in list(session.incoming.values()):
+            err = kind(
+                f"transfer {inc.transfer_id} from {session.peer} failed with "
+                f"{len(inc.table) - inc.remaining}/{len(inc.table)} chunks received: {cause}"
+            )
+            self._fail_incoming(session, inc, err, notify=False)
+        self._spawn(session.close(), f"sage-close-{session.peer}")
+
+    # ---- sending ------------------------------------------------------------------------------------
+
+    def submit(self, plan: TransferPlan) -> TransferHandle:
+        """Plan and queue a transfer; returns at once. ``await handle.wait()`` for the result."""
+        self._check_open()
+        tid = plan.transfer_id
+        if self._memory is None:
+            raise PlanError(f"transfer {tid}: register KV memory with the channel before sending")
+        session = self._sessions.get(plan.peer)
+        if session is None:
+            raise PlanError(f"transfer {tid}: peer {plan.peer!r} is not connected (connected: {', '.join(self.peers) or 'none'})")
+        if session.region is None:
+            raise PlanError(f"transfer {tid}: peer {plan.peer!r} has not registered KV memory")
+        if tid in self._outgoing:
+            raise PlanError(f"transfer {tid} is already in progress")
+        for side, schema in (("local", self._memory.schema), (f"peer {plan.peer!r}", session.region.schema)):
+            if not _same_shape(plan.schema, schema):
+                raise PlanError(f"transfer {tid}: plan schema {plan.schema} does not match the {side} KV memory {schema}")
+        wire_dtype = plan.target_dtype or self.config.target_dtype
+        if wire_dtype is not None and wire_dtype != plan.schema.dtype:
+            raise UnsupportedError(
+                f"transfer {tid}: target_dtype={wire_dtype.value} differs from the stored {plan.schema.dtype.value}; "
+                "this build moves KV in its stored dtype"
+            )
+        submitted = time.perf_counter()
+        chunk_size = plan.chunk_size or self.config.chunk_size
+        chunk_size = min(chunk_size, self.transport.capabilities.max_message_size)
+        table = plan_chunks(
+            plan.schema,
+            plan.mappings,
+            self._memory.geometry,
+            session.region.geometry,
+            chunk_size,
+            gather=self.config.gather,
+            progressive=plan.progressive,
+        )
+        out = Outgoing(plan, table, session, session.new_wire_id(), submitted)
+        session.outgoing[out.wire_id] = out
+        self._outgoing[tid] = out
+        session.post(
+            Announce(
+                wire_id=out.wire_id,
+                transfer_id=tid,
+                schema=plan.schema,
+                src_geometry=self._memory.geometry,
+                mappings=list(plan.mappings),
+                chunk_size=chunk_size,
+                gather=self.config.gather,
+                progressive=plan.progressive,
+                priority=int(plan.priority),
+                deadline_s=plan.deadline_s,
+                integrity=self.config.integrity.value,
+                num_chunks=len(table),
+                total_bytes=table.total_bytes,
+                digest=table.digest,
+                ack_every=max(1, min(self.config.prefetch_depth // 2, 256)),
+            )
+        )
+        self._scheduler.add(
+            out, plan.peer, len(table), priority=plan.priority,
+            layer_ranges=table.layer_chunk_ranges() if plan.progressive else None,
+        )  # fmt: skip
+        deadline = plan.deadline_s or self.config.transfer_timeout_s
+        if deadline:
+            out.deadline_timer = asyncio.get_running_loop().call_later(deadline, self._on_deadline, out, deadline)
+        return TransferHandle(out)
+
+    async def transfer(self, plan: TransferPlan) -> TransferResult:
+        """Send ``plan`` and return once the receiver verified every chunk. Cancelling this call aborts the
+        transfer at both ends."""
+        handle = self.submit(plan)
+        try:
+            return await handle.wait()
+        except asyncio.CancelledError:
+            handle.cancel("the awaiting task was cancelled")
+            raise
+
+    def mark_layer_ready(self, transfer_id: str, layers: int | Iterable[int]) -> None:
+        """Layers of a progressive transfer are final: their chunks may go."""
+        out = self._outgoing.get(transfer_id)
+        if out is None:
+            raise PlanError(f"transfer {transfer_id} is not being sent by channel {self.name}")
+        self._mark_ready(out, (layers,) if isinstance(layers, int) else layers)
+
+    def _mark_ready(self, out: Outgoing, layers: Iterable[int]) -> None:
+        if out.future.done() or not out.plan.progressive:
+            return
+        woke = False
+        for layer in layers:
+            try:
+                woke |= self._scheduler.mark_layer_ready(out, layer)
+            except IndexError:
+                raise PlanError(f"transfer {out.plan.transfer_id}: layer {layer} is outside 0..{out.plan.schema.num_layers - 1}") from None
+        if woke:
+            out.session.wake.set()
+
+    def _acked_count(self, out: Outgoing) -> int:
+        return out.chunks_verified
+
+    def _on_deadline(self, out: Outgoing, deadline: float) -> None:
+        acked = self._acked_count(out)
+        self._fail_outgoing(
+            out,
+            TransferTimeoutError(
+                f"transfer {out.plan.transfer_id} to {out.session.peer} missed its {deadline:g}s deadline with "
+                f"{acked}/{len(out.table)} chunks verified"
+            ),
+            notify=True,
+        )
+
+    def _cancel_outgoing(self, out: Outgoing, reason: str) -> None:
+        self._fail_outgoing(out, TransferAbortedError(f"transfer {out.plan.transfer_id} to {out.session.peer}: {reason}"), notify=True)
+
+    def cancel(self, transfer_id: str, reason: str = "cancelled by the caller") -> bool:
+        """Abort a transfer this channel sends or receives; the peer is told. False if unknown."""
+        out = self._outgoing.get(transfer_id)
+        if out is not None:
+            self._cancel_outgoing(out, reason)
+            return True
+        for session in self._sessions.values():
+            for inc in session.incoming.values():
+                if inc.transfer_id == transfer_id:
+                    self._fail_incoming(session, inc, TransferAbortedError(f"transfer {transfer_id} from {session.peer}: {reason}"), notify=True)
+                    return True
+        return False
+
+    def _on_ack(self, session: PeerSession, out: Outgoing, seqs: list[int]) -> None:
+        scheduler = self._scheduler
+        was_full = scheduler.inflight() >= scheduler.max_inflight
+        nbytes = out.lists["chunk_nbytes"]
+        for seq in seqs:
+            outcome = scheduler.ack(out, seq)
+            if outcome is AckOutcome.DUPLICATE:
+                continue
+            out.bytes_verified += nbytes[seq]
+            out.chunks_verified += 1
+            if outcome is AckOutcome.COMPLETE:
+                self._complete_outgoing(out)
+                break
+        session.wake.set()
+        if was_full:
+            for other in self._sessions.values():
+                other.wake.set()
+
+    def _on_nack(self, session: PeerSession, out: Outgoing, seq: int, attempt: int) -> None:
+        out.retries += 1
+        self._counters["retries"] += 1
+        if out.attempts[seq] > self.config.max_retries:
+            self._fail_outgoing(
+                out,
+                ChecksumError(
+                    f"chunk {seq} of transfer {out.plan.transfer_id} to {session.peer} failed its checksum "
+                    f"{out.attempts[seq]} times (max_retries={self.config.max_retries})"
+                ),
+                notify=True,
+            )
+            return
+        if self._scheduler.resend(out, seq):
+            session.wake.set()
+
+    def _release_outgoing(self, out: Outgoing) -> None:
+        self._scheduler.remove(out)
+        out.session.outgoing.pop(out.wire_id, None)
+        if self._outgoing.get(out.plan.transfer_id) is out:
+            del self._outgoing[out.plan.transfer_id]
+
+    def _complete_outgoing(self, out: Outgoing) -> None:
+        self._release_outgoing(out)
+        now = time.perf_counter()
+        loop_now = asyncio.get_running_loop().time()
+        wall = now - out.submitted_at
+        sent_for = loop_now - out.first_send_at if out.first_send_at else 0.0
+        result = TransferResult(
+            transfer_id=out.plan.transfer_id,
+            peer=out.session.peer,
+            bytes=out.table.total_bytes,
+            wire_bytes=out.table.total_bytes,
+            chunks=len(out.table),
+            wall_s=wall,
+            retries=out.retries,
+            integrity=IntegrityStatus.UNCHECKED if self._checksum is None else IntegrityStatus.VERIFIED,
+            phases={"plan_s": out.planned_at - out.submitted_at, "queue_s": max(0.0, wall - sent_for - (out.planned_at - out.submitted_at)), "transfer_s": sent_for},
+        )
+        self._counters["transfers_completed"] += 1
+        out.finish(result, None)
+        log.info(
+            "transfer.sent", transfer_id=result.transfer_id, peer=result.peer, bytes=result.bytes, chunks=result.chunks,
+            seconds=round(wall, 6), gbps=round(result.gbps, 3), retries=result.retries,
+        )  # fmt: skip
+
+    def _fail_outgoing(self, out: Outgoing, exc: BaseException, *, notify: bool) -> None:
+        if out.future.done():
+            return
+        self._release_outgoing(out)
+        if notify and not out.session.closed:
+            out.session.post(Abort(out.wire_id, True, str(exc)[:1024]))
+        self._counters["transfers_failed"] += 1
+        out.finish(None, exc)
+        log.warning("transfer.failed", transfer_id=out.plan.transfer_id, peer=out.session.peer, error=str(exc))
+
+    # ---- receiving ----------------------------------------------------------------------------------
+
+    def _expectation(self, transfer_id: str) -> Expectation:
+        exp = self._expect.get(transfer_id) or self._recent.get(transfer_id)
+        if exp is None:
+            exp = self._expect[transfer_id] = Expectation(transfer_id)
+        return exp
+
+    def _on_announce(self, session: PeerSession, msg: Announce) -> None:
+        tid = msg.transfer_id
+
+        def refuse(reason: str) -> None:
+            self._counters["transfers_refused"] += 1
+            session.post(Abort(msg.wire_id, False, f"refused by {self.name}: {reason}"))
+            log.warning("transfer.refused", transfer_id=tid, peer=session.peer, reason=reason)
+
+        if self._memory is None:
+            return refuse("no KV memory registered")
+        if not _same_shape(msg.schema, self._memory.schema):
+            return refuse(f"schema {msg.schema} does not match ours {self._memory.schema}")
+        if msg.integrity not in {m.value for m in Integrity}:
+            return refuse(f"integrity={msg.integrity!r} is not supported")
+        exp = self._expect.get(tid)
+        if exp is not None and exp.announced:
+            return refuse(f"transfer id {tid} is already being received")
+        try:
+            table = plan_chunks(
+                msg.schema, msg.mappings, msg.src_geometry, self._memory.geometry, msg.chunk_size,
+                gather=msg.gather, progressive=msg.progressive,
+            )  # fmt: skip
+        except PlanError as exc:
+            return refuse(str(exc))
+        if (len(table), table.total_bytes, table.digest) != (msg.num_chunks, msg.total_bytes, msg.digest):
+            return refuse(f"chunk tables differ: ours has {len(table)} chunks / {table.total_bytes} bytes, the sender's {msg.num_chunks} / {msg.total_bytes}")
+        if exp is None:
+            self._recent.pop(tid, None)
+            exp = self._expect[tid] = Expectation(tid)
+        exp.announced = True
+        exp.started_at = time.perf_counter()
+        checksum = checksum_function(Integrity(msg.integrity))
+        session.incoming[msg.wire_id] = Incoming(
+            tid, msg.wire_id, table, exp, checksum=checksum, ack_every=msg.ack_every, peer=session.peer
+        )
+        exp.changed.set()
+
+    def _finish_expectation(self, exp: Expectation, result: TransferResult | None, exc: BaseException | None) -> None:
+        exp.finish(result, exc)
+        if self._expect.get(exp.transfer_id) is exp:
+            del self._expect[exp.transfer_id]
+        self._recent[exp.transfer_id] = exp
+        while len(self._recent) > _RECENT_RESULTS:
+            self._recent.popitem(last=False)
+
+    def _incoming_complete(self, session: PeerSession, inc: Incoming) -> None:
+        session.incoming.pop(inc.wire_id, None)
+        wall = time.perf_counter() - inc.expectation.started_at
+        result = TransferResult(
+            transfer_id=inc.transfer_id,
+            peer=session.peer,
+            bytes=inc.table.total_bytes,
+            wire_bytes=inc.table.total_bytes,
+            chunks=len(inc.table),
+            wall_s=wall,
+            retries=inc.bad_chunks,
+            integrity=IntegrityStatus.UNCHECKED if inc.checksum is None else IntegrityStatus.VERIFIED,
+            phases={"transfer_s": wall},
+        )
+        self._counters["transfers_received"] += 1
+        self._finish_expectation(inc.expectation, result, None)
+        log.info(
+            "transfer.received", transfer_id=inc.transfer_id, peer=session.peer, bytes=result.bytes,
+            chunks=result.chunks, seconds=round(wall, 6), bad_chunks=inc.bad_chunks,
+        )  # fmt: skip
+
+    def _fail_incoming(self, session: PeerSession, inc: Incoming, exc: BaseException, *, notify: bool) -> None:
+        if session.incoming.pop(inc.wire_id, None) is None:
+            return
+        if notify and not session.closed:
+            session.post(Abort(inc.wire_id, False, str(exc)[:1024]))
+        self._counters["transfers_failed"] += 1
+        self._finish_expectation(inc.expectation, None, exc)
+        log.warning("transfer.failed", transfer_id=inc.transfer_id, peer=session.peer, error=str(exc))
+
+    def _on_abort(self, session: PeerSession, msg: Abort) -> None:
+        if msg.from_sender:
+            inc = session.incoming.get(msg.wire_id)
+            if inc is not None:
+                err = TransferAbortedError(f"peer {session.peer} aborted transfer {inc.transfer_id}: {msg.reason}")
+                self._fail_incoming(session, inc, err, notify=False)
+        else:
+            out = session.outgoing.get(msg.wire_id)
+            if out is not None:
+                err = TransferAbortedError(f"peer {session.peer} aborted transfer {out.plan.transfer_id}: {msg.reason}")
+                self._fail_outgoing(out, err, notify=False)
+
+    async def wait_received(self, transfer_id: str) -> TransferResult:
+        """Wait until transfer ``transfer_id`` has fully arrived here and been verified (the announcement may
+        come later than this call). Bound it with ``asyncio.timeout``; raises the transfer's error."""
+        exp = self._expectation(transfer_id)
+        exp.waiters += 1
+        try:
+            return await asyncio.shield(exp.done)
+        finally:
+            self._drop_waiter(exp)
+
+    async def arrivals(self, transfer_id: str) -> AsyncIterator[LayerArrival]:
+        """Yield each layer of ``transfer_id`` once all its chunks are verified here; ends when the transfer does."""
+        exp = self._expectation(transfer_id)
+        exp.waiters += 1
+        try:
+            index = 0
+            while True:
+                while index < len(exp.layers_done):
+                    layer = exp.layers_done[index]
+                    index += 1
+                    yield LayerArrival(transfer_id, layer, time.perf_counter() - exp.started_at)
+                if exp.done.done():
+                    exp.done.result()
+                    return
+                exp.changed.clear()
+                await exp.changed.wait()
+        finally:
+            self._drop_waiter(exp)
+
+    async def wait_layer(self, transfer_id: str, layer: int) -> None:
+        """Wait until every chunk touching ``layer`` of ``transfer_id`` is verified here."""
+        async for arrival in self.arrivals(transfer_id):
+            if arrival.layer == layer:
+                return
+        raise PlanError(f"transfer {transfer_id} completed without layer {layer}")
+
+    def _drop_waiter(self, exp: Expectation) -> None:
+        exp.waiters -= 1
+        if exp.waiters == 0 and not exp.announced and not exp.done.done() and self._expect.get(exp.transfer_id) is exp:
+            del self._expect[exp.transfer_id]
+
+    # ---- statistics ---------------------------------------------------------------------------------
+
+    def statistics(self) -> ChannelStatistics:
+        c = self._counters
+        sched = self._scheduler.statistics()
+        return ChannelStatistics(
+            name=self.name,
+            peers=self.peers,
+            transfers_sending=len(self._outgoing),
+            transfers_receiving=sum(len(s.incoming) for s in self._sessions.values()),
+            transfers_completed=c["transfers_completed"] + c["transfers_received"],
+            transfers_failed=c["transfers_failed"],
+            chunks_sent=c["chunks_sent"],
+            chunks_received=c["chunks_received"],
+            bytes_sent=c["bytes_sent"],
+            bytes_received=c["bytes_received"],
+            retries=c["retries"] + c["resends_after_timeout"],
+            checksum_failures=c["checksum_failures"],
+            duplicates=c["duplicates"],
+            inflight_chunks=sched.inflight,
+            queued_chunks=sched.queued_chunks,
+            handshake_failures=c["handshake_failures"],
+        )

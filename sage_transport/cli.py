@@ -1,0 +1,88 @@
+"""``sage-transport``: ``migrate`` (the main job). ``probe`` and ``bench`` arrive with their issues."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from .errors import SageTransportError
+
+__all__ = ["main"]
+
+
+def _configure_logging(json_logs: bool, verbose: bool) -> None:
+    import logging
+
+    import structlog
+
+    renderer = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if verbose else logging.WARNING),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sage-transport", description="KV-cache transport for LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("migrate", help="migrate a paged KV cache of a real model's shape and verify it")
+    m.add_argument("--transport", default="mock", help="transport name (default: mock, in-process)")
+    m.add_argument("--model", default="qwen2.5-7b", help="model shape (llama-3-8b, llama-3-70b, qwen2.5-7b, qwen3-8b, ...)")
+    m.add_argument("--tokens", type=int, default=32768, help="context length to migrate (default 32768)")
+    m.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    m.add_argument("--config", default=None, help='settings as "key=value,..." (e.g. "preset=high-bw,chunk_size=8MiB")')
+    m.add_argument("--preset", default=None, help="named preset (high-bw, low-latency, low-cost)")
+    m.add_argument("--no-shuffle", action="store_true", help="keep the destination block table in order")
+    m.add_argument("--repeat", type=int, default=3, help="transfers to time (median reported, default 3)")
+    m.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
+    m.add_argument("--log-json", action="store_true", help="logs as JSON lines")
+    m.add_argument("-v", "--verbose", action="store_true", help="log one line per transfer")
+    return parser
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .config import KVTransportConfig
+    from .migrate import run_migration, summary_lines
+
+    spec = args.config or ""
+    if args.preset:
+        spec = f"preset={args.preset}" + (f",{spec}" if spec else "")
+    config = KVTransportConfig.resolve(spec or None)
+    if args.tokens <= 0 or args.repeat <= 0:
+        raise SageTransportError(f"--tokens={args.tokens} and --repeat={args.repeat} must be positive")
+    record = asyncio.run(
+        run_migration(
+            model=args.model,
+            tokens=args.tokens,
+            block_size=args.block_size,
+            transport=args.transport,
+            config=config,
+            shuffle=not args.no_shuffle,
+            repeats=args.repeat,
+        )
+    )
+    print("\n".join(summary_lines(record)))
+    if args.json_path is not None:
+        args.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
+    return 0 if record.verified else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(getattr(args, "log_json", False), getattr(args, "verbose", False))
+    try:
+        if args.command == "migrate":
+            return _migrate(args)
+    except SageTransportError as exc:
+        print(f"sage-transport {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

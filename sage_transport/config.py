@@ -1,0 +1,235 @@
+"""``KVTransportConfig``: every knob of a channel, built from presets, ``key=value`` strings and the environment.
+
+Precedence, lowest first: defaults < preset < environment (``SAGE_TRANSPORT_*``) < explicit string or mapping.
+Unknown keys and bad values raise :class:`~sage_transport.errors.ConfigError` naming the key, the value and
+where it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+from .schema import DType
+from .units import parse_bool, parse_duration, parse_size
+
+__all__ = ["Compression", "Integrity", "KVTransportConfig", "ENV_PREFIX"]
+
+ENV_PREFIX = "SAGE_TRANSPORT_"
+
+
+class Integrity(str, enum.Enum):
+    """Per-chunk checksum: xxh3 (64-bit, fastest), crc32c, or none."""
+
+    XXH3 = "xxh3"
+    CRC32C = "crc32c"
+    NONE = "none"
+
+
+class Compression(str, enum.Enum):
+    """Lossless compression of chunk payloads on the wire."""
+
+    NONE = "none"
+    LZ4 = "lz4"
+    ZSTD = "zstd"
+
+
+def _enum(kind: type[enum.Enum]) -> Callable[[Any, str], Any]:
+    def parse(value: Any, field: str) -> Any:
+        if isinstance(value, kind):
+            return value
+        try:
+            return kind(str(value).strip().lower())
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in kind)
+            raise ConfigError(f"{field}={value!r} is not valid; choose one of {choices}") from None
+
+    return parse
+
+
+def _int(value: Any, field: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}={value!r} is not an integer")
+    try:
+        return int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ConfigError(f"{field}={value!r} is not an integer") from None
+
+
+def _optional(parse: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    def wrapped(value: Any, field: str) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        return parse(value, field)
+
+    return wrapped
+
+
+def _str(value: Any, field: str) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ConfigError(f"{field}={value!r} must not be empty")
+    return text
+
+
+class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of a :class:`~sage_transport.channel.KVTransferChannel`.
+
+    ``prefetch_depth`` is the per-peer window of unacknowledged chunks, ``max_inflight`` the channel-wide
+    limit; ``gather`` packs short non-contiguous runs into one chunk (one staging copy per side) instead of
+    sending one message per run; ``ack_timeout_s`` resends chunks whose acknowledgement is that late.
+    """
+
+    backend: str = "mock"
+    preset: str | None = None
+    target_dtype: DType | None = None
+    chunk_size: int = 4 << 20
+    gather: bool = True
+    overlap_streams: int = 2
+    prefetch_depth: int = 8
+    max_inflight: int = 64
+    zero_copy: bool = True
+    compression: Compression = Compression.NONE
+    integrity: Integrity = Integrity.XXH3
+    max_retries: int = 3
+    connect_timeout_s: float = 10.0
+    transfer_timeout_s: float | None = None
+    ack_timeout_s: float = 5.0
+    auth_token: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, low, high in (
+            ("chunk_size", 512, 1 << 30),
+            ("overlap_streams", 1, 64),
+            ("prefetch_depth", 1, 4096),
+            ("max_inflight", 1, 1 << 16),
+            ("max_retries", 0, 100),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name}={value!r} must be an integer in {low}..{high}")
+        for name in ("connect_timeout_s", "ack_timeout_s", "transfer_timeout_s"):
+            value = getattr(self, name)
+            if value is None and name == "transfer_timeout_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive number of seconds")
+        if self.target_dtype is not None:
+            msgspec.structs.force_setattr(self, "target_dtype", DType.parse(self.target_dtype, "target_dtype"))
+        for name, kind in (("integrity", Integrity), ("compression", Compression)):
+            msgspec.structs.force_setattr(self, name, _enum(kind)(getattr(self, name), name))
+        if self.auth_token is not None and len(self.auth_token) < 8:
+            raise ConfigError("auth_token must be at least 8 characters (value hidden)")
+
+    def __repr__(self) -> str:
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "auth_token"}
+        shown["auth_token"] = None if self.auth_token is None else "***"
+        return "KVTransportConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    # ---- building -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "mapping", base: KVTransportConfig | None = None) -> KVTransportConfig:
+        """Apply ``values`` (strings or typed values) on top of ``base`` (default: defaults)."""
+        fields = msgspec.structs.asdict(base) if base is not None else {}
+        for raw_key, raw_value in values.items():
+            key = str(raw_key).strip().lower().replace("-", "_")
+            parse = _PARSERS.get(key)
+            if parse is None:
+                hint = difflib.get_close_matches(key, list(_PARSERS), n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ConfigError(f"unknown key {raw_key!r} in {source}{suggestion}; known keys: {', '.join(_PARSERS)}")
+            try:
+                fields[key] = parse(raw_value, key)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (in {source})") from None
+        try:
+            return cls(**fields)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {source})") from None
+
+    @classmethod
+    def from_string(cls, spec: str, *, base: KVTransportConfig | None = None) -> KVTransportConfig:
+        """Parse ``"preset=high-bw,chunk_size=8MiB"`` (a named preset is applied first)."""
+        return cls.resolve(spec, env={}, base=base)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> KVTransportConfig:
+        """Read ``SAGE_TRANSPORT_<KEY>`` variables (``SAGE_TRANSPORT_CHUNK_SIZE=8MiB``)."""
+        return cls.resolve(None, env=os.environ if env is None else env)
+
+    @classmethod
+    def resolve(
+        cls,
+        spec: str | Mapping[str, Any] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        base: KVTransportConfig | None = None,
+        presets: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> KVTransportConfig:
+        """defaults < preset < environment < ``spec``; ``presets`` defaults to the shipped preset file."""
+        explicit = _split_spec(spec) if isinstance(spec, str) else dict(spec or {})
+        env = os.environ if env is None else env
+        from_env = {
+            k[len(ENV_PREFIX) :].lower(): v
+            for k, v in env.items()
+            if k.startswith(ENV_PREFIX)
+        }
+        preset_name = explicit.get("preset", from_env.get("preset", base.preset if base else None))
+        config = base
+        if preset_name:
+            if presets is None:
+                from .presets import load_presets
+
+                presets = {name: p.settings for name, p in load_presets().items()}
+            if preset_name not in presets:
+                raise ConfigError(f"preset={preset_name!r} is not defined; known presets: {', '.join(sorted(presets))}")
+            config = cls.from_mapping({**presets[preset_name], "preset": preset_name}, source=f"preset {preset_name!r}", base=config)
+        if from_env:
+            config = cls.from_mapping(from_env, source="environment (SAGE_TRANSPORT_*)", base=config)
+        if explicit:
+            config = cls.from_mapping(explicit, source="the configuration string" if isinstance(spec, str) else "the mapping", base=config)
+        return config if config is not None else cls()
+
+    def replace(self, **changes: Any) -> KVTransportConfig:
+        """A copy with ``changes`` applied and validated."""
+        return self.from_mapping(changes, source="replace()", base=self)
+
+
+def _split_spec(spec: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"configuration item {item!r} is not key=value (in {spec!r})")
+        out[key.strip()] = value.strip()
+    return out
+
+
+_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "backend": _str,
+    "preset": _optional(_str),
+    "target_dtype": _optional(lambda v, f: DType.parse(v, f)),
+    "chunk_size": parse_size,
+    "gather": parse_bool,
+    "overlap_streams": _int,
+    "prefetch_depth": _int,
+    "max_inflight": _int,
+    "zero_copy": parse_bool,
+    "compression": _enum(Compression),
+    "integrity": _enum(Integrity),
+    "max_retries": _int,
+    "connect_timeout_s": parse_duration,
+    "transfer_timeout_s": _optional(parse_duration),
+    "ack_timeout_s": parse_duration,
+    "auth_token": _optional(_str),
+}

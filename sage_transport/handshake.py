@@ -1,0 +1,110 @@
+"""The connection handshake: version check, names, regions and an HMAC challenge on a shared token.
+
+No transfer message is accepted and no memory is described to the peer before the handshake succeeds.
+Client ``Hello`` → server ``Welcome`` (server proof + server region) → client ``Proof`` (client proof +
+client region) → server ``Ready``; a failure anywhere is a ``Reject`` with a reason and a closed connection.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import TypeVar
+
+import msgspec
+
+from .errors import AuthError, HandshakeError, ProtocolError, VersionMismatchError
+from .transports.base import Connection
+from .wire import (
+    PROTOCOL_VERSION,
+    Hello,
+    Proof,
+    Ready,
+    Region,
+    Reject,
+    Welcome,
+    decode_message,
+    encode_message,
+    handshake_proof,
+)
+
+__all__ = ["Capabilities", "HandshakeOutcome", "client_handshake", "server_handshake"]
+
+_M = TypeVar("_M")
+
+
+class Capabilities(msgspec.Struct, frozen=True):
+    integrity: list[str]
+    memory_kinds: list[str]
+    max_chunk: int
+
+
+class HandshakeOutcome(msgspec.Struct, frozen=True):
+    peer_name: str
+    peer_region: Region | None
+
+
+async def _expect(conn: Connection, kind: type[_M], stage: str) -> _M:
+    frame = await conn.recv()
+    if frame.payload is not None:
+        raise ProtocolError(f"{stage}: unexpected payload from {conn.peer_address}")
+    msg = decode_message(frame.header)
+    if isinstance(msg, Reject):
+        cls = AuthError if "auth" in msg.reason else HandshakeError
+        raise cls(f"{conn.peer_address} rejected the connection: {msg.reason}")
+    if not isinstance(msg, kind):
+        raise ProtocolError(f"{stage}: expected {kind.__name__}, got {type(msg).__name__} from {conn.peer_address}")
+    return msg
+
+
+async def _reject(conn: Connection, reason: str) -> None:
+    try:
+        await conn.send(encode_message(Reject(reason[:1024])))
+    except Exception:  # noqa: BLE001 - the connection is being refused anyway
+        pass
+
+
+async def client_handshake(
+    conn: Connection, *, name: str, token: str | None, caps: Capabilities, region: Region | None
+) -> HandshakeOutcome:
+    nonce = os.urandom(32)
+    await conn.send(encode_message(Hello(PROTOCOL_VERSION, name, nonce, caps.integrity, caps.memory_kinds, caps.max_chunk)))
+    welcome = await _expect(conn, Welcome, "handshake")
+    if welcome.version != PROTOCOL_VERSION:
+        raise VersionMismatchError(f"{conn.peer_address} speaks protocol {welcome.version}, we speak {PROTOCOL_VERSION}")
+    expected = handshake_proof(token, b"server", nonce, welcome.nonce, (name, welcome.name))
+    if not hmac.compare_digest(expected, welcome.proof):
+        await _reject(conn, "auth failed: the server's proof does not match our token")
+        what = "did not prove the shared token" if token else "requires a token we were not given"
+        raise AuthError(f"peer {welcome.name} at {conn.peer_address} {what}")
+    proof = handshake_proof(token, b"client", welcome.nonce, nonce, (name, welcome.name))
+    await conn.send(encode_message(Proof(proof, region)))
+    await _expect(conn, Ready, "handshake")
+    return HandshakeOutcome(welcome.name, welcome.region)
+
+
+async def server_handshake(
+    conn: Connection,
+    *,
+    name: str,
+    token: str | None,
+    region: Region | None,
+    known_peers: set[str],
+) -> HandshakeOutcome:
+    hello = await _expect(conn, Hello, "handshake")
+    if hello.version != PROTOCOL_VERSION:
+        await _reject(conn, f"protocol version {hello.version} is not supported (we speak {PROTOCOL_VERSION})")
+        raise VersionMismatchError(f"{conn.peer_address} speaks protocol {hello.version}, we speak {PROTOCOL_VERSION}")
+    if hello.name in known_peers or hello.name == name:
+        await _reject(conn, f"a peer named {hello.name!r} is already connected")
+        raise HandshakeError(f"duplicate peer name {hello.name!r} from {conn.peer_address}")
+    nonce = os.urandom(32)
+    proof = handshake_proof(token, b"server", hello.nonce, nonce, (hello.name, name))
+    await conn.send(encode_message(Welcome(PROTOCOL_VERSION, name, nonce, proof, region)))
+    reply = await _expect(conn, Proof, "handshake")
+    expected = handshake_proof(token, b"client", nonce, hello.nonce, (hello.name, name))
+    if not hmac.compare_digest(expected, reply.proof):
+        await _reject(conn, "auth failed: the client's proof does not match our token")
+        raise AuthError(f"peer {hello.name!r} at {conn.peer_address} failed the token challenge")
+    await conn.send(encode_message(Ready()))
+    return HandshakeOutcome(hello.name, reply.region)

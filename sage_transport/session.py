@@ -1,0 +1,266 @@
+"""One connected peer: a writer task (control messages first, then chunks the scheduler picks) and a
+reader task (payloads land in place, are verified, acknowledged in batches). This is the hot path:
+per chunk it does list lookups, one memoryview slice, one checksum, one small header; no logging."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, SageTransportError, TransportError
+from .transfers import Incoming, Outgoing, TransferStatus
+from .transports.base import Connection
+from .wire import Abort, Ack, Announce, Chunk, Nack, Region, RegionUpdate, decode_message, encode_message
+
+if TYPE_CHECKING:
+    from .channel import KVTransferChannel
+
+__all__ = ["PeerSession"]
+
+_YIELD_EVERY = 64
+
+
+class PeerSession:
+    """State and tasks of one peer connection. Created by the channel after a successful handshake."""
+
+    def __init__(self, channel: KVTransferChannel, conn: Connection, peer: str, region: Region | None) -> None:
+        self.channel = channel
+        self.conn = conn
+        self.peer = peer
+        self.region = region
+        self.outgoing: dict[int, Outgoing] = {}
+        self.incoming: dict[int, Incoming] = {}
+        self.outbox: collections.deque[bytes] = collections.deque()
+        self.wake = asyncio.Event()
+        self.closed = False
+        self._next_wire_id = 0
+        self._staging_out = bytearray(0)
+        self._staging_in = bytearray(0)
+        self._decoded: Any = None
+        self._target_kind = 0  # 0: in place, 1: staging, 2: discard
+        self._ack_flush_scheduled = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [
+            asyncio.create_task(self._run(self._writer()), name=f"sage-writer-{self.peer}"),
+            asyncio.create_task(self._run(self._reader()), name=f"sage-reader-{self.peer}"),
+        ]
+
+    def new_wire_id(self) -> int:
+        self._next_wire_id += 1
+        return self._next_wire_id
+
+    def post(self, message: Any) -> None:
+        """Queue a control message; the writer sends it before the next chunk."""
+        if not self.closed:
+            self.outbox.append(encode_message(message))
+            self.wake.set()
+
+    async def _run(self, body: Any) -> None:
+        try:
+            await body
+        except asyncio.CancelledError:
+            raise
+        except (TransportError, ProtocolError) as exc:
+            self.channel._session_failed(self, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail the peer's transfers, not hang them
+            self.channel._session_failed(self, TransportError(f"session with {self.peer} crashed: {exc!r}"))
+            raise
+
+    # ---- writer -------------------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        channel, conn, outbox = self.channel, self.conn, self.outbox
+        scheduler = channel._scheduler
+        ack_timeout = channel.config.ack_timeout_s
+        while True:
+            while outbox:
+                await conn.send(outbox.popleft())
+            pick = scheduler.next_for(self.peer)
+            if pick is not None:
+                out, seq = pick
+                await self._send_chunk(out, seq)  # type: ignore[arg-type]
+                continue
+            self.wake.clear()
+            if outbox:
+                continue
+            waiting_for_acks = scheduler.inflight(self.peer) > 0
+            try:
+                async with asyncio.timeout(ack_timeout if waiting_for_acks else None):
+                    await self.wake.wait()
+            except TimeoutError:
+                resent = scheduler.resend_inflight(self.peer)
+                channel._counters["resends_after_timeout"] += resent
+
+    async def _send_chunk(self, out: Outgoing, seq: int) -> None:
+        lists = out.lists
+        ptr, piece_len = lists["piece_ptr"], lists["piece_len"]
+        src_seg, src_off = lists["src_seg"], lists["src_off"]
+        views = self.channel._memory_views
+        first, last = ptr[seq], ptr[seq + 1]
+        if last - first == 1:
+            offset = src_off[first]
+            payload = views[src_seg[first]][offset : offset + piece_len[first]]
+        else:
+            nbytes = out.lists["chunk_nbytes"][seq]
+            if len(self._staging_out) < nbytes:
+                self._staging_out = bytearray(max(nbytes, out.table.max_chunk_bytes))
+            staging = memoryview(self._staging_out)
+            pos = 0
+            for k in range(first, last):
+                n, offset = piece_len[k], src_off[k]
+                staging[pos : pos + n] = views[src_seg[k]][offset : offset + n]
+                pos += n
+            payload = staging[:pos]
+        checksum = self.channel._checksum
+        attempt = out.attempts[seq]
+        if attempt < 255:
+            out.attempts[seq] = attempt + 1
+        header = encode_message(Chunk(out.wire_id, seq, attempt, checksum(payload) if checksum else 0))
+        if not out.first_send_at:
+            out.first_send_at = asyncio.get_running_loop().time()
+            out.status = TransferStatus.RUNNING
+        await self.conn.send(header, payload)
+        counters = self.channel._counters
+        counters["chunks_sent"] += 1
+        counters["bytes_sent"] += payload.nbytes
+
+    # ---- reader -------------------------------------------------------------------------------------
+
+    def _sink(self, header: bytes, nbytes: int) -> Any:
+        msg = self._decoded = decode_message(header)
+        if type(msg) is not Chunk:
+            raise ProtocolError(f"{type(msg).__name__} from {self.peer} carried a {nbytes}-byte payload")
+        inc = self.incoming.get(msg.wire_id)
+        if inc is None or msg.seq >= len(inc.verified) or inc.verified[msg.seq]:
+            if inc is not None and msg.seq >= len(inc.verified):
+                raise ProtocolError(f"chunk {msg.seq} of transfer {inc.transfer_id} from {self.peer}: only {len(inc.verified)} chunks")
+            self._target_kind = 2
+            return self._staging(nbytes)
+        lists = inc.lists
+        seq = msg.seq
+        if lists["chunk_nbytes"][seq] != nbytes:
+            raise ProtocolError(
+                f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes, expected {lists['chunk_nbytes'][seq]}"
+            )
+        first = lists["piece_ptr"][seq]
+        if lists["piece_ptr"][seq + 1] - first == 1:
+            self._target_kind = 0
+            offset = lists["dst_off"][first]
+            return self.channel._memory_views[lists["dst_seg"][first]][offset : offset + nbytes]
+        self._target_kind = 1
+        return self._staging(nbytes)
+
+    def _staging(self, nbytes: int) -> memoryview:
+        if len(self._staging_in) < nbytes:
+            self._staging_in = bytearray(nbytes)
+        return memoryview(self._staging_in)[:nbytes]
+
+    async def _reader(self) -> None:
+        conn, sink = self.conn, self._sink
+        count = 0
+        while True:
+            self._decoded = None
+            frame = await conn.recv(sink)
+            if frame.payload is not None:
+                self._on_chunk(self._decoded, frame.payload)
+            else:
+                self._dispatch(decode_message(frame.header))
+            count += 1
+            if count % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+
+    def _on_chunk(self, msg: Chunk, payload: memoryview) -> None:
+        inc = self.incoming.get(msg.wire_id)
+        if inc is None:
+            return  # aborted or unknown: the payload went to scratch
+        seq = msg.seq
+        counters = self.channel._counters
+        if self._target_kind == 2:
+            counters["duplicates"] += 1
+            inc.pending_acks.append(seq)  # re-acknowledge: the sender may have resent after a timeout
+            self._schedule_ack_flush(inc)
+            return
+        counters["chunks_received"] += 1
+        counters["bytes_received"] += payload.nbytes
+        if inc.checksum is not None and inc.checksum(payload) != msg.checksum:
+            counters["checksum_failures"] += 1
+            inc.bad_chunks += 1
+            self.post(Nack(inc.wire_id, seq, msg.attempt, "checksum mismatch"))
+            return
+        if self._target_kind == 1:
+            lists = inc.lists
+            views, dst_seg, dst_off, piece_len = self.channel._memory_views, lists["dst_seg"], lists["dst_off"], lists["piece_len"]
+            pos = 0
+            for k in range(lists["piece_ptr"][seq], lists["piece_ptr"][seq + 1]):
+                n, offset = piece_len[k], dst_off[k]
+                views[dst_seg[k]][offset : offset + n] = payload[pos : pos + n]
+                pos += n
+        inc.pending_acks.append(seq)
+        if inc.mark_verified(seq):
+            self._flush_acks(inc)
+            self.channel._incoming_complete(self, inc)
+        elif len(inc.pending_acks) >= inc.ack_every:
+            self._flush_acks(inc)
+        else:
+            self._schedule_ack_flush(inc)
+
+    def _schedule_ack_flush(self, inc: Incoming) -> None:
+        if not self._ack_flush_scheduled:
+            self._ack_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_all_acks)
+
+    def _flush_all_acks(self) -> None:
+        self._ack_flush_scheduled = False
+        for inc in list(self.incoming.values()):
+            self._flush_acks(inc)
+
+    def _flush_acks(self, inc: Incoming) -> None:
+        if inc.pending_acks:
+            self.post(Ack(inc.wire_id, inc.pending_acks))
+            inc.pending_acks = []
+
+    def _dispatch(self, msg: Any) -> None:
+        kind = type(msg)
+        channel = self.channel
+        if kind is Ack:
+            out = self.outgoing.get(msg.wire_id)
+            if out is not None:
+                channel._on_ack(self, out, msg.seqs)
+        elif kind is Nack:
+            out = self.outgoing.get(msg.wire_id)
+            if out is not None:
+                channel._on_nack(self, out, msg.seq, msg.attempt)
+        elif kind is Announce:
+            channel._on_announce(self, msg)
+        elif kind is Abort:
+            channel._on_abort(self, msg)
+        elif kind is RegionUpdate:
+            self.region = msg.region
+        else:
+            raise ProtocolError(f"unexpected {kind.__name__} from {self.peer} after the handshake")
+
+    # ---- shutdown -----------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop both tasks and close the connection (shielded: cleanup always finishes)."""
+        self.closed = True
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+        await asyncio.shield(self._finish_close(current))
+
+    async def _finish_close(self, current: asyncio.Task[Any] | None) -> None:
+        for task in self.tasks:
+            if task is not current:
+                try:
+                    await task
+                except (asyncio.CancelledError, SageTransportError, Exception):  # noqa: BLE001
+                    pass
+        try:
+            await self.conn.aclose()
+        except (ConnectionClosedError, PeerDeadError):
+            pass

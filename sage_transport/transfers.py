@@ -1,0 +1,207 @@
+"""Per-transfer state on each side, and the public :class:`TransferHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .plan import TransferPlan, TransferResult
+from .planner import ChunkTable
+
+if TYPE_CHECKING:
+    from .session import PeerSession
+
+__all__ = ["LayerArrival", "TransferHandle", "TransferProgress", "TransferStatus"]
+
+
+class TransferStatus(enum.Enum):
+    QUEUED = "queued"  # submitted, nothing sent yet
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class TransferProgress(msgspec.Struct, frozen=True):
+    """A snapshot of one sending transfer."""
+
+    transfer_id: str
+    status: TransferStatus
+    chunks: int
+    chunks_verified: int
+    bytes: int
+    bytes_verified: int
+    retries: int
+
+
+class LayerArrival(msgspec.Struct, frozen=True):
+    """Every chunk touching ``layer`` has arrived and been verified on the receiving side."""
+
+    transfer_id: str
+    layer: int
+    seconds: float
+
+
+def _silence(future: asyncio.Future[Any]) -> None:
+    """Mark a failed future's exception as seen: whoever awaits it later still gets it."""
+    if future.done() and not future.cancelled():
+        future.exception()
+
+
+class Outgoing:
+    """A transfer this side sends. The scheduler keys it by identity."""
+
+    __slots__ = (
+        "plan", "table", "session", "wire_id", "future", "lists", "attempts", "retries", "bytes_verified", "chunks_verified",
+        "submitted_at", "planned_at", "first_send_at", "deadline_timer", "status",
+    )  # fmt: skip
+
+    def __init__(self, plan: TransferPlan, table: ChunkTable, session: PeerSession, wire_id: int, submitted_at: float) -> None:
+        self.plan = plan
+        self.table = table
+        self.session = session
+        self.wire_id = wire_id
+        self.future: asyncio.Future[TransferResult] = asyncio.get_running_loop().create_future()
+        self.lists = table.lists()
+        self.attempts = bytearray(len(table))
+        self.retries = 0
+        self.bytes_verified = 0
+        self.chunks_verified = 0
+        self.submitted_at = submitted_at
+        self.planned_at = time.perf_counter()
+        self.first_send_at = 0.0
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        self.status = TransferStatus.QUEUED
+
+    def finish(self, result: TransferResult | None, exc: BaseException | None) -> None:
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        if self.future.done():
+            return
+        if exc is None:
+            self.status = TransferStatus.DONE
+            self.future.set_result(result)  # type: ignore[arg-type]
+        else:
+            self.status = TransferStatus.FAILED
+            self.future.set_exception(exc)
+            _silence(self.future)
+
+
+class Expectation:
+    """The receiving side of one transfer id, alive before the announcement and after completion."""
+
+    __slots__ = ("transfer_id", "announced", "done", "layers_done", "changed", "waiters", "started_at")
+
+    def __init__(self, transfer_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.transfer_id = transfer_id
+        self.announced = False
+        self.done: asyncio.Future[TransferResult] = loop.create_future()
+        self.layers_done: list[int] = []
+        self.changed = asyncio.Event()
+        self.waiters = 0
+        self.started_at = 0.0
+
+    def finish(self, result: TransferResult | None, exc: BaseException | None) -> None:
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(result)  # type: ignore[arg-type]
+            else:
+                self.done.set_exception(exc)
+                _silence(self.done)
+        self.changed.set()
+
+
+class Incoming:
+    """A transfer this side receives."""
+
+    __slots__ = (
+        "transfer_id", "wire_id", "table", "lists", "verified", "remaining", "layer_lo", "layer_hi",
+        "layers_left", "expectation", "checksum", "ack_every", "pending_acks", "bad_chunks", "peer",
+    )  # fmt: skip
+
+    def __init__(self, transfer_id: str, wire_id: int, table: ChunkTable, expectation: Expectation, *, checksum: Any, ack_every: int, peer: str) -> None:
+        self.transfer_id = transfer_id
+        self.wire_id = wire_id
+        self.table = table
+        self.lists = table.lists()
+        self.verified = bytearray(len(table))
+        self.remaining = len(table)
+        self.layer_lo: list[int] = table.chunk_layer_lo.tolist()
+        self.layer_hi: list[int] = table.chunk_layer_hi.tolist()
+        self.layers_left = table.chunks_per_layer()
+        self.expectation = expectation
+        self.checksum = checksum
+        self.ack_every = ack_every
+        self.pending_acks: list[int] = []
+        self.bad_chunks = 0
+        self.peer = peer
+
+    def mark_verified(self, seq: int) -> bool:
+        """Record a verified chunk; True when it was the last."""
+        self.verified[seq] = 1
+        self.remaining -= 1
+        left = self.layers_left
+        for layer in range(self.layer_lo[seq], self.layer_hi[seq] + 1):
+            left[layer] -= 1
+            if left[layer] == 0:
+                self.expectation.layers_done.append(layer)
+                self.expectation.changed.set()
+        return self.remaining == 0
+
+
+class TransferHandle:
+    """What :meth:`KVTransferChannel.submit` returns: await :meth:`wait`, mark layers ready, cancel."""
+
+    def __init__(self, outgoing: Outgoing) -> None:
+        self._out = outgoing
+
+    @property
+    def transfer_id(self) -> str:
+        return self._out.plan.transfer_id
+
+    @property
+    def plan(self) -> TransferPlan:
+        return self._out.plan
+
+    @property
+    def status(self) -> TransferStatus:
+        return self._out.status
+
+    def done(self) -> bool:
+        return self._out.future.done()
+
+    async def wait(self) -> TransferResult:
+        """The result once the receiver verified every chunk; raises the transfer's error otherwise.
+        Cancelling the wait does not cancel the transfer (see :meth:`KVTransferChannel.transfer`)."""
+        return await asyncio.shield(self._out.future)
+
+    def mark_layer_ready(self, layer: int) -> None:
+        """Layer ``layer`` of the source is final: its chunks may go (progressive plans)."""
+        self._out.session.channel._mark_ready(self._out, (layer,))
+
+    def mark_layers_ready(self, layers: Iterable[int] | None = None) -> None:
+        """Several layers at once (``None``: all)."""
+        chosen = range(self._out.plan.schema.num_layers) if layers is None else layers
+        self._out.session.channel._mark_ready(self._out, chosen)
+
+    def cancel(self, reason: str = "cancelled by the caller") -> None:
+        """Abort the transfer here and at the peer; :meth:`wait` raises ``TransferAbortedError``."""
+        self._out.session.channel._cancel_outgoing(self._out, reason)
+
+    def progress(self) -> TransferProgress:
+        out = self._out
+        return TransferProgress(
+            transfer_id=out.plan.transfer_id,
+            status=out.status,
+            chunks=len(out.table),
+            chunks_verified=out.session.channel._acked_count(out),
+            bytes=out.table.total_bytes,
+            bytes_verified=out.bytes_verified,
+            retries=out.retries,
+        )

@@ -1,0 +1,125 @@
+"""The transport seam: the only thing the async core knows about moving bytes.
+
+A :class:`Transport` opens :class:`Connection` objects (``connect``) and accepts them (``listen``). A
+connection moves *frames*: a small header (bytes) plus an optional payload buffer, in order, whole or
+not at all. On receive, the caller may pass a *sink*: given the header and the payload size, it returns
+the buffer the payload should land in (for zero-copy placement into registered memory). Everything is
+an async context manager; capabilities are data on the class.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, ClassVar, NamedTuple
+
+import msgspec
+
+__all__ = [
+    "Connection",
+    "ConnectionStatistics",
+    "Frame",
+    "Listener",
+    "PayloadSink",
+    "Transport",
+    "TransportCapabilities",
+]
+
+#: ``sink(header, nbytes)`` returns a writable buffer of exactly ``nbytes`` bytes, or ``None`` to let the
+#: connection allocate one.
+PayloadSink = Callable[[bytes, int], Any]
+
+
+class TransportCapabilities(msgspec.Struct, frozen=True):
+    """What a transport can do. ``memory_kinds``: buffers it moves (``cpu``, ``cuda``); ``ordered``: frames
+    arrive in send order; ``zero_copy``: payloads land in the sink's buffer without a staging copy."""
+
+    memory_kinds: frozenset[str]
+    ordered: bool
+    max_message_size: int
+    zero_copy: bool
+
+
+class Frame(NamedTuple):
+    """A received frame. ``payload`` is the sink's buffer (or a fresh one), ``None`` if none was sent."""
+
+    header: bytes
+    payload: memoryview | None
+
+
+class ConnectionStatistics(msgspec.Struct, frozen=True):
+    frames_sent: int
+    frames_received: int
+    bytes_sent: int
+    bytes_received: int
+
+
+class _AsyncResource(abc.ABC):
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the resource; idempotent."""
+
+
+class Connection(_AsyncResource):
+    """One ordered, reliable, bidirectional frame stream to a peer."""
+
+    local_address: str
+    peer_address: str
+
+    @abc.abstractmethod
+    async def send(self, header: bytes, payload: Any = None) -> None:
+        """Send one frame. Returns once ``payload`` may be reused. Safe to call from several tasks: frames
+        never interleave. A cancelled send either delivered the whole frame or nothing.
+
+        Raises ``PeerDeadError`` (peer gone), ``ConnectionClosedError`` (closed), ``FrameTooLargeError``.
+        """
+
+    @abc.abstractmethod
+    async def recv(self, sink: PayloadSink | None = None) -> Frame:
+        """Receive the next frame, placing its payload in ``sink(header, nbytes)`` when given.
+
+        Raises ``ConnectionClosedError`` at end of stream (peer closed cleanly, or we closed),
+        ``PeerDeadError`` when the peer died, ``ProtocolError`` when the sink's buffer has the wrong size.
+        Exceptions raised by the sink propagate; the frame is then consumed.
+        """
+
+    @abc.abstractmethod
+    def statistics(self) -> ConnectionStatistics:
+        """A snapshot of this connection's counters."""
+
+
+class Listener(_AsyncResource):
+    """Accepts incoming connections on ``address``."""
+
+    address: str
+
+    @abc.abstractmethod
+    async def accept(self) -> Connection:
+        """Wait for the next incoming connection. Raises ``ConnectionClosedError`` once closed."""
+
+
+class Transport(_AsyncResource):
+    """A way to reach peers. Subclasses set ``name`` and ``capabilities``."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[TransportCapabilities]
+
+    @abc.abstractmethod
+    async def connect(self, address: str) -> Connection:
+        """Open a connection to ``address``. Raises ``PeerDeadError`` when nothing answers there."""
+
+    @abc.abstractmethod
+    async def listen(self, address: str | None = None) -> Listener:
+        """Listen on ``address`` (``None``: any free address, reported by ``Listener.address``)."""
+
+    async def aclose(self) -> None:
+        """Release transport-wide resources (workers, contexts); the default holds none."""

@@ -1,0 +1,181 @@
+"""Wire format: control messages as a msgspec tagged union, hard size bounds, one reused decoder.
+
+A frame is ``header`` (one encoded message below) plus an optional raw payload that never passes
+through an encoder. Every header is size-checked before it is decoded, and every variable-length
+field has a length bound, so a hostile peer cannot make us allocate more than ``MAX_CONTROL_BYTES``
+worth of objects. No pickle anywhere.
+
+Connection: client ``Hello`` → server ``Welcome`` (proof over the nonces) → client ``Proof`` →
+server ``Ready`` (or ``Reject``). Transfers: sender ``Announce`` then ``Chunk`` headers with
+payloads; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta
+
+from .errors import FrameTooLargeError, ProtocolError
+from .memory import KVGeometry
+from .plan import BlockMapping
+from .schema import KVCacheSchema
+
+__all__ = [
+    "Abort",
+    "Ack",
+    "Announce",
+    "Chunk",
+    "Hello",
+    "MAX_CONTROL_BYTES",
+    "Message",
+    "Nack",
+    "PROTOCOL_VERSION",
+    "Proof",
+    "Ready",
+    "Region",
+    "RegionUpdate",
+    "Reject",
+    "Welcome",
+    "decode_message",
+    "encode_message",
+    "handshake_proof",
+]
+
+PROTOCOL_VERSION = 1
+MAX_CONTROL_BYTES = 4 << 20
+MAX_MAPPINGS = 4096
+MAX_ACK_BATCH = 1 << 16
+
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+Reason = Annotated[str, Meta(max_length=1024)]
+Nonce = Annotated[bytes, Meta(min_length=16, max_length=64)]
+Mac = Annotated[bytes, Meta(max_length=64)]
+U32 = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
+U64 = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+Small = Annotated[list[Annotated[str, Meta(max_length=32)]], Meta(max_length=16)]
+
+
+class Hello(msgspec.Struct, frozen=True, array_like=True, tag="hello"):
+    version: U32
+    name: Name
+    nonce: Nonce
+    integrity: Small
+    memory_kinds: Small
+    max_chunk: U64
+
+
+class Region(msgspec.Struct, frozen=True, array_like=True):
+    """A side's registered KV memory, so the other side can plan chunks against it."""
+
+    schema: KVCacheSchema
+    geometry: KVGeometry
+
+
+class Welcome(msgspec.Struct, frozen=True, array_like=True, tag="welcome"):
+    version: U32
+    name: Name
+    nonce: Nonce
+    proof: Mac
+    region: Region | None
+
+
+class Proof(msgspec.Struct, frozen=True, array_like=True, tag="proof"):
+    proof: Mac
+    region: Region | None
+
+
+class RegionUpdate(msgspec.Struct, frozen=True, array_like=True, tag="region"):
+    """Sent when a side registers its KV memory after the handshake."""
+
+    region: Region
+
+
+class Ready(msgspec.Struct, frozen=True, array_like=True, tag="ready"):
+    pass
+
+
+class Reject(msgspec.Struct, frozen=True, array_like=True, tag="reject"):
+    reason: Reason
+
+
+class Announce(msgspec.Struct, frozen=True, array_like=True, tag="announce"):
+    """A transfer's plan, so the receiver can compute the same chunk table (checked by ``digest``)."""
+
+    wire_id: U32
+    transfer_id: Name
+    schema: KVCacheSchema
+    src_geometry: KVGeometry
+    mappings: Annotated[list[BlockMapping], Meta(min_length=1, max_length=MAX_MAPPINGS)]
+    chunk_size: U64
+    gather: bool
+    progressive: bool
+    priority: U32
+    deadline_s: float | None
+    integrity: Annotated[str, Meta(max_length=32)]
+    num_chunks: U64
+    total_bytes: U64
+    digest: U64
+    ack_every: U32
+
+
+class Chunk(msgspec.Struct, frozen=True, array_like=True, tag="c"):
+    """Header of one chunk payload."""
+
+    wire_id: U32
+    seq: U64
+    attempt: U32
+    checksum: U64
+
+
+class Ack(msgspec.Struct, frozen=True, array_like=True, tag="a"):
+    """Chunks verified and placed by the receiver."""
+
+    wire_id: U32
+    seqs: Annotated[list[U64], Meta(max_length=MAX_ACK_BATCH)]
+
+
+class Nack(msgspec.Struct, frozen=True, array_like=True, tag="n"):
+    """A chunk failed verification; the sender resends it or fails the transfer."""
+
+    wire_id: U32
+    seq: U64
+    attempt: U32
+    reason: Reason
+
+
+class Abort(msgspec.Struct, frozen=True, array_like=True, tag="x"):
+    """The transfer is over on one side; the other releases it too. ``from_sender`` tells whose ``wire_id``
+    it is (each side numbers the transfers it sends)."""
+
+    wire_id: U32
+    from_sender: bool
+    reason: Reason
+
+
+Message = Union[Hello, Welcome, Proof, Ready, Reject, RegionUpdate, Announce, Chunk, Ack, Nack, Abort]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+encode_message = _encoder.encode
+
+
+def decode_message(data: bytes | bytearray | memoryview) -> Message:
+    """Decode one header; raise ``FrameTooLargeError`` or ``ProtocolError`` on anything malformed."""
+    if len(data) > MAX_CONTROL_BYTES:
+        raise FrameTooLargeError(f"control message of {len(data)} bytes exceeds the {MAX_CONTROL_BYTES}-byte bound")
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed control message ({len(data)} bytes): {exc}") from None
+
+
+def handshake_proof(token: str | None, role: bytes, first: bytes, second: bytes, names: tuple[str, str]) -> bytes:
+    """HMAC-SHA256 over both nonces and names, keyed by the shared token (empty without a token)."""
+    if token is None:
+        return b""
+    message = b"sage-transport/1|" + role + b"|" + first + b"|" + second + b"|" + "|".join(names).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).digest()

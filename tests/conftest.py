@@ -1,0 +1,67 @@
+"""Shared fixtures: a pair of channels on one in-memory network, with KV memory registered."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from sage_transport import KVCacheSchema, KVMemory, KVTransferChannel, KVTransportConfig
+from sage_transport.transports.mock import MockNetwork, MockTransport
+
+SMALL = KVCacheSchema(num_layers=4, num_kv_heads=2, head_dim=16, block_size=4)  # page = 256 bytes
+
+
+@dataclass
+class Pair:
+    network: MockNetwork
+    sender: KVTransferChannel
+    receiver: KVTransferChannel
+    peer: str
+    src: KVMemory
+    dst: KVMemory
+
+    def src_pages(self) -> np.ndarray:
+        s = self.src.schema
+        return np.frombuffer(self.src.buffers[0], np.uint8).reshape(s.num_layers, s.kv_planes, self.src.num_blocks, -1)
+
+    def dst_pages(self) -> np.ndarray:
+        s = self.dst.schema
+        return np.frombuffer(self.dst.buffers[0], np.uint8).reshape(s.num_layers, s.kv_planes, self.dst.num_blocks, -1)
+
+
+def filled(schema: KVCacheSchema, blocks: int, seed: int = 1) -> KVMemory:
+    memory = KVMemory.allocate(schema, blocks)
+    view = np.frombuffer(memory.buffers[0], np.uint8)
+    view[:] = np.random.default_rng(seed).integers(0, 256, view.size, dtype=np.uint8)
+    return memory
+
+
+@contextlib.asynccontextmanager
+async def channel_pair(
+    schema: KVCacheSchema = SMALL,
+    blocks: int = 64,
+    *,
+    config: KVTransportConfig | None = None,
+    receiver_config: KVTransportConfig | None = None,
+    **network_options: object,
+) -> AsyncIterator[Pair]:
+    network = MockNetwork(**network_options)  # type: ignore[arg-type]
+    config = config or KVTransportConfig(chunk_size=1024, prefetch_depth=4)
+    src, dst = filled(schema, blocks), KVMemory.allocate(schema, blocks, fill=0)
+    async with (
+        KVTransferChannel(MockTransport(network, name="decode"), receiver_config or config, name="decode") as receiver,
+        KVTransferChannel(MockTransport(network, name="prefill"), config, name="prefill") as sender,
+    ):
+        receiver.register(dst)
+        sender.register(src)
+        peer = await sender.connect(await receiver.listen())
+        yield Pair(network, sender, receiver, peer, src, dst)
+
+
+@pytest.fixture
+def small_schema() -> KVCacheSchema:
+    return SMALL

@@ -1,0 +1,57 @@
+"""Packaging promises: a light import, the public API, the core's single seam."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import sage_transport
+
+PACKAGE = pathlib.Path(sage_transport.__file__).parent
+CORE_MODULES = ["planner.py", "scheduler.py", "channel.py", "session.py", "transfers.py", "handshake.py", "wire.py"]
+FORBIDDEN_IN_CORE = {"ucxx", "ucp", "torch", "prometheus_client"}
+
+
+def test_import_pulls_no_heavy_backend() -> None:
+    code = (
+        "import sys, sage_transport; "
+        "heavy = [m for m in ('torch', 'ucxx', 'prometheus_client') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import sage_transport imported {out.stdout.strip()}"
+
+
+def test_public_api_is_explicit() -> None:
+    for name in sage_transport.__all__:
+        assert hasattr(sage_transport, name), name
+    assert "KVTransferChannel" in sage_transport.__all__
+    assert (PACKAGE / "py.typed").exists()
+
+
+def test_async_core_imports_only_the_transport_seam() -> None:
+    for module in CORE_MODULES:
+        tree = ast.parse((PACKAGE / module).read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                root = name.lstrip(".").split(".")[0]
+                assert root not in FORBIDDEN_IN_CORE, f"{module} imports {name}"
+                assert ".transports.mock" not in name and not name.startswith("..transports.mock"), f"{module} imports the mock"
+
+
+def test_no_pickle_anywhere_in_the_package() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle.loads" not in text, path
+
+
+def test_cli_entry_point_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "sage_transport.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "migrate" in out.stdout
