@@ -126,9 +126,7 @@ class KVTransferChannel:
         self._open = True
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -373,7 +371,9 @@ class KVTransferChannel:
             try:
                 woke |= self._scheduler.mark_layer_ready(out, layer)
             except IndexError:
-                raise PlanError(f"transfer {out.plan.transfer_id}: layer {layer} is outside 0..{out.plan.schema.num_layers - 1}") from None
+                raise PlanError(
+                    f"transfer {out.plan.transfer_id}: layer {layer} is outside 0..{out.plan.schema.num_layers - 1}"
+                ) from None
         if woke:
             out.session.wake.set()
 
@@ -392,7 +392,9 @@ class KVTransferChannel:
         )
 
     def _cancel_outgoing(self, out: Outgoing, reason: str) -> None:
-        self._fail_outgoing(out, TransferAbortedError(f"transfer {out.plan.transfer_id} to {out.session.peer}: {reason}"), notify=True)
+        self._fail_outgoing(
+            out, TransferAbortedError(f"transfer {out.plan.transfer_id} to {out.session.peer}: {reason}"), notify=True
+        )
 
     def cancel(self, transfer_id: str, reason: str = "cancelled by the caller") -> bool:
         """Abort a transfer this channel sends or receives; the peer is told. False if unknown."""
@@ -403,7 +405,9 @@ class KVTransferChannel:
         for session in self._sessions.values():
             for inc in session.incoming.values():
                 if inc.transfer_id == transfer_id:
-                    self._fail_incoming(session, inc, TransferAbortedError(f"transfer {transfer_id} from {session.peer}: {reason}"), notify=True)
+                    self._fail_incoming(
+                        session, inc, TransferAbortedError(f"transfer {transfer_id} from {session.peer}: {reason}"), notify=True
+                    )
                     return True
         return False
 
@@ -462,7 +466,11 @@ class KVTransferChannel:
             wall_s=wall,
             retries=out.retries,
             integrity=IntegrityStatus.UNCHECKED if self._checksum is None else IntegrityStatus.VERIFIED,
-            phases={"plan_s": out.planned_at - out.submitted_at, "queue_s": max(0.0, wall - sent_for - (out.planned_at - out.submitted_at)), "transfer_s": sent_for},
+            phases={
+                "plan_s": out.planned_at - out.submitted_at,
+                "queue_s": max(0.0, wall - sent_for - (out.planned_at - out.submitted_at)),
+                "transfer_s": sent_for,
+            },
         )
         self._counters["transfers_completed"] += 1
         out.finish(result, None)
@@ -514,7 +522,10 @@ class KVTransferChannel:
         except PlanError as exc:
             return refuse(str(exc))
         if (len(table), table.total_bytes, table.digest) != (msg.num_chunks, msg.total_bytes, msg.digest):
-            return refuse(f"chunk tables differ: ours has {len(table)} chunks / {table.total_bytes} bytes, the sender's {msg.num_chunks} / {msg.total_bytes}")
+            return refuse(
+                f"chunk tables differ: ours has {len(table)} chunks / {table.total_bytes} bytes, "
+                f"the sender's {msg.num_chunks} / {msg.total_bytes}"
+            )
         if exp is None:
             self._recent.pop(tid, None)
             exp = self._expect[tid] = Expectation(tid)

@@ -135,7 +135,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # ---- building -------------------------------------------------------------------------------------
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "mapping", base: KVTransportConfig | None = None) -> KVTransportConfig:
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, source: str = "mapping", base: KVTransportConfig | None = None
+    ) -> KVTransportConfig:
         """Apply ``values`` (strings or typed values) on top of ``base`` (default: defaults)."""
         fields = msgspec.structs.asdict(base) if base is not None else {}
         for raw_key, raw_value in values.items():
@@ -176,11 +178,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         """defaults < preset < environment < ``spec``; ``presets`` defaults to the shipped preset file."""
         explicit = _split_spec(spec) if isinstance(spec, str) else dict(spec or {})
         env = os.environ if env is None else env
-        from_env = {
-            k[len(ENV_PREFIX) :].lower(): v
-            for k, v in env.items()
-            if k.startswith(ENV_PREFIX)
-        }
+        from_env = {k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
         preset_name = explicit.get("preset", from_env.get("preset", base.preset if base else None))
         config = base
         if preset_name:
@@ -190,11 +188,15 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                 presets = {name: p.settings for name, p in load_presets().items()}
             if preset_name not in presets:
                 raise ConfigError(f"preset={preset_name!r} is not defined; known presets: {', '.join(sorted(presets))}")
-            config = cls.from_mapping({**presets[preset_name], "preset": preset_name}, source=f"preset {preset_name!r}", base=config)
+            config = cls.from_mapping(
+                {**presets[preset_name], "preset": preset_name}, source=f"preset {preset_name!r}", base=config
+            )
         if from_env:
             config = cls.from_mapping(from_env, source="environment (SAGE_TRANSPORT_*)", base=config)
         if explicit:
-            config = cls.from_mapping(explicit, source="the configuration string" if isinstance(spec, str) else "the mapping", base=config)
+            config = cls.from_mapping(
+                explicit, source="the configuration string" if isinstance(spec, str) else "the mapping", base=config
+            )
         return config if config is not None else cls()
 
     def replace(self, **changes: Any) -> KVTransportConfig:

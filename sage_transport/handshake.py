@@ -60,7 +60,7 @@ async def _expect(conn: Connection, kind: type[_M], stage: str) -> _M:
 async def _reject(conn: Connection, reason: str) -> None:
     try:
         await conn.send(encode_message(Reject(reason[:1024])))
-    except Exception:  # noqa: BLE001 - the connection is being refused anyway
+    except Exception:
         pass
 
 

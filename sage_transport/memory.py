@@ -106,7 +106,7 @@ class KVMemory:
         self.kind = kinds.pop()
         self.geometry = KVGeometry(schema.layout, num_blocks, _split_axes(schema, num_blocks, len(items)))
         expected = self.geometry.segment_bytes(schema)
-        self.buffers = items
+        self.buffers: list[Any] = items
         self.views: list[memoryview] = []
         if self.kind == "cpu":
             for i, buf in enumerate(items):

@@ -82,7 +82,8 @@ class ChunkTable:
         diff = np.zeros(self.schema.num_layers + 1, dtype=_I64)
         np.add.at(diff, self.chunk_layer_lo, 1)
         np.add.at(diff, self.chunk_layer_hi + 1, -1)
-        return np.cumsum(diff[:-1]).tolist()
+        counts: list[int] = np.cumsum(diff[:-1]).tolist()
+        return counts
 
     def chunk(
         self,

@@ -37,8 +37,19 @@ class SchedulerStatistics(msgspec.Struct, frozen=True):
 
 class _Entry:
     __slots__ = (
-        "key", "peer", "priority", "num_chunks", "cursor", "layer_ranges", "layer_cursor", "ready_heap",
-        "ready_layers", "resend", "acked", "acked_count", "inflight",
+        "acked",
+        "acked_count",
+        "cursor",
+        "inflight",
+        "key",
+        "layer_cursor",
+        "layer_ranges",
+        "num_chunks",
+        "peer",
+        "priority",
+        "ready_heap",
+        "ready_layers",
+        "resend",
     )  # fmt: skip
 
     def __init__(

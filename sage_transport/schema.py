@@ -160,7 +160,7 @@ class KVCacheSchema(msgspec.Struct, frozen=True, array_like=True):
         if spec is None:
             known = ", ".join(sorted(MODEL_SPECS))
             raise ConfigError(f"model={name!r} is not known; choose one of {known} or build a KVCacheSchema")
-        fields = {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim}
+        fields: dict[str, Any] = {"num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim}
         fields.update(overrides)
         return cls(**fields)
 

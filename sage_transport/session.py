@@ -65,7 +65,7 @@ class PeerSession:
             raise
         except (TransportError, ProtocolError) as exc:
             self.channel._session_failed(self, exc)
-        except Exception as exc:  # noqa: BLE001 - a bug here must fail the peer's transfers, not hang them
+        except Exception as exc:
             self.channel._session_failed(self, TransportError(f"session with {self.peer} crashed: {exc!r}"))
             raise
 
@@ -136,14 +136,17 @@ class PeerSession:
         inc = self.incoming.get(msg.wire_id)
         if inc is None or msg.seq >= len(inc.verified) or inc.verified[msg.seq]:
             if inc is not None and msg.seq >= len(inc.verified):
-                raise ProtocolError(f"chunk {msg.seq} of transfer {inc.transfer_id} from {self.peer}: only {len(inc.verified)} chunks")
+                raise ProtocolError(
+                    f"chunk {msg.seq} of transfer {inc.transfer_id} from {self.peer}: only {len(inc.verified)} chunks"
+                )
             self._target_kind = 2
             return self._staging(nbytes)
         lists = inc.lists
         seq = msg.seq
         if lists["chunk_nbytes"][seq] != nbytes:
             raise ProtocolError(
-                f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes, expected {lists['chunk_nbytes'][seq]}"
+                f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes, "
+                f"expected {lists['chunk_nbytes'][seq]}"
             )
         first = lists["piece_ptr"][seq]
         if lists["piece_ptr"][seq + 1] - first == 1:
@@ -192,7 +195,12 @@ class PeerSession:
             return
         if self._target_kind == 1:
             lists = inc.lists
-            views, dst_seg, dst_off, piece_len = self.channel._memory_views, lists["dst_seg"], lists["dst_off"], lists["piece_len"]
+            views, dst_seg, dst_off, piece_len = (
+                self.channel._memory_views,
+                lists["dst_seg"],
+                lists["dst_off"],
+                lists["piece_len"],
+            )
             pos = 0
             for k in range(lists["piece_ptr"][seq], lists["piece_ptr"][seq + 1]):
                 n, offset = piece_len[k], dst_off[k]
@@ -258,7 +266,7 @@ class PeerSession:
             if task is not current:
                 try:
                     await task
-                except (asyncio.CancelledError, SageTransportError, Exception):  # noqa: BLE001
+                except (asyncio.CancelledError, SageTransportError, Exception):
                     pass
         try:
             await self.conn.aclose()

@@ -56,8 +56,21 @@ class Outgoing:
     """A transfer this side sends. The scheduler keys it by identity."""
 
     __slots__ = (
-        "plan", "table", "session", "wire_id", "future", "lists", "attempts", "retries", "bytes_verified", "chunks_verified",
-        "submitted_at", "planned_at", "first_send_at", "deadline_timer", "status",
+        "attempts",
+        "bytes_verified",
+        "chunks_verified",
+        "deadline_timer",
+        "first_send_at",
+        "future",
+        "lists",
+        "plan",
+        "planned_at",
+        "retries",
+        "session",
+        "status",
+        "submitted_at",
+        "table",
+        "wire_id",
     )  # fmt: skip
 
     def __init__(self, plan: TransferPlan, table: ChunkTable, session: PeerSession, wire_id: int, submitted_at: float) -> None:
@@ -95,7 +108,7 @@ class Outgoing:
 class Expectation:
     """The receiving side of one transfer id, alive before the announcement and after completion."""
 
-    __slots__ = ("transfer_id", "announced", "done", "layers_done", "changed", "waiters", "started_at")
+    __slots__ = ("announced", "changed", "done", "layers_done", "started_at", "transfer_id", "waiters")
 
     def __init__(self, transfer_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -121,11 +134,34 @@ class Incoming:
     """A transfer this side receives."""
 
     __slots__ = (
-        "transfer_id", "wire_id", "table", "lists", "verified", "remaining", "layer_lo", "layer_hi",
-        "layers_left", "expectation", "checksum", "ack_every", "pending_acks", "bad_chunks", "peer",
+        "ack_every",
+        "bad_chunks",
+        "checksum",
+        "expectation",
+        "layer_hi",
+        "layer_lo",
+        "layers_left",
+        "lists",
+        "peer",
+        "pending_acks",
+        "remaining",
+        "table",
+        "transfer_id",
+        "verified",
+        "wire_id",
     )  # fmt: skip
 
-    def __init__(self, transfer_id: str, wire_id: int, table: ChunkTable, expectation: Expectation, *, checksum: Any, ack_every: int, peer: str) -> None:
+    def __init__(
+        self,
+        transfer_id: str,
+        wire_id: int,
+        table: ChunkTable,
+        expectation: Expectation,
+        *,
+        checksum: Any,
+        ack_every: int,
+        peer: str,
+    ) -> None:
         self.transfer_id = transfer_id
         self.wire_id = wire_id
         self.table = table

@@ -168,8 +168,9 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
     if len(data) > MAX_CONTROL_BYTES:
         raise FrameTooLargeError(f"control message of {len(data)} bytes exceeds the {MAX_CONTROL_BYTES}-byte bound")
     try:
-        return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        message: Message = _decoder.decode(data)
+        return message
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed control message ({len(data)} bytes): {exc}") from None
 
 

@@ -35,7 +35,9 @@ def test_qwen25_7b_32k_is_one_and_three_quarter_gib() -> None:
     assert schema.bytes_per_token * 32768 == int(1.75 * (1 << 30))
 
 
-@pytest.mark.parametrize(("dtype", "bits"), [("bf16", 16), ("fp16", 16), ("fp8_e4m3", 8), ("fp8_e5m2", 8), ("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize(
+    ("dtype", "bits"), [("bf16", 16), ("fp16", 16), ("fp8_e4m3", 8), ("fp8_e5m2", 8), ("int8", 8), ("int4", 4)]
+)
 def test_dtypes_size_pages(dtype: str, bits: int) -> None:
     schema = KVCacheSchema(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype=dtype)  # type: ignore[arg-type]
     assert schema.dtype is DType(dtype)

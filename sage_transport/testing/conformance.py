@@ -55,16 +55,21 @@ async def check_ordering(make_pair: PairFactory) -> None:
     """Frames arrive whole and in send order, headers and payloads intact."""
     async with make_pair() as pair:
         sizes = [0, 1, 7, 4096, 8193, 65536, 3]
+
         async def sender() -> None:
             for i in range(140):
                 size = sizes[i % len(sizes)]
                 await pair.a.send(b"frame-%d" % i, _pattern(size, i) if i % 5 else None)
+
         task = asyncio.create_task(sender())
         for i in range(140):
             frame = await pair.b.recv()
             _require(frame.header == b"frame-%d" % i, f"frame {i} arrived as {frame.header[:20]!r}")
             if i % 5:
-                _require(frame.payload is not None and bytes(frame.payload) == _pattern(sizes[i % len(sizes)], i), f"payload {i} differs")
+                _require(
+                    frame.payload is not None and bytes(frame.payload) == _pattern(sizes[i % len(sizes)], i),
+                    f"payload {i} differs",
+                )
             else:
                 _require(frame.payload is None, f"header-only frame {i} grew a payload")
         await task
@@ -106,7 +111,11 @@ async def check_buffer_kinds(make_pair: PairFactory) -> None:
     """bytes, bytearray, memoryview slices, numpy arrays and torch CPU tensors are all sendable as-is."""
     payloads: list[tuple[str, Any, bytes]] = []
     raw = _pattern(10000, 9)
-    payloads += [("bytes", raw, raw), ("bytearray", bytearray(raw), raw), ("memoryview", memoryview(raw)[100:5100], raw[100:5100])]
+    payloads += [
+        ("bytes", raw, raw),
+        ("bytearray", bytearray(raw), raw),
+        ("memoryview", memoryview(raw)[100:5100], raw[100:5100]),
+    ]
     if importlib.util.find_spec("numpy"):
         import numpy as np
 
@@ -129,7 +138,9 @@ async def check_buffer_kinds(make_pair: PairFactory) -> None:
 async def check_sink_errors(make_pair: PairFactory) -> None:
     """A sink's own error propagates and the frame is consumed; a wrong-sized sink buffer is a ProtocolError."""
     async with make_pair() as pair:
-        sends = asyncio.gather(pair.a.send(b"one", b"x" * 100), pair.a.send(b"two", b"y" * 100), pair.a.send(b"three", b"z" * 100))
+        sends = asyncio.gather(
+            pair.a.send(b"one", b"x" * 100), pair.a.send(b"two", b"y" * 100), pair.a.send(b"three", b"z" * 100)
+        )
 
         def failing(header: bytes, nbytes: int) -> Any:
             raise KeyError("no room")
@@ -183,7 +194,10 @@ async def check_cancelled_send_leaves_nothing(make_pair: PairFactory) -> None:
         if frame.header == b"cancelled":  # the transport had already sent it whole: acceptable
             _require(frame.payload is not None and frame.payload == big, "a cancelled send arrived partially")
             frame = await pair.b.recv()
-        _require(frame.header == b"next" and bytes(frame.payload or b"") == b"intact", f"stream corrupted after cancel: {frame.header[:20]!r}")
+        _require(
+            frame.header == b"next" and bytes(frame.payload or b"") == b"intact",
+            f"stream corrupted after cancel: {frame.header[:20]!r}",
+        )
 
 
 async def check_peer_death(make_pair: PairFactory) -> None:
@@ -210,6 +224,7 @@ async def check_peer_death(make_pair: PairFactory) -> None:
 async def check_concurrent_senders(make_pair: PairFactory) -> None:
     """Several tasks sending at once never interleave frames."""
     async with make_pair() as pair:
+
         async def sender(k: int) -> None:
             for i in range(30):
                 await pair.a.send(b"%d:%d" % (k, i), bytes([k]) * (1000 + 5000 * (i % 3)))
@@ -221,7 +236,9 @@ async def check_concurrent_senders(make_pair: PairFactory) -> None:
             k, i = (int(x) for x in frame.header.split(b":"))
             _require(i == last[k] + 1, f"sender {k}: frame {i} after {last[k]}")
             last[k] = i
-            _require(frame.payload is not None and bytes(frame.payload) == bytes([k]) * (1000 + 5000 * (i % 3)), "interleaved payload")
+            _require(
+                frame.payload is not None and bytes(frame.payload) == bytes([k]) * (1000 + 5000 * (i % 3)), "interleaved payload"
+            )
         await asyncio.gather(*tasks)
 
 

@@ -59,9 +59,7 @@ class _AsyncResource(abc.ABC):
     async def __aenter__(self) -> Any:
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
 
     @abc.abstractmethod

@@ -26,7 +26,7 @@ _OPEN, _CLOSED, _DEAD = "open", "closed", "dead"
 
 
 class _Frame:
-    __slots__ = ("header", "payload", "nbytes", "ready_at", "done")
+    __slots__ = ("done", "header", "nbytes", "payload", "ready_at")
 
     def __init__(self, header: bytes, payload: Any, nbytes: int, ready_at: float) -> None:
         self.header = header
@@ -39,7 +39,7 @@ class _Frame:
 class _Pipe:
     """One direction of a connection."""
 
-    __slots__ = ("frames", "readable", "state", "reason", "stalled_until", "busy_until")
+    __slots__ = ("busy_until", "frames", "readable", "reason", "stalled_until", "state")
 
     def __init__(self) -> None:
         self.frames: collections.deque[_Frame] = collections.deque()
@@ -149,7 +149,9 @@ class MockConnection(Connection):
             self._check_sendable()
         frame = _Frame(header, view, nbytes, max(now, tx.busy_until) + net.latency_s)
         duplicate = False
-        for rule in net.faults.decide(self.local_address, self.peer_address, header, view is not None) if net.faults.rules else ():
+        for rule in (
+            net.faults.decide(self.local_address, self.peer_address, header, view is not None) if net.faults.rules else ()
+        ):
             action = rule.action
             if action is FaultAction.DROP:
                 self._count_sent(nbytes)

@@ -1,0 +1,333 @@
+"""KVTransferChannel end to end over the mock transport: data, layouts, priorities, layers, faults, security."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from sage_transport import (
+    AuthError,
+    ChecksumError,
+    IntegrityStatus,
+    KVCacheSchema,
+    KVMemory,
+    KVTransferChannel,
+    KVTransportConfig,
+    Layout,
+    PeerDeadError,
+    PlanError,
+    Priority,
+    TransferAbortedError,
+    TransferPlan,
+    TransferTimeoutError,
+    UnsupportedError,
+)
+from sage_transport.transports.mock import FaultAction, FaultRule, MockNetwork, MockTransport
+
+from .conftest import SMALL, Pair, channel_pair, filled
+
+
+def shuffled(blocks: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).permutation(blocks).tolist()
+
+
+def assert_moved(pair: Pair, dst_blocks: list[int], src_blocks: list[int] | None = None) -> None:
+    src_blocks = src_blocks if src_blocks is not None else list(range(len(dst_blocks)))
+    assert np.array_equal(pair.dst_pages()[:, :, dst_blocks], pair.src_pages()[:, :, src_blocks])
+
+
+def assert_idle(*channels: KVTransferChannel) -> None:
+    for channel in channels:
+        stats = channel.statistics()
+        assert (stats.transfers_sending, stats.transfers_receiving, stats.inflight_chunks, stats.queued_chunks) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("chunk_size", [512, 1024, 4096, 1 << 20])
+@pytest.mark.parametrize("gather", [True, False])
+async def test_shuffled_transfer_is_byte_identical_and_verified(chunk_size: int, gather: bool) -> None:
+    config = KVTransportConfig(chunk_size=chunk_size, gather=gather, prefetch_depth=3)
+    async with channel_pair(config=config) as pair:
+        dst = shuffled(64)
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(64), dst)
+        waiter = asyncio.ensure_future(pair.receiver.wait_received(plan.transfer_id))
+        result = await pair.sender.transfer(plan)
+        received = await waiter
+        assert result.bytes == received.bytes == plan.total_bytes
+        assert result.chunks == received.chunks >= plan.total_bytes // chunk_size
+        assert result.integrity is received.integrity is IntegrityStatus.VERIFIED
+        assert set(result.phases) == {"plan_s", "queue_s", "transfer_s"}
+        assert_moved(pair, dst)
+        assert_idle(pair.sender, pair.receiver)
+        assert await pair.receiver.wait_received(plan.transfer_id) == received  # late waiters get the result
+
+
+async def test_sides_may_use_different_layouts_and_buffer_splits() -> None:
+    network = MockNetwork()
+    src_schema = KVCacheSchema(num_layers=3, num_kv_heads=2, head_dim=8, block_size=2, layout="block_layer_kv")
+    dst_schema = KVCacheSchema(num_layers=3, num_kv_heads=2, head_dim=8, block_size=2, layout="layer_block_kv")
+    blocks, page = 10, src_schema.page_bytes
+    src = filled(src_schema, blocks)
+    per_layer = [torch.zeros(blocks, 2, page // 2, dtype=torch.bfloat16) for _ in range(3)]  # vLLM/FlashInfer style
+    async with (
+        KVTransferChannel(MockTransport(network, name="d"), name="d") as rx,
+        KVTransferChannel(MockTransport(network, name="p"), name="p") as tx,
+    ):
+        rx.register(KVMemory(dst_schema, blocks, per_layer))
+        tx.register(src)
+        peer = await tx.connect(await rx.listen())
+        dst = shuffled(blocks, 3)
+        await tx.transfer(TransferPlan.for_blocks(peer, src_schema, range(blocks), dst))
+    src_pages = np.frombuffer(src.buffers[0], np.uint8).reshape(blocks, 3, 2, page)  # block, layer, plane
+    for layer in range(3):
+        got = per_layer[layer].view(torch.uint8).numpy().reshape(blocks, 2, page)  # block, plane
+        assert np.array_equal(got[dst], src_pages[:, layer])
+
+
+async def test_partial_layers_and_block_subsets() -> None:
+    async with channel_pair() as pair:
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, [5, 9, 10, 11], [40, 2, 3, 4], layers=(1, 3))
+        await pair.sender.transfer(plan)
+        dst, src = pair.dst_pages(), pair.src_pages()
+        assert np.array_equal(dst[1:3][:, :, [40, 2, 3, 4]], src[1:3][:, :, [5, 9, 10, 11]])
+        assert not dst[0].any() and not dst[3].any()
+        assert dst[1:3].astype(bool).sum() == src[1:3][:, :, [5, 9, 10, 11]].astype(bool).sum()
+
+
+async def test_progressive_layers_go_when_ready_and_arrive_in_order() -> None:
+    async with channel_pair() as pair:
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(16), shuffled(16), progressive=True)
+        handle = pair.sender.submit(plan)
+        arrivals: list[int] = []
+
+        async def watch() -> None:
+            async for arrival in pair.receiver.arrivals(plan.transfer_id):
+                arrivals.append(arrival.layer)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.05)
+        assert handle.progress().chunks_verified == 0 and pair.sender.statistics().chunks_sent == 0
+        for layer in (0, 1):
+            handle.mark_layer_ready(layer)
+            await pair.receiver.wait_layer(plan.transfer_id, layer)
+        assert arrivals == [0, 1] and not handle.done()
+        pair.sender.mark_layer_ready(plan.transfer_id, [3, 2])
+        result = await handle.wait()
+        await watcher
+        assert arrivals == [0, 1, 2, 3]
+        assert result.chunks == handle.progress().chunks_verified
+        assert_moved(pair, plan.mappings[0].dst_blocks, list(range(16)))  # type: ignore[arg-type]
+
+
+async def test_decode_critical_overtakes_a_bulk_migration() -> None:
+    config = KVTransportConfig(chunk_size=1024, prefetch_depth=2)
+    async with channel_pair(blocks=256, config=config, bandwidth_Bps=20e6) as pair:
+        bulk = pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, range(200), range(200), priority=Priority.BULK))
+        while bulk.progress().chunks_verified < 10:
+            await asyncio.sleep(0.002)
+        before = bulk.progress().chunks_verified
+        critical = TransferPlan.for_blocks(pair.peer, SMALL, range(200, 208), range(200, 208), priority="decode_critical")
+        result = await pair.sender.transfer(critical)
+        overtaken_by = bulk.progress().chunks_verified - before
+        assert not bulk.done(), "the critical transfer waited for the bulk one"
+        assert overtaken_by <= config.prefetch_depth + 1, f"{overtaken_by} bulk chunks went ahead of the critical ones"
+        assert result.chunks > 0
+        await bulk.wait()
+
+
+async def test_deadline_aborts_both_sides_and_releases_everything() -> None:
+    async with channel_pair(bandwidth_Bps=2e5) as pair:
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(64), range(64), deadline_s=0.1)
+        waiter = asyncio.ensure_future(pair.receiver.wait_received(plan.transfer_id))
+        with pytest.raises(TransferTimeoutError, match=rf"transfer {plan.transfer_id} to decode missed its 0.1s deadline"):
+            await pair.sender.transfer(plan)
+        with pytest.raises(TransferAbortedError, match="deadline"):
+            await asyncio.wait_for(waiter, 5)
+        assert_idle(pair.sender, pair.receiver)
+
+
+async def test_cancelling_the_caller_aborts_the_transfer_at_the_peer() -> None:
+    async with channel_pair(bandwidth_Bps=2e5) as pair:
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(64), range(64))
+        waiter = asyncio.ensure_future(pair.receiver.wait_received(plan.transfer_id))
+        task = asyncio.create_task(pair.sender.transfer(plan))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(TransferAbortedError, match="cancelled"):
+            await asyncio.wait_for(waiter, 5)
+        assert_idle(pair.sender, pair.receiver)
+
+
+async def test_receiver_can_cancel_and_the_sender_is_told() -> None:
+    async with channel_pair(bandwidth_Bps=2e5) as pair:
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(64), range(64))
+        handle = pair.sender.submit(plan)
+        while pair.receiver.statistics().transfers_receiving == 0:
+            await asyncio.sleep(0.005)
+        assert pair.receiver.cancel(plan.transfer_id, "decode instance is draining")
+        with pytest.raises(TransferAbortedError, match="draining"):
+            await asyncio.wait_for(handle.wait(), 5)
+        assert_idle(pair.sender, pair.receiver)
+
+
+async def test_corrupted_chunks_are_detected_and_resent() -> None:
+    async with channel_pair() as pair:
+        rule = pair.network.faults.add(FaultRule(FaultAction.CORRUPT, src="mock://prefill", after=3, times=2))
+        dst = shuffled(64)
+        result = await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(64), dst))
+        assert rule.fired == 2
+        assert result.retries == 2
+        assert pair.receiver.statistics().checksum_failures == 2
+        assert_moved(pair, dst)
+
+
+async def test_persistent_corruption_fails_naming_the_chunk() -> None:
+    config = KVTransportConfig(chunk_size=1024, max_retries=2)
+    async with channel_pair(config=config) as pair:
+        pair.network.faults.add(FaultRule(FaultAction.CORRUPT, src="mock://prefill", times=None))
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(8), range(8))
+        waiter = asyncio.ensure_future(pair.receiver.wait_received(plan.transfer_id))
+        with pytest.raises(
+            ChecksumError, match=rf"chunk \d+ of transfer {plan.transfer_id} to decode failed its checksum 3 times"
+        ):
+            await pair.sender.transfer(plan)
+        with pytest.raises(TransferAbortedError):
+            await asyncio.wait_for(waiter, 5)
+        assert_idle(pair.sender, pair.receiver)
+
+
+async def test_lost_and_duplicated_chunks_are_absorbed() -> None:
+    config = KVTransportConfig(chunk_size=1024, prefetch_depth=4, ack_timeout_s=0.1)
+    async with channel_pair(config=config, seed=7) as pair:
+        pair.network.faults.add(FaultRule(FaultAction.DROP, src="mock://prefill", after=5, times=3))
+        pair.network.faults.add(FaultRule(FaultAction.DUPLICATE, src="mock://prefill", times=None, probability=0.3))
+        pair.network.faults.add(FaultRule(FaultAction.DELAY, src="mock://prefill", times=5, delay_s=0.01, probability=0.5))
+        dst = shuffled(64, 5)
+        await asyncio.wait_for(pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(64), dst)), 20)
+        assert pair.receiver.statistics().duplicates > 0
+        assert pair.sender.statistics().retries >= 3
+        assert_moved(pair, dst)
+        assert_idle(pair.sender, pair.receiver)
+
+
+async def test_peer_death_fails_the_transfer_naming_peer_and_transfer() -> None:
+    async with channel_pair(bandwidth_Bps=1e6) as pair:
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(64), range(64))
+        handle = pair.sender.submit(plan)
+        while handle.progress().chunks_verified < 2:
+            await asyncio.sleep(0.002)
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        pair.network.kill("mock://decode")
+        with pytest.raises(PeerDeadError, match=rf"transfer {plan.transfer_id} to decode failed after \d+/\d+ verified chunks"):
+            await handle.wait()
+        assert loop.time() - killed_at < 0.05
+        assert pair.sender.peers == []
+        assert_idle(pair.sender)
+
+
+async def test_both_directions_at_once() -> None:
+    async with channel_pair() as pair:
+        back = shuffled(64, 9)
+        forth = shuffled(64, 8)
+        await asyncio.gather(
+            pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(64), forth)),
+            pair.receiver.transfer(TransferPlan.for_blocks("prefill", SMALL, range(64), back)),
+        )
+        assert pair.receiver.statistics().bytes_received == pair.sender.statistics().bytes_received == 64 * SMALL.bytes_per_block
+
+
+async def test_unchecked_integrity_is_reported() -> None:
+    async with channel_pair(config=KVTransportConfig(integrity="none")) as pair:  # type: ignore[arg-type]
+        result = await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(4), range(4)))
+        assert result.integrity is IntegrityStatus.UNCHECKED
+
+
+async def test_bad_plans_are_refused_at_submit_with_names() -> None:
+    async with channel_pair(blocks=8) as pair:
+        with pytest.raises(PlanError, match="peer 'nobody' is not connected"):
+            pair.sender.submit(TransferPlan.for_blocks("nobody", SMALL, [0], [0]))
+        with pytest.raises(PlanError, match="dst block 8 is out of range"):
+            pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [0], [8]))
+        other = KVCacheSchema(num_layers=4, num_kv_heads=2, head_dim=32, block_size=4)
+        with pytest.raises(PlanError, match="does not match the local KV memory"):
+            pair.sender.submit(TransferPlan.for_blocks(pair.peer, other, [0], [0]))
+        with pytest.raises(UnsupportedError, match="target_dtype=fp8_e4m3"):
+            pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [0], [0], target_dtype="fp8_e4m3"))
+        handle = pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [0], [0], transfer_id="same"))
+        with pytest.raises(PlanError, match="transfer same is already in progress"):
+            pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [1], [1], transfer_id="same"))
+        await handle.wait()
+
+
+async def test_abandoned_waits_leak_nothing() -> None:
+    async with channel_pair() as pair:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await pair.receiver.wait_received("never-sent")
+        assert pair.receiver._expect == {}
+
+
+@pytest.mark.parametrize(
+    ("server_token", "client_token", "message"),
+    [
+        ("shared-secret-1", "shared-secret-2", "failed the token challenge|did not prove"),
+        ("shared-secret-1", None, "requires a token"),
+        (None, "shared-secret-1", "did not prove"),
+    ],
+)
+async def test_handshake_refuses_peers_without_the_token(
+    server_token: str | None, client_token: str | None, message: str
+) -> None:
+    network = MockNetwork()
+    async with (
+        KVTransferChannel(MockTransport(network, name="s"), KVTransportConfig(auth_token=server_token), name="s") as server,
+        KVTransferChannel(MockTransport(network, name="c"), KVTransportConfig(auth_token=client_token), name="c") as client,
+    ):
+        address = await server.listen()
+        with pytest.raises(AuthError, match=message):
+            await client.connect(address)
+        await asyncio.sleep(0.01)
+        assert server.peers == [] and client.peers == []
+
+
+async def test_matching_tokens_connect() -> None:
+    config = KVTransportConfig(auth_token="shared-secret-1")
+    async with channel_pair(config=config) as pair:
+        await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, [1], [2]))
+        assert pair.receiver.peers == ["prefill"]
+
+
+async def test_cuda_memory_is_refused_by_a_cpu_only_transport() -> None:
+    class FakeCuda:
+        is_cuda = True
+
+    async with KVTransferChannel(MockTransport(), name="x") as channel:
+        with pytest.raises(UnsupportedError, match="moves cpu memory, not cuda"):
+            channel.register(KVMemory(SMALL, 4, FakeCuda()))
+
+
+async def test_unopened_channel_refuses_work() -> None:
+    channel = KVTransferChannel(MockTransport(), name="x")
+    from sage_transport import ConnectionClosedError
+
+    with pytest.raises(ConnectionClosedError, match="not open"):
+        await channel.listen()
+    await channel.aclose()
+
+
+def test_layouts_round_trip_registration_sizes() -> None:
+    schema = KVCacheSchema(num_layers=2, num_kv_heads=1, head_dim=8, layout=Layout.KV_LAYER_BLOCK)
+    k_cache, v_cache = bytearray(2 * 4 * schema.page_bytes), bytearray(2 * 4 * schema.page_bytes)
+    memory = KVMemory(schema, 4, [k_cache, v_cache])
+    assert memory.geometry.split_axes == 1 and memory.nbytes == len(k_cache) * 2
+    from sage_transport import ConfigError
+
+    with pytest.raises(ConfigError, match="buffer 0 holds 10 bytes"):
+        KVMemory(schema, 4, bytearray(10))
+    with pytest.raises(ConfigError, match="3 buffers do not match layout kv_layer_block"):
+        KVMemory(schema, 4, [k_cache, v_cache, v_cache])

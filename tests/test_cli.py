@@ -1,0 +1,63 @@
+"""The main job through the CLI: `sage-transport migrate --transport mock --json PATH`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sage_transport.cli import main
+
+
+def test_migrate_writes_a_verified_record(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "m.json"
+    code = main(
+        ["migrate", "--transport", "mock", "--model", "llama-3-8b", "--tokens", "2048", "--repeat", "2", "--json", str(out)]
+    )
+    assert code == 0
+    record = json.loads(out.read_text())
+    for key in ("model", "tokens", "bytes", "seconds", "gbps", "chunks", "transport", "preset", "verified"):
+        assert key in record, key
+    assert record["model"] == "llama-3-8b" and record["tokens"] == 2048 and record["transport"] == "mock"
+    assert record["bytes"] == 2048 * 32 * 2 * 8 * 128 * 2
+    assert record["verified"] is True and record["gbps"] > 0 and record["chunks"] >= 1
+    assert len(record["seconds_all"]) == 2
+    assert "verified" in capsys.readouterr().out
+
+
+def test_migrate_with_preset_and_config_string(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    code = main(
+        [
+            "migrate",
+            "--tokens",
+            "1024",
+            "--repeat",
+            "1",
+            "--preset",
+            "low-latency",
+            "--config",
+            "integrity=crc32c",
+            "--json",
+            str(out),
+        ]
+    )
+    record = json.loads(out.read_text())
+    assert code == 0 and record["preset"] == "low-latency" and record["integrity"] == "crc32c"
+    assert record["chunk_size"] == 256 << 10
+
+
+def test_bad_configuration_is_a_clear_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sage_transport.cli", "migrate", "--tokens", "64", "--config", "chunk_size=lots"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "chunk_size='lots'" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "sage_transport.cli", "migrate", "--tokens", "64", "--model", "gpt-9"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "model='gpt-9'" in proc.stderr
