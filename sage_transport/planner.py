@@ -227,14 +227,26 @@ def _pack(piece_len: np.ndarray, group: np.ndarray | None, chunk_size: int) -> n
         group_of = np.repeat(np.arange(len(group_start)), np.diff(np.append(group_start, n)))
         index_in_group = np.arange(n, dtype=_I64) - group_start[group_of]
         return np.flatnonzero(index_in_group % per_chunk == 0)
+    group_stop = np.append(group_start[1:], n).tolist()
+    ends = np.cumsum(piece_len)
     starts: list[int] = []
-    boundaries = set(group_start.tolist())
-    acc = chunk_size + 1
-    for i, length in enumerate(piece_len.tolist()):
-        if i in boundaries or acc + length > chunk_size:
+    if int(ends[-1]) // chunk_size + len(group_stop) < n // 8:
+        # few chunks: jump from chunk to chunk with a binary search on the running byte count
+        i, g = 0, 0
+        while i < n:
             starts.append(i)
-            acc = 0
-        acc += length
+            while group_stop[g] <= i:
+                g += 1
+            base = int(ends[i - 1]) if i else 0
+            i = min(max(int(np.searchsorted(ends, base + chunk_size, side="right")), i + 1), group_stop[g])
+    else:
+        boundaries = set(group_start.tolist())
+        acc = chunk_size + 1
+        for i, length in enumerate(piece_len.tolist()):
+            if i in boundaries or acc + length > chunk_size:
+                starts.append(i)
+                acc = 0
+            acc += length
     return np.asarray(starts, dtype=_I64)
 
 

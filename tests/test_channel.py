@@ -331,3 +331,21 @@ def test_layouts_round_trip_registration_sizes() -> None:
         KVMemory(schema, 4, bytearray(10))
     with pytest.raises(ConfigError, match="3 buffers do not match layout kv_layer_block"):
         KVMemory(schema, 4, [k_cache, v_cache, v_cache])
+
+
+async def test_closing_channels_leaves_no_task_behind() -> None:
+    before = asyncio.all_tasks()
+    async with channel_pair(bandwidth_Bps=1e6) as pair:
+        handle = pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, range(64), range(64)))
+        waiter = asyncio.ensure_future(pair.receiver.wait_received(handle.transfer_id))
+        await asyncio.sleep(0.01)
+        assert len(asyncio.all_tasks() - before) >= 5  # accept loop, 2 sessions x (reader, writer), waiter
+    from sage_transport import TransportError
+
+    with pytest.raises(TransportError):
+        await handle.wait()
+    with pytest.raises(TransportError):
+        await waiter
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before == set()
+    assert pair.network.connections() == []

@@ -174,3 +174,31 @@ def test_plan_validation_names_values() -> None:
             transfer_id="t", peer="p", schema=schema,
             mappings=(BlockMapping(0, 2, (0,), (2,)), BlockMapping(1, 2, (1,), (2,))),
         )  # fmt: skip
+
+
+def _greedy_reference(lengths: list[int], groups: list[int] | None, chunk_size: int) -> list[int]:
+    starts, acc, previous = [], chunk_size + 1, None
+    for i, length in enumerate(lengths):
+        group = groups[i] if groups is not None else 0
+        if group != previous or acc + length > chunk_size:
+            starts.append(i)
+            acc = 0
+        acc += length
+        previous = group
+    return starts
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=3000),
+    st.integers(4, 64),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_packing_matches_greedy_reference(pages: list[int], chunk_pages: int, grouped: bool, seed: int) -> None:
+    from sage_transport.planner import _pack
+
+    lengths = np.asarray(pages, dtype=np.int64) * 256
+    groups = np.sort(np.random.default_rng(seed).integers(0, 3, len(pages))) if grouped else None
+    got = _pack(lengths, groups, chunk_pages * 256).tolist()
+    assert got == _greedy_reference(lengths.tolist(), None if groups is None else groups.tolist(), chunk_pages * 256)
