@@ -532,10 +532,24 @@ class KVTransferChannel:
         exp.announced = True
         exp.started_at = time.perf_counter()
         checksum = checksum_function(Integrity(msg.integrity))
-        session.incoming[msg.wire_id] = Incoming(
+        inc = session.incoming[msg.wire_id] = Incoming(
             tid, msg.wire_id, table, exp, checksum=checksum, ack_every=msg.ack_every, peer=session.peer
         )
+        if msg.deadline_s:
+            # the sender's own timer fires first and aborts; this one covers a sender that went silent
+            grace = max(0.5, 0.1 * msg.deadline_s)
+            inc.deadline_timer = asyncio.get_running_loop().call_later(
+                msg.deadline_s + grace, self._on_incoming_deadline, session, inc, msg.deadline_s
+            )
         exp.changed.set()
+
+    def _on_incoming_deadline(self, session: PeerSession, inc: Incoming, deadline: float) -> None:
+        received = len(inc.table) - inc.remaining
+        err = TransferTimeoutError(
+            f"transfer {inc.transfer_id} from {session.peer} missed its {deadline:g}s deadline with "
+            f"{received}/{len(inc.table)} chunks received"
+        )
+        self._fail_incoming(session, inc, err, notify=True)
 
     def _finish_expectation(self, exp: Expectation, result: TransferResult | None, exc: BaseException | None) -> None:
         exp.finish(result, exc)
@@ -547,6 +561,8 @@ class KVTransferChannel:
 
     def _incoming_complete(self, session: PeerSession, inc: Incoming) -> None:
         session.incoming.pop(inc.wire_id, None)
+        if inc.deadline_timer is not None:
+            inc.deadline_timer.cancel()
         wall = time.perf_counter() - inc.expectation.started_at
         result = TransferResult(
             transfer_id=inc.transfer_id,
@@ -569,6 +585,8 @@ class KVTransferChannel:
     def _fail_incoming(self, session: PeerSession, inc: Incoming, exc: BaseException, *, notify: bool) -> None:
         if session.incoming.pop(inc.wire_id, None) is None:
             return
+        if inc.deadline_timer is not None:
+            inc.deadline_timer.cancel()
         if notify and not session.closed:
             session.post(Abort(inc.wire_id, False, str(exc)[:1024]))
         self._counters["transfers_failed"] += 1

@@ -61,6 +61,12 @@ class KVGeometry(msgspec.Struct, frozen=True, array_like=True):
     num_blocks: int
     split_axes: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or not 0 < self.num_blocks < 1 << 40:
+            raise ConfigError(f"num_blocks={self.num_blocks!r} must be a positive integer")
+        if self.split_axes not in (0, 1, 2):
+            raise ConfigError(f"split_axes={self.split_axes!r} must be 0, 1 or 2")
+
     def strides(self, schema: KVCacheSchema) -> tuple[dict[str, int], dict[str, int]]:
         """(page strides of the in-buffer axes, segment strides of the split axes), keyed by axis name."""
         sizes = {"layer": schema.num_layers, "plane": schema.kv_planes, "block": self.num_blocks}

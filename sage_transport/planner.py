@@ -134,6 +134,8 @@ def _pages(
     planes = schema.kv_planes
     layers, plane_ids, src_blocks, dst_blocks = [], [], [], []
     for m in mappings:
+        if m.layer_stop > schema.num_layers:
+            raise PlanError(f"layer range [{m.layer_start}, {m.layer_stop}) exceeds num_layers={schema.num_layers}")
         s = np.fromiter(m.src_blocks, dtype=_I64, count=len(m.src_blocks))
         d = np.fromiter(m.dst_blocks, dtype=_I64, count=len(m.dst_blocks))
         if int(s.max()) >= src.num_blocks:

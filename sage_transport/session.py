@@ -40,6 +40,8 @@ class PeerSession:
         self._decoded: Any = None
         self._target_kind = 0  # 0: in place, 1: staging, 2: discard
         self._ack_flush_scheduled = False
+        # zero_copy off: payloads land in staging and reach the KV cache only once verified
+        self._zero_copy = channel.config.zero_copy
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -149,7 +151,7 @@ class PeerSession:
                 f"expected {lists['chunk_nbytes'][seq]}"
             )
         first = lists["piece_ptr"][seq]
-        if lists["piece_ptr"][seq + 1] - first == 1:
+        if lists["piece_ptr"][seq + 1] - first == 1 and self._zero_copy:
             self._target_kind = 0
             offset = lists["dst_off"][first]
             return self.channel._memory_views[lists["dst_seg"][first]][offset : offset + nbytes]

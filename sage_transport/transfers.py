@@ -137,6 +137,7 @@ class Incoming:
         "ack_every",
         "bad_chunks",
         "checksum",
+        "deadline_timer",
         "expectation",
         "layer_hi",
         "layer_lo",
@@ -177,6 +178,7 @@ class Incoming:
         self.pending_acks: list[int] = []
         self.bad_chunks = 0
         self.peer = peer
+        self.deadline_timer: asyncio.TimerHandle | None = None
 
     def mark_verified(self, seq: int) -> bool:
         """Record a verified chunk; True when it was the last."""

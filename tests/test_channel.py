@@ -349,3 +349,72 @@ async def test_closing_channels_leaves_no_task_behind() -> None:
     await asyncio.sleep(0)
     assert asyncio.all_tasks() - before == set()
     assert pair.network.connections() == []
+
+
+async def test_receiver_enforces_the_deadline_when_the_sender_goes_silent() -> None:
+    async with channel_pair() as pair:
+        pair.network.faults.add(FaultRule(FaultAction.DROP, src="mock://prefill", times=None))  # every chunk vanishes
+        is_abort = lambda header: header[1:3] == b"\xa1x"  # noqa: E731 - msgpack: array, then the tag "x"
+        pair.network.faults.add(FaultRule(FaultAction.DROP, src="mock://prefill", times=None, payload_only=False, match=is_abort))
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, range(8), range(8), deadline_s=0.2)
+        waiter = asyncio.ensure_future(pair.receiver.wait_received(plan.transfer_id))
+        with pytest.raises(TransferTimeoutError):
+            await pair.sender.transfer(plan)
+        with pytest.raises(TransferTimeoutError, match=rf"transfer {plan.transfer_id} from prefill missed its 0.2s deadline"):
+            await asyncio.wait_for(waiter, 5)
+        assert_idle(pair.receiver)
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+async def test_without_zero_copy_unverified_bytes_never_reach_the_cache(zero_copy: bool) -> None:
+    config = KVTransportConfig(chunk_size=1024, max_retries=0, zero_copy=zero_copy)
+    async with channel_pair(config=config) as pair:
+        pair.network.faults.add(FaultRule(FaultAction.CORRUPT, src="mock://prefill", times=None))
+        with pytest.raises(ChecksumError):
+            await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(8), range(8)))
+        touched = bool(pair.dst_pages().any())
+        assert touched is zero_copy  # zero-copy lands in place before the check; staging never does
+
+
+async def test_hostile_peer_gets_refusals_and_a_closed_connection_never_a_crash() -> None:
+    from sage_transport.handshake import Capabilities, client_handshake
+    from sage_transport.memory import KVGeometry
+    from sage_transport.wire import Abort, Announce, BlockMapping, Chunk, decode_message, encode_message
+
+    network = MockNetwork()
+    async with KVTransferChannel(MockTransport(network, name="victim"), name="victim") as victim:
+        memory = KVMemory.allocate(SMALL, 8, fill=0)
+        victim.register(memory)
+        address = await victim.listen()
+        conn = await MockTransport(network, name="evil").connect(address)
+        caps = Capabilities(integrity=["xxh3"], memory_kinds=["cpu"], max_chunk=1 << 20)
+        await client_handshake(conn, name="evil", token=None, caps=caps, region=None)
+
+        def announce(wire_id: int, mapping: BlockMapping, num_chunks: int = 1) -> bytes:
+            return encode_message(
+                Announce(
+                    wire_id=wire_id, transfer_id=f"t{wire_id}", schema=SMALL, src_geometry=KVGeometry(Layout.LAYER_KV_BLOCK, 8),
+                    mappings=[mapping], chunk_size=1024, gather=True, progressive=False, priority=1, deadline_s=None,
+                    integrity="xxh3", num_chunks=num_chunks, total_bytes=0, digest=0, ack_every=1,
+                )
+            )  # fmt: skip
+
+        await conn.send(announce(1, BlockMapping(0, 9, (0,), (0,))))  # layers beyond the schema
+        await conn.send(announce(2, BlockMapping(0, 1, (0,), (99,))))  # destination block out of range
+        await conn.send(announce(3, BlockMapping(0, 1, (0,), (1,)), num_chunks=5))  # table does not match ours
+        reasons = []
+        for _ in range(3):
+            msg = decode_message((await asyncio.wait_for(conn.recv(), 2)).header)
+            assert isinstance(msg, Abort) and not msg.from_sender
+            reasons.append(msg.reason)
+        assert "num_layers=4" in reasons[0] and "dst block 99" in reasons[1] and "chunk tables differ" in reasons[2]
+        await conn.send(encode_message(Chunk(77, 0, 0, 0)), b"x" * 256)  # a chunk for no transfer: discarded
+        await conn.send(b"\xc1 not msgpack")  # garbage: the victim drops the connection
+        from sage_transport import TransportError
+
+        with pytest.raises(TransportError):
+            await asyncio.wait_for(conn.recv(), 2)
+        assert victim.peers == []
+        assert not np.frombuffer(memory.buffers[0], np.uint8).any(), "a hostile frame reached the KV cache"
+        stats = victim.statistics()
+        assert stats.transfers_receiving == 0 and stats.bytes_received == 0
