@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import xxhash
@@ -251,13 +250,3 @@ def _pack(piece_len: np.ndarray, group: np.ndarray | None, chunk_size: int) -> n
             acc += length
     return np.asarray(starts, dtype=_I64)
 
-
-def describe(table: ChunkTable) -> dict[str, Any]:
-    """Summary figures of a table, for logs and the CLI."""
-    pieces = np.diff(table.piece_ptr)
-    return {
-        "chunks": len(table),
-        "bytes": table.total_bytes,
-        "zero_copy_chunks": int((pieces == 1).sum()),
-        "max_chunk_bytes": table.max_chunk_bytes,
-    }
