@@ -59,7 +59,12 @@ def main() -> None:
     result = {}
     for label, secs in rows.items():
         med = statistics.median(secs)
-        result[label] = {"gbps_median": nbytes / med / 1e9, "gbps_min": nbytes / max(secs) / 1e9, "gbps_max": nbytes / min(secs) / 1e9, "ratio": ref_med / med}
+        result[label] = {
+            "gbps_median": nbytes / med / 1e9,
+            "gbps_min": nbytes / max(secs) / 1e9,
+            "gbps_max": nbytes / min(secs) / 1e9,
+            "ratio": ref_med / med,
+        }
         r = result[label]
         print(f"{label:<40}{r['gbps_median']:>12.2f}{r['gbps_min']:>7.2f}{r['gbps_max']:>7.2f}{r['ratio']:>20.2f}")
     if args.json:

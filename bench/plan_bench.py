@@ -80,7 +80,9 @@ def main() -> None:
     print(f"qwen2.5-7b, {args.tokens} tokens, {blocks} blocks of 16 tokens, shuffled destination, {args.runs} runs")
     print(f"{'what':<28}{'chunks':>9}{'median ms':>11}{'min':>8}{'max':>8}{'ms/1k chunks':>14}")
     for name, r in results.items():
-        print(f"{name:<28}{r['chunks']:>9}{r['median_ms']:>11.2f}{r['min_ms']:>8.2f}{r['max_ms']:>8.2f}{r['ms_per_1000_chunks']:>14.3f}")
+        print(
+            f"{name:<28}{r['chunks']:>9}{r['median_ms']:>11.2f}{r['min_ms']:>8.2f}{r['max_ms']:>8.2f}{r['ms_per_1000_chunks']:>14.3f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

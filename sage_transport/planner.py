@@ -249,4 +249,3 @@ def _pack(piece_len: np.ndarray, group: np.ndarray | None, chunk_size: int) -> n
                 acc = 0
             acc += length
     return np.asarray(starts, dtype=_I64)
-
