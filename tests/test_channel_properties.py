@@ -37,7 +37,7 @@ def cases(draw: st.DrawFn) -> dict[str, object]:
                 ),
                 max_size=3,
             )
-        ),  # fmt: skip
+        ),
         "seed": draw(st.integers(0, 1000)),
     }
 
