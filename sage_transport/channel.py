@@ -71,6 +71,7 @@ class ChannelStatistics(msgspec.Struct, frozen=True):
     inflight_chunks: int
     queued_chunks: int
     handshake_failures: int
+    transfers_refused: int
 
 
 def _same_shape(a: KVCacheSchema, b: KVCacheSchema) -> bool:
@@ -265,7 +266,7 @@ class KVTransferChannel:
             del self._sessions[session.peer]
         kind = PeerDeadError if isinstance(cause, PeerDeadError) else TransportError
         for out in list(session.outgoing.values()):
-            acked = self._acked_count(out)
+            acked = out.chunks_verified
             err = kind(
                 f"transfer {out.plan.transfer_id} to {session.peer} failed after {acked}/{len(out.table)} "
                 f"verified chunks: {cause}"
@@ -377,11 +378,8 @@ class KVTransferChannel:
         if woke:
             out.session.wake.set()
 
-    def _acked_count(self, out: Outgoing) -> int:
-        return out.chunks_verified
-
     def _on_deadline(self, out: Outgoing, deadline: float) -> None:
-        acked = self._acked_count(out)
+        acked = out.chunks_verified
         self._fail_outgoing(
             out,
             TransferTimeoutError(
@@ -668,4 +666,5 @@ class KVTransferChannel:
             inflight_chunks=sched.inflight,
             queued_chunks=sched.queued_chunks,
             handshake_failures=c["handshake_failures"],
+            transfers_refused=c["transfers_refused"],
         )

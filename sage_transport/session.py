@@ -8,7 +8,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, SageTransportError, TransportError
+from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
 from .transfers import Incoming, Outgoing, TransferStatus
 from .transports.base import Connection
 from .wire import Abort, Ack, Announce, Chunk, Nack, Region, RegionUpdate, decode_message, encode_message
@@ -35,8 +35,8 @@ class PeerSession:
         self.wake = asyncio.Event()
         self.closed = False
         self._next_wire_id = 0
-        self._staging_out = bytearray(0)
-        self._staging_in = bytearray(0)
+        self._staging_out = memoryview(bytearray(0))  # grown on demand, reused for every gathered chunk
+        self._staging_in = memoryview(bytearray(0))
         self._decoded: Any = None
         self._target_kind = 0  # 0: in place, 1: staging, 2: discard
         self._ack_flush_scheduled = False
@@ -107,9 +107,9 @@ class PeerSession:
             payload = views[src_seg[first]][offset : offset + piece_len[first]]
         else:
             nbytes = out.lists["chunk_nbytes"][seq]
-            if len(self._staging_out) < nbytes:
-                self._staging_out = bytearray(max(nbytes, out.table.max_chunk_bytes))
-            staging = memoryview(self._staging_out)
+            if self._staging_out.nbytes < nbytes:
+                self._staging_out = memoryview(bytearray(max(nbytes, out.table.max_chunk_bytes)))
+            staging = self._staging_out
             pos = 0
             for k in range(first, last):
                 n, offset = piece_len[k], src_off[k]
@@ -159,9 +159,9 @@ class PeerSession:
         return self._staging(nbytes)
 
     def _staging(self, nbytes: int) -> memoryview:
-        if len(self._staging_in) < nbytes:
-            self._staging_in = bytearray(nbytes)
-        return memoryview(self._staging_in)[:nbytes]
+        if self._staging_in.nbytes < nbytes:
+            self._staging_in = memoryview(bytearray(nbytes))
+        return self._staging_in[:nbytes]
 
     async def _reader(self) -> None:
         conn, sink = self.conn, self._sink
@@ -268,7 +268,7 @@ class PeerSession:
             if task is not current:
                 try:
                     await task
-                except (asyncio.CancelledError, SageTransportError, Exception):
+                except (asyncio.CancelledError, Exception):
                     pass
         try:
             await self.conn.aclose()

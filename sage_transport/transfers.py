@@ -238,7 +238,7 @@ class TransferHandle:
             transfer_id=out.plan.transfer_id,
             status=out.status,
             chunks=len(out.table),
-            chunks_verified=out.session.channel._acked_count(out),
+            chunks_verified=out.chunks_verified,
             bytes=out.table.total_bytes,
             bytes_verified=out.bytes_verified,
             retries=out.retries,

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 
 from sage_transport import KVCacheSchema, KVMemory, KVTransferChannel, KVTransportConfig
 from sage_transport.transports.mock import MockNetwork, MockTransport
@@ -60,8 +59,3 @@ async def channel_pair(
         sender.register(src)
         peer = await sender.connect(await receiver.listen())
         yield Pair(network, sender, receiver, peer, src, dst)
-
-
-@pytest.fixture
-def small_schema() -> KVCacheSchema:
-    return SMALL

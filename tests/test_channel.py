@@ -418,3 +418,4 @@ async def test_hostile_peer_gets_refusals_and_a_closed_connection_never_a_crash(
         assert not np.frombuffer(memory.buffers[0], np.uint8).any(), "a hostile frame reached the KV cache"
         stats = victim.statistics()
         assert stats.transfers_receiving == 0 and stats.bytes_received == 0
+        assert stats.transfers_refused == 3
