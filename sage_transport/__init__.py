@@ -13,7 +13,7 @@ Importing this package imports no heavy backend (torch, ucxx, prometheus_client)
 from __future__ import annotations
 
 from .channel import ChannelStatistics, KVTransferChannel
-from .config import Compression, Integrity, KVTransportConfig
+from .config import Compression, Integrity, KVTransportConfig, ProgressMode
 from .errors import (
     AuthError,
     ChecksumError,
@@ -56,6 +56,7 @@ __all__ = [
     "HandshakeError",
     "Integrity",
     "IntegrityStatus",
+    "ProgressMode",
     "KVCacheSchema",
     "KVChunk",
     "KVGeometry",

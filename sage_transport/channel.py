@@ -42,7 +42,7 @@ from .schema import KVCacheSchema
 from .session import PeerSession
 from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
 from .transports.base import Connection, Listener, Transport
-from .transports.registry import create_transport
+from .transports.registry import get_transport_class
 from .wire import Abort, Announce, Region, RegionUpdate
 
 __all__ = ["ChannelStatistics", "KVTransferChannel"]
@@ -100,7 +100,9 @@ class KVTransferChannel:
             raise UnsupportedError(f"compression={self.config.compression.value!r} is not available in this build; use none")
         self._owns_transport = not isinstance(transport, Transport)
         self.transport: Transport = (
-            transport if isinstance(transport, Transport) else create_transport(transport or self.config.backend)
+            transport
+            if isinstance(transport, Transport)
+            else get_transport_class(transport or self.config.backend).from_config(self.config)
         )
         if not self.transport.capabilities.ordered:
             raise UnsupportedError(f"transport {self.transport.name!r} is unordered; the channel needs ordered frames")

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .schema import DType
 from .units import parse_bool, parse_duration, parse_size
 
-__all__ = ["Compression", "Integrity", "KVTransportConfig", "ENV_PREFIX"]
+__all__ = ["Compression", "ENV_PREFIX", "Integrity", "KVTransportConfig", "ProgressMode"]
 
 ENV_PREFIX = "SAGE_TRANSPORT_"
 
@@ -30,6 +30,15 @@ class Integrity(str, enum.Enum):
     XXH3 = "xxh3"
     CRC32C = "crc32c"
     NONE = "none"
+
+
+class ProgressMode(str, enum.Enum):
+    """How a transport waits for completions: ``blocking`` sleeps on the transport's file descriptor when
+    idle and spins only while operations are in flight; ``polling`` spins always (lowest latency, burns a
+    core)."""
+
+    BLOCKING = "blocking"
+    POLLING = "polling"
 
 
 class Compression(str, enum.Enum):
@@ -102,6 +111,12 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     transfer_timeout_s: float | None = None
     ack_timeout_s: float = 5.0
     auth_token: str | None = None
+    progress_mode: ProgressMode = ProgressMode.BLOCKING
+    ucx_tls: str | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    heartbeat_interval_s: float = 1.0
+    peer_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -110,11 +125,12 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             ("prefetch_depth", 1, 4096),
             ("max_inflight", 1, 1 << 16),
             ("max_retries", 0, 100),
+            ("listen_port", 0, 65535),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ConfigError(f"{name}={value!r} must be an integer in {low}..{high}")
-        for name in ("connect_timeout_s", "ack_timeout_s", "transfer_timeout_s"):
+        for name in ("connect_timeout_s", "ack_timeout_s", "transfer_timeout_s", "heartbeat_interval_s", "peer_timeout_s"):
             value = getattr(self, name)
             if value is None and name == "transfer_timeout_s":
                 continue
@@ -122,7 +138,11 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                 raise ConfigError(f"{name}={value!r} must be a positive number of seconds")
         if self.target_dtype is not None:
             msgspec.structs.force_setattr(self, "target_dtype", DType.parse(self.target_dtype, "target_dtype"))
-        for name, kind in (("integrity", Integrity), ("compression", Compression)):
+        if self.peer_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError(
+                f"peer_timeout_s={self.peer_timeout_s!r} must exceed heartbeat_interval_s={self.heartbeat_interval_s!r}"
+            )
+        for name, kind in (("integrity", Integrity), ("compression", Compression), ("progress_mode", ProgressMode)):
             msgspec.structs.force_setattr(self, name, _enum(kind)(getattr(self, name), name))
         if self.auth_token is not None and len(self.auth_token) < 8:
             raise ConfigError("auth_token must be at least 8 characters (value hidden)")
@@ -234,4 +254,10 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "transfer_timeout_s": _optional(parse_duration),
     "ack_timeout_s": parse_duration,
     "auth_token": _optional(_str),
+    "progress_mode": _enum(ProgressMode),
+    "ucx_tls": _optional(_str),
+    "listen_host": _str,
+    "listen_port": _int,
+    "heartbeat_interval_s": parse_duration,
+    "peer_timeout_s": parse_duration,
 }

@@ -1,13 +1,34 @@
-"""Every transport available here passes the conformance kit unchanged."""
+"""Every transport passes the conformance kit unchanged: in one process, and between two processes over
+each link kind this machine has (UCX over shared memory/CMA and over TCP)."""
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import pytest
 
 from sage_transport import available_transports
-from sage_transport.testing import CONFORMANCE_CHECKS, PairFactory, mock_pair
+from sage_transport.testing import CONFORMANCE_CHECKS, PairFactory, local_pair, mock_pair
+from sage_transport.testing.remote import remote_pair
 
-PAIR_FACTORIES: dict[str, PairFactory] = {"mock": mock_pair}
+HAVE_UCX = importlib.util.find_spec("ucxx") is not None
+
+PAIR_FACTORIES: dict[str, PairFactory] = {
+    "mock": mock_pair,
+    "ucx": functools.partial(local_pair, "ucx"),
+}
+
+# transport name, options, id: the same kit between this process and a child process
+CROSS_PROCESS = [
+    ("ucx", {"tls": "posix,cma,self"}, "ucx-shm"),
+    ("ucx", {"tls": "tcp"}, "ucx-tcp"),
+]
+
+
+def _needs(transport: str) -> None:
+    if transport == "ucx" and not HAVE_UCX:
+        pytest.skip("ucxx is not installed")
 
 
 def test_every_registered_transport_has_a_pair_factory() -> None:
@@ -17,7 +38,15 @@ def test_every_registered_transport_has_a_pair_factory() -> None:
 @pytest.mark.parametrize("transport", sorted(PAIR_FACTORIES))
 @pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
 async def test_conformance(transport: str, check) -> None:  # type: ignore[no-untyped-def]
+    _needs(transport)
     await check(PAIR_FACTORIES[transport])
+
+
+@pytest.mark.parametrize(("transport", "options"), [(t, o) for t, o, _ in CROSS_PROCESS], ids=[i for _, _, i in CROSS_PROCESS])
+@pytest.mark.parametrize("check", CONFORMANCE_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+async def test_conformance_between_processes(transport: str, options: dict[str, str], check) -> None:  # type: ignore[no-untyped-def]
+    _needs(transport)
+    await check(functools.partial(remote_pair, transport, **options))
 
 
 async def test_conformance_holds_with_latency_and_bandwidth_model() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
 from ..transports.base import Connection
 
-__all__ = ["CONFORMANCE_CHECKS", "ConnectedPair", "PairFactory", "mock_pair"]
+__all__ = ["CONFORMANCE_CHECKS", "ConnectedPair", "PairFactory", "local_pair", "mock_pair"]
 
 
 @dataclass
@@ -275,3 +275,31 @@ async def mock_pair(**network_options: Any) -> AsyncIterator[ConnectedPair]:
         await a.aclose()
         await b.aclose()
         await listener.aclose()
+
+
+@contextlib.asynccontextmanager
+async def local_pair(transport: str, **options: Any) -> AsyncIterator[ConnectedPair]:
+    """A pair between two instances of a registered transport in this process; ``kill_b`` calls b's
+    ``abort()`` (reset, no goodbye), which the transport's connections must provide."""
+    from ..transports.registry import get_transport_class
+
+    cls = get_transport_class(transport)
+    server, client = cls(**options), cls(**options)
+    listener = await server.listen()
+    try:
+        a = await client.connect(listener.address)
+        async with asyncio.timeout(30):
+            b = await listener.accept()
+
+        async def kill_b() -> None:
+            b.abort()  # type: ignore[attr-defined]
+
+        try:
+            yield ConnectedPair(a, b, kill_b)
+        finally:
+            await a.aclose()
+            await b.aclose()
+    finally:
+        await listener.aclose()
+        await client.aclose()
+        await server.aclose()

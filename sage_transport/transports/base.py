@@ -111,6 +111,11 @@ class Transport(_AsyncResource):
     name: ClassVar[str]
     capabilities: ClassVar[TransportCapabilities]
 
+    @classmethod
+    def from_config(cls, config: Any) -> Transport:
+        """Build from a :class:`~sage_transport.config.KVTransportConfig`; the default takes no settings."""
+        return cls()
+
     @abc.abstractmethod
     async def connect(self, address: str) -> Connection:
         """Open a connection to ``address``. Raises ``PeerDeadError`` when nothing answers there."""

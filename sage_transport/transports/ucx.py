@@ -1,0 +1,509 @@
+"""UCX through ucxx (PyPI ``ucxx-cu12``): shared memory and CMA on one host, TCP/IB/RoCE across hosts.
+
+Peers reach each other by ``host:port``: that is a small TCP *link* (:mod:`.link`) that exchanges UCX
+worker addresses and then carries heartbeats. Data never touches it. Endpoints are made from worker
+addresses, and their kind is chosen per peer:
+
+* **same host** (same boot id and host name): no UCX peer error handling, which is what lets UCX pick
+  shared memory and CMA (with error handling, same-host traffic silently runs on TCP). UCX then cannot
+  report a dead peer, so the link does: a killed process's socket closes at once, a hung one stops beating.
+* **remote**: peer error handling on (UCX's keepalive) and the link's heartbeats as well.
+
+The transports UCX really selected for each peer are read from UCX's protocol table at endpoint creation
+(:attr:`UcxConnection.ucx_transports`) and a warning is logged when a same-host peer runs over TCP.
+
+A frame is one *head* message (sizes, then the header when it fits in :data:`HEAD_SLOT` bytes) and, on a
+second tag, an overflow header and the payload, which the receiver posts straight into the sink's buffer.
+Both messages are posted without an await in between, so concurrent senders never interleave and several
+frames are in flight at once; ``send`` returns when UCX is done with the payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import itertools
+import os
+import re
+import socket
+import struct
+import sys
+import tempfile
+from typing import Any, ClassVar
+
+import msgspec
+import structlog
+
+from ..config import KVTransportConfig, ProgressMode
+from ..errors import ConfigError, ConnectionClosedError, FrameTooLargeError, PeerDeadError, ProtocolError, UnsupportedError
+from ..memory import as_byte_view
+from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
+from .link import Link, open_link, parse_host_port
+from .ucx_progress import WorkerProgress
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX then flags
+
+try:
+    from ucxx._lib import libucxx as _ucx
+    from ucxx._lib.arr import Array as _Array
+except ImportError as exc:  # pragma: no cover - the registry turns this into UnsupportedError
+    raise ImportError(f"the ucx transport needs ucxx (pip install ucxx-cu12): {exc}") from exc
+
+__all__ = ["HEAD_SLOT", "UcxConnection", "UcxListener", "UcxTransport", "host_identity"]
+
+log = structlog.get_logger("sage_transport.ucx")
+
+HEAD_SLOT = 4096
+_PREFIX = struct.Struct("<IQ")  # header length, payload length + 1 (0: no payload; 2**64-1: goodbye)
+_GOODBYE = (1 << 64) - 1
+_INTRO_VERSION = 1
+_SHARED_MEMORY_TLS = ("posix", "sysv", "cma", "xpmem", "knem", "self")
+
+
+class _Intro(msgspec.Struct, frozen=True):
+    version: int
+    worker_address: bytes
+    host: str
+    recv_tag: int
+
+
+_intro_decoder = msgspec.msgpack.Decoder(_Intro)
+
+
+def host_identity() -> str:
+    """Host name plus kernel boot id: equal exactly when two processes can share memory."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+_PROTO_ROW = re.compile(r"\|\s*[\w.]+\.\.[\w.]+\s*\|\s*(?P<proto>[^|]*?)\s*\|\s*(?P<lanes>[^|]+?)\s*\|")
+
+
+def parse_protocol_table(text: str) -> dict[str, list[str]]:
+    """``UCX_PROTO_INFO`` table → ``{protocol: [transport/device, ...]}`` (e.g. ``cma/memory``)."""
+    out: dict[str, list[str]] = {}
+    for match in _PROTO_ROW.finditer(text):
+        proto = match["proto"].removeprefix("(?)").strip()
+        lanes = [lane.strip() for lane in re.split(r"[,\s]+", match["lanes"]) if "/" in lane]
+        if lanes:
+            out.setdefault(proto, [])
+            out[proto].extend(lane for lane in lanes if lane not in out[proto])
+    return out
+
+
+@contextlib.contextmanager
+def _capture_stdout_fd() -> Any:
+    """Capture what C code writes to fd 1 (UCX prints its protocol table there)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        box: list[str] = []
+        try:
+            yield box
+        finally:
+            with contextlib.suppress(Exception):
+                ctypes.CDLL(None).fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            box.append(tmp.read().decode(errors="replace"))
+
+
+def _map_error(exc: BaseException, conn: UcxConnection) -> BaseException:
+    if conn._dead:
+        return PeerDeadError(f"peer {conn.peer_address} is dead: {conn._dead}")
+    if conn._closed:
+        return ConnectionClosedError(f"connection {conn.local_address} -> {conn.peer_address} is closed")
+    if isinstance(exc, _ucx.UCXMessageTruncatedError):
+        return ProtocolError(f"message from {conn.peer_address} larger than the posted buffer: {exc}")
+    return PeerDeadError(f"UCX error with {conn.peer_address}: {exc!r}")
+
+
+class UcxConnection(Connection):
+    """One UCX endpoint plus its liveness link."""
+
+    def __init__(
+        self, transport: UcxTransport, endpoint: Any, link: Link, send_tag: int, recv_tag: int, local: bool, peer: str
+    ) -> None:
+        self.transport = transport
+        self.local_address = link.local_address
+        self.peer_address = peer
+        self.same_host = local
+        self.ucx_transports: dict[str, list[str]] = {}
+        self._ep = endpoint
+        self._link = link
+        self._progress = transport._progress_driver()
+        tag = _ucx.UCXXTag
+        self._tag_head_out, self._tag_data_out = tag(send_tag), tag(send_tag | 1)
+        self._tag_head_in, self._tag_data_in = tag(recv_tag), tag(recv_tag | 1)
+        self._head_buf = bytearray(HEAD_SLOT)
+        self._head_array = _Array(self._head_buf)
+        self._head_pending: Any = None
+        self._waiting: set[asyncio.Future[None]] = set()
+        self._dead = ""
+        self._closed = False
+        self._peer_closed = False
+        self._broken = ""
+        self._counts = [0, 0, 0, 0]
+
+    def __repr__(self) -> str:
+        kind = "same-host" if self.same_host else "remote"
+        return f"<UcxConnection {self.local_address} -> {self.peer_address} ({kind})>"
+
+    # ---- liveness -----------------------------------------------------------------------------------
+
+    def _on_dead(self, reason: str) -> None:
+        if self._dead or self._closed:
+            return
+        self._dead = reason
+        self._progress.fail(self._waiting, PeerDeadError(f"peer {self.peer_address} is dead: {reason}"))
+        self._close_endpoint()
+
+    def _on_goodbye(self) -> None:
+        self._peer_closed = True
+
+    def _close_endpoint(self) -> None:
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            with contextlib.suppress(Exception):
+                ep.close()
+
+    # ---- waiting ------------------------------------------------------------------------------------
+
+    async def _wait(self, request: Any, keepalive: Any, idle: bool = False) -> None:
+        if request.completed:
+            try:
+                request.check_error()
+            except Exception as exc:
+                raise _map_error(exc, self) from exc
+            return
+        future = self._progress.track(request, keepalive, idle)
+        self._waiting.add(future)
+        try:
+            await future
+        except (PeerDeadError, ConnectionClosedError):
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, self) from exc
+        finally:
+            self._waiting.discard(future)
+
+    def _check_sendable(self) -> Any:
+        if self._closed:
+            raise ConnectionClosedError(f"connection {self.local_address} -> {self.peer_address} is closed")
+        if self._dead:
+            raise PeerDeadError(f"peer {self.peer_address} is dead: {self._dead}")
+        if self._peer_closed:
+            raise ConnectionClosedError(f"peer {self.peer_address} closed the connection")
+        return self._ep
+
+    # ---- send ---------------------------------------------------------------------------------------
+
+    async def send(self, header: bytes, payload: Any = None) -> None:
+        ep = self._check_sendable()
+        view = None if payload is None else as_byte_view(payload)
+        nbytes = 0 if view is None else view.nbytes
+        if nbytes > self.transport.capabilities.max_message_size:
+            raise FrameTooLargeError(f"payload of {nbytes} bytes exceeds max_message_size")
+        hlen = len(header)
+        prefix = _PREFIX.pack(hlen, 0 if view is None else nbytes + 1)
+        inline = hlen + _PREFIX.size <= HEAD_SLOT
+        head = _Array(prefix + header if inline else prefix)
+        requests = [(ep.tag_send(head, self._tag_head_out), head)]
+        if not inline:
+            extra = _Array(header)
+            requests.append((ep.tag_send(extra, self._tag_data_out), extra))
+        if nbytes:
+            data = _Array(view)
+            requests.append((ep.tag_send(data, self._tag_data_out), data))
+        self._counts[0] += 1
+        self._counts[2] += nbytes
+        for request, keepalive in requests:
+            await self._wait(request, keepalive)
+
+    # ---- receive ------------------------------------------------------------------------------------
+
+    async def recv(self, sink: PayloadSink | None = None) -> Frame:
+        if self._closed:
+            raise ConnectionClosedError(f"connection {self.local_address} -> {self.peer_address} is closed")
+        if self._dead:
+            raise PeerDeadError(f"peer {self.peer_address} is dead: {self._dead}")
+        if self._broken:
+            raise ConnectionClosedError(f"connection to {self.peer_address} is unusable: {self._broken}")
+        if self._head_pending is None:
+            self._head_pending = self._ep.tag_recv(self._head_array, self._tag_head_in)
+        await self._wait(self._head_pending, self._head_array, idle=True)
+        self._head_pending = None
+        hlen, plen = _PREFIX.unpack_from(self._head_buf)
+        if plen == _GOODBYE:
+            self._peer_closed = True
+            raise ConnectionClosedError(f"peer {self.peer_address} closed the connection")
+        try:
+            if hlen + _PREFIX.size <= HEAD_SLOT:
+                header = bytes(self._head_buf[_PREFIX.size : _PREFIX.size + hlen])
+            else:
+                overflow = bytearray(hlen)
+                await self._recv_into(overflow)
+                header = bytes(overflow)
+            self._counts[1] += 1
+            if plen == 0:
+                return Frame(header, None)
+            nbytes = plen - 1
+            self._counts[3] += nbytes
+            try:
+                target = sink(header, nbytes) if sink is not None else None
+            except BaseException:
+                await self._discard(nbytes)
+                raise
+            view = as_byte_view(bytearray(nbytes) if target is None else target, writable=True)
+            if view.nbytes != nbytes:
+                await self._discard(nbytes)
+                raise ProtocolError(f"sink gave {view.nbytes} bytes for a {nbytes}-byte payload")
+            if nbytes:
+                await self._recv_into(view)
+            return Frame(header, view)
+        except asyncio.CancelledError:
+            self._broken = "a receive was cancelled in the middle of a frame"
+            raise
+
+    async def _recv_into(self, buffer: Any) -> None:
+        array = _Array(buffer)
+        await self._wait(self._ep.tag_recv(array, self._tag_data_in), array)
+
+    async def _discard(self, nbytes: int) -> None:
+        if nbytes:
+            await self._recv_into(bytearray(nbytes))
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(*self._counts)
+
+    # ---- close --------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        if not self._dead and not self._peer_closed and self._ep is not None:
+            with contextlib.suppress(Exception):
+                goodbye = _Array(_PREFIX.pack(0, _GOODBYE))
+                request = self._ep.tag_send(goodbye, self._tag_head_out)
+                if not request.completed:
+                    future = self._progress.track(request, goodbye)
+                    async with asyncio.timeout(1.0):
+                        await future
+        self._closed = True
+        self._progress.fail(self._waiting, ConnectionClosedError(f"connection to {self.peer_address} closed"))
+        await self._link.goodbye()
+        self._close_endpoint()
+        self.transport._connections.discard(self)
+
+    def abort(self) -> None:
+        """Die abruptly, as a killed process would: reset the link, drop the endpoint, say nothing."""
+        self._closed = True
+        self._link.abort()
+        self._progress.fail(self._waiting, ConnectionClosedError("aborted"))
+        self._close_endpoint()
+        self.transport._connections.discard(self)
+
+
+class UcxListener(Listener):
+    def __init__(self, transport: UcxTransport, server: asyncio.Server, address: str) -> None:
+        self.transport = transport
+        self.address = address
+        self._server = server
+        self._queue: asyncio.Queue[UcxConnection | None] = asyncio.Queue()
+        self._closed = False
+
+    async def accept(self) -> Connection:
+        if self._closed:
+            raise ConnectionClosedError(f"listener {self.address} is closed")
+        conn = await self._queue.get()
+        if conn is None:
+            self._queue.put_nowait(None)
+            raise ConnectionClosedError(f"listener {self.address} is closed")
+        return conn
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._server.close()
+        self._queue.put_nowait(None)
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+
+
+class UcxTransport(Transport):
+    """UCX transport. ``tls`` sets ``UCX_TLS`` for this transport's context (``None``: the environment or
+    UCX's default); ``locality`` forces the endpoint kind (``auto``, ``local`` or ``remote``)."""
+
+    name: ClassVar[str] = "ucx"
+    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
+        memory_kinds=frozenset({"cpu"}), ordered=True, max_message_size=1 << 40, zero_copy=True
+    )
+
+    def __init__(
+        self,
+        *,
+        tls: str | None = None,
+        progress_mode: ProgressMode | str = ProgressMode.BLOCKING,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        heartbeat_interval_s: float = 1.0,
+        peer_timeout_s: float = 10.0,
+        connect_timeout_s: float = 10.0,
+        locality: str = "auto",
+        options: dict[str, str] | None = None,
+    ) -> None:
+        if locality not in ("auto", "local", "remote"):
+            raise ConfigError(f"locality={locality!r} must be auto, local or remote")
+        self.tls = tls
+        self.progress_mode = ProgressMode(progress_mode)
+        self.host, self.port = host, port
+        self.heartbeat_interval_s, self.peer_timeout_s = heartbeat_interval_s, peer_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.locality = locality
+        self.options = dict(options or {})
+        self.host_id = host_identity()
+        self._context: Any = None
+        self._worker: Any = None
+        self._progress: WorkerProgress | None = None
+        self._tags = itertools.count(1)
+        self._connections: set[UcxConnection] = set()
+        self._listeners: list[UcxListener] = []
+        self._tables: dict[bool, dict[str, list[str]]] = {}
+
+    @classmethod
+    def from_config(cls, config: KVTransportConfig) -> UcxTransport:
+        return cls(
+            tls=config.ucx_tls,
+            progress_mode=config.progress_mode,
+            host=config.listen_host,
+            port=config.listen_port,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            peer_timeout_s=config.peer_timeout_s,
+            connect_timeout_s=config.connect_timeout_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"<UcxTransport tls={self.tls or 'default'} progress={self.progress_mode.value}>"
+
+    # ---- worker -------------------------------------------------------------------------------------
+
+    def _progress_driver(self) -> WorkerProgress:
+        if self._progress is None:
+            options = {"PROTO_INFO": "y", **self.options}
+            if self.tls:
+                options["TLS"] = self.tls
+            try:
+                self._context = _ucx.UCXContext(options, feature_flags=(_ucx.Feature.TAG, _ucx.Feature.WAKEUP))
+                self._worker = _ucx.UCXWorker(self._context, enable_delayed_submission=False, enable_python_future=False)
+            except _ucx.UCXError as exc:
+                raise UnsupportedError(f"UCX could not start with TLS={self.tls!r}: {exc}") from exc
+            self._progress = WorkerProgress(self._worker, self.progress_mode is ProgressMode.POLLING)
+        return self._progress
+
+    def _intro(self, recv_tag: int) -> bytes:
+        self._progress_driver()
+        return msgspec.msgpack.encode(_Intro(_INTRO_VERSION, self._worker.address.tobytes(), self.host_id, recv_tag))
+
+    def _new_recv_tag(self) -> int:
+        return next(self._tags) << 1
+
+    def _endpoint(self, intro: _Intro, link: Link, recv_tag: int, peer: str) -> UcxConnection:
+        if intro.version != _INTRO_VERSION:
+            raise ProtocolError(f"{peer} speaks UCX bootstrap version {intro.version}, we speak {_INTRO_VERSION}")
+        local = self.locality == "local" or (self.locality == "auto" and intro.host == self.host_id)
+        address = _ucx.UCXAddress.create_from_buffer(intro.worker_address)
+        with _capture_stdout_fd() as printed:
+            endpoint = _ucx.UCXEndpoint.create_from_worker_address(self._worker, address, not local)
+        conn = UcxConnection(self, endpoint, link, intro.recv_tag, recv_tag, local, peer)
+        table = parse_protocol_table(printed[0]) if printed else {}
+        conn.ucx_transports = table or self._tables.get(local, {})
+        if table:
+            self._tables[local] = table
+        self._check_transports(conn)
+        link.watch(self.heartbeat_interval_s, self.peer_timeout_s, conn._on_dead, conn._on_goodbye)
+        self._connections.add(conn)
+        return conn
+
+    def _check_transports(self, conn: UcxConnection) -> None:
+        lanes = {lane.split("/")[0] for lanes in conn.ucx_transports.values() for lane in lanes}
+        allowed = set(_SHARED_MEMORY_TLS) if self.tls is None else {t.strip() for t in self.tls.split(",")}
+        expects_shared_memory = bool(allowed & set(_SHARED_MEMORY_TLS)) or bool({"sm", "shm", "all"} & allowed)
+        if conn.same_host and expects_shared_memory and lanes and not lanes & set(_SHARED_MEMORY_TLS):
+            log.warning(
+                "ucx_same_host_peer_without_shared_memory",
+                peer=conn.peer_address,
+                transports=sorted(lanes),
+                hint="UCX picked no shared-memory transport for a same-host peer; check UCX_TLS / ucx_tls",
+            )
+
+    # ---- connect / listen ---------------------------------------------------------------------------
+
+    async def connect(self, address: str) -> Connection:
+        host, port = parse_host_port(address)
+        link = await open_link(host, port, self.connect_timeout_s)
+        try:
+            recv_tag = self._new_recv_tag()
+            async with asyncio.timeout(self.connect_timeout_s):
+                await link.send_blob(self._intro(recv_tag))
+                intro = _decode_intro(await link.recv_blob(), address)
+            return self._endpoint(intro, link, recv_tag, f"{host}:{port}")
+        except BaseException:
+            link.abort()
+            raise
+
+    async def listen(self, address: str | None = None) -> Listener:
+        host, port = parse_host_port(address, "listen address") if address else (self.host, self.port)
+        self._progress_driver()
+        holder: list[UcxListener] = []
+
+        async def on_link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            link = Link(reader, writer)
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    intro = _decode_intro(await link.recv_blob(), link.peer_address)
+                    recv_tag = self._new_recv_tag()
+                    await link.send_blob(self._intro(recv_tag))
+                conn = self._endpoint(intro, link, recv_tag, link.peer_address)
+            except Exception as exc:
+                log.warning("ucx_bootstrap_failed", peer=link.peer_address, error=str(exc))
+                link.abort()
+                return
+            holder[0]._queue.put_nowait(conn)
+
+        try:
+            server = await asyncio.start_server(on_link, host, port)
+        except OSError as exc:
+            raise ConnectionClosedError(f"cannot listen on {host}:{port}: {exc}") from exc
+        bound = server.sockets[0].getsockname()
+        listener = UcxListener(self, server, f"{bound[0]}:{bound[1]}")
+        holder.append(listener)
+        self._listeners.append(listener)
+        return listener
+
+    async def aclose(self) -> None:
+        for listener in self._listeners:
+            await listener.aclose()
+        for conn in list(self._connections):
+            await conn.aclose()
+        if self._progress is not None:
+            await self._progress.drain(1.0)
+            self._progress.close()
+            self._progress = None
+        self._worker = self._context = None
+
+
+def _decode_intro(data: bytes, peer: str) -> _Intro:
+    try:
+        return _intro_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"{peer} sent a malformed UCX bootstrap message: {exc}") from exc
