@@ -192,6 +192,10 @@ class KVTransferChannel:
     def peers(self) -> list[str]:
         return sorted(self._sessions)
 
+    def links(self) -> dict[str, dict[str, Any]]:
+        """Per peer, what its connection really runs on (``Connection.link_info``: UCX transports in use, ...)."""
+        return {peer: session.conn.link_info() for peer, session in self._sessions.items()}
+
     async def listen(self, address: str | None = None) -> str:
         """Accept peers at ``address`` (``None``: a free one). Returns the address peers connect to."""
         self._check_open()

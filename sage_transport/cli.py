@@ -1,4 +1,5 @@
-"""``sage-transport``: ``migrate`` (the main job). ``probe`` and ``bench`` arrive with their issues."""
+"""``sage-transport``: ``migrate`` (the main job) and ``serve`` (its receiving side on its own).
+``probe`` and ``bench`` arrive with their issues."""
 
 from __future__ import annotations
 
@@ -31,7 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage-transport", description="KV-cache transport for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("migrate", help="migrate a paged KV cache of a real model's shape and verify it")
-    m.add_argument("--transport", default="mock", help="transport name (default: mock, in-process)")
+    m.add_argument("--transport", default="ucx", help="transport name (default: ucx; mock: both ends in this process)")
+    m.add_argument("--receivers", type=int, default=1, help="local receiver processes to migrate to at once (default 1)")
+    m.add_argument(
+        "--peer", action="append", default=[], metavar="HOST:PORT", help="send to a `sage-transport serve` there (repeatable)"
+    )
+    m.add_argument("--no-reference", action="store_true", help="skip the ucx_perftest reference run")
+    m.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on stderr (auto: on a tty)")
     m.add_argument("--model", default="qwen2.5-7b", help="model shape (llama-3-8b, llama-3-70b, qwen2.5-7b, qwen3-8b, ...)")
     m.add_argument("--tokens", type=int, default=32768, help="context length to migrate (default 32768)")
     m.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
@@ -39,22 +46,31 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default=None, help="named preset (high-bw, low-latency, low-cost)")
     m.add_argument("--no-shuffle", action="store_true", help="keep the destination block table in order")
     m.add_argument("--repeat", type=int, default=3, help="transfers to time (median reported, default 3)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the fill pattern and the shuffled block tables")
     m.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
     m.add_argument("--log-json", action="store_true", help="logs as JSON lines")
     m.add_argument("-v", "--verbose", action="store_true", help="log one line per transfer")
+    s = sub.add_parser("serve", help="run the receiving side of migrate and print its address")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=0, help="job port (default 0: any free port, printed)")
+    s.add_argument("--once", action="store_true", help="exit after one job")
+    s.add_argument("--log-json", action="store_true", help="logs as JSON lines")
+    s.add_argument("-v", "--verbose", action="store_true", help="log more")
     return parser
 
 
 def _migrate(args: argparse.Namespace) -> int:
     from .config import KVTransportConfig
-    from .migrate import run_migration, summary_lines
+    from .migrate import progress_bar, run_migration, summary_lines
 
     spec = args.config or ""
     if args.preset:
         spec = f"preset={args.preset}" + (f",{spec}" if spec else "")
     config = KVTransportConfig.resolve(spec or None)
-    if args.tokens <= 0 or args.repeat <= 0:
-        raise SageTransportError(f"--tokens={args.tokens} and --repeat={args.repeat} must be positive")
+    for name in ("tokens", "repeat", "receivers", "block_size"):
+        if getattr(args, name) <= 0:
+            raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     record = asyncio.run(
         run_migration(
             model=args.model,
@@ -64,6 +80,11 @@ def _migrate(args: argparse.Namespace) -> int:
             config=config,
             shuffle=not args.no_shuffle,
             repeats=args.repeat,
+            seed=args.seed,
+            receivers=args.receivers,
+            peers=args.peer,
+            reference=not args.no_reference,
+            progress=progress_bar() if show else None,
         )
     )
     print("\n".join(summary_lines(record)))
@@ -72,12 +93,26 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0 if record.verified else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise SageTransportError(f"--port={args.port} must be in 0..65535")
+    try:
+        asyncio.run(serve(args.host, args.port, once=args.once))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(getattr(args, "log_json", False), getattr(args, "verbose", False))
     try:
         if args.command == "migrate":
             return _migrate(args)
+        if args.command == "serve":
+            return _serve(args)
     except SageTransportError as exc:
         print(f"sage-transport {args.command}: error: {exc}", file=sys.stderr)
         return 2

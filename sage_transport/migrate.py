@@ -1,15 +1,24 @@
-"""The main job: migrate a paged KV cache of a real model's shape and verify it byte for byte.
+"""The main job: migrate a paged KV cache of a real model's shape and verify it end to end.
 
-Used by ``sage-transport migrate``. With ``--transport mock`` both ends live in this process on an
-in-memory network; the source is filled with a pattern unique per 8-byte word, the destination block
-table is shuffled (as a decode instance's allocator leaves it), and after the transfer every destination
-page is compared with its source page.
+Used by ``sage-transport migrate``. The source is filled with a pattern unique per 8-byte word; each
+receiver's destination block table is shuffled (as a decode instance's allocator leaves it). Every chunk
+is checksummed on arrival, and after each transfer every receiver reports a digest of its whole cache,
+which must equal the digest this side computes for the expected cache.
+
+* ``transport="mock"``: both ends in this process on the in-memory network.
+* any other transport: ``receivers`` local ``sage-transport serve`` processes are started (or ``peers``,
+  addresses of serve processes elsewhere, are used); each gets the job over its job port
+  (:mod:`.serve`). Afterwards ``ucx_perftest`` runs on the same UCX transports at the chunk size used,
+  and the record carries the ratio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -17,12 +26,24 @@ import numpy as np
 
 from .channel import KVTransferChannel
 from .config import KVTransportConfig
-from .errors import SageTransportError
+from .errors import PeerDeadError, ProtocolError, SageTransportError
 from .memory import KVMemory
 from .plan import IntegrityStatus, Priority, TransferPlan
 from .schema import KVCacheSchema, Layout
+from .serve import (
+    JobBye,
+    JobDone,
+    JobReady,
+    JobReceived,
+    JobSpec,
+    cpu_seconds,
+    read_job_message,
+    send_job_message,
+)
 
-__all__ = ["MigrationRecord", "run_migration"]
+__all__ = ["MigrationRecord", "run_migration", "summary_lines"]
+
+GIB = 1 << 30
 
 
 class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +67,14 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     gbps_max: float
     retries: int
     chunk_size: int
+    receivers: int = 1
+    peers: list[str] = []
+    ucx_transports: dict[str, list[str]] = {}
+    reference_gbps: float | None = None
+    reference_command: str | None = None
+    ratio: float | None = None
+    cpu_seconds: dict[str, float] = {}
+    cpu_seconds_per_gib: dict[str, float] = {}
 
 
 def _fill_pattern(memory: KVMemory, seed: int) -> None:
@@ -55,11 +84,30 @@ def _fill_pattern(memory: KVMemory, seed: int) -> None:
         words ^= np.uint64(seed)
 
 
+def _pages(memory: KVMemory, schema: KVCacheSchema) -> np.ndarray:
+    return np.frombuffer(memory.buffers[0], dtype=np.uint8).reshape(schema.num_layers, schema.kv_planes, memory.num_blocks, -1)
+
+
 def _verify(src: KVMemory, dst: KVMemory, schema: KVCacheSchema, dst_of_src: np.ndarray) -> bool:
-    nb = src.num_blocks
-    a = np.frombuffer(src.buffers[0], dtype=np.uint8).reshape(schema.num_layers, schema.kv_planes, nb, -1)
-    b = np.frombuffer(dst.buffers[0], dtype=np.uint8).reshape(schema.num_layers, schema.kv_planes, nb, -1)
+    a, b = _pages(src, schema), _pages(dst, schema)
     return all(np.array_equal(a[layer], b[layer][:, dst_of_src]) for layer in range(schema.num_layers))
+
+
+def expected_digest(src: KVMemory, schema: KVCacheSchema, dst_of_src: np.ndarray) -> int:
+    """xxh3-64 of the cache a receiver must hold: destination block ``dst_of_src[s]`` holds source block ``s``."""
+    import xxhash
+
+    src_of_dst = np.argsort(dst_of_src)
+    pages = _pages(src, schema)
+    h = xxhash.xxh3_64()
+    for layer in range(schema.num_layers):
+        for plane in range(schema.kv_planes):
+            h.update(memoryview(np.ascontiguousarray(pages[layer, plane][src_of_dst])))
+    return int(h.intdigest())
+
+
+def _schema(model: str, block_size: int) -> KVCacheSchema:
+    return KVCacheSchema.for_model(model, block_size=block_size, layout=Layout.LAYER_KV_BLOCK)
 
 
 async def run_migration(
@@ -67,30 +115,53 @@ async def run_migration(
     model: str = "qwen2.5-7b",
     tokens: int = 32768,
     block_size: int = 16,
-    transport: str = "mock",
+    transport: str = "ucx",
     config: KVTransportConfig | None = None,
     shuffle: bool = True,
     repeats: int = 1,
     seed: int = 0,
+    receivers: int = 1,
+    peers: Sequence[str] = (),
+    reference: bool = True,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> MigrationRecord:
-    """Run the migration ``repeats`` times and return the record."""
-    if transport != "mock":
-        raise SageTransportError(f"--transport {transport}: this build runs migrate over the in-process mock only")
+    """Run the migration ``repeats`` times and return the record (see the module docstring)."""
     config = config or KVTransportConfig()
-    schema = KVCacheSchema.for_model(model, block_size=block_size, layout=Layout.LAYER_KV_BLOCK)
+    if receivers < 1:
+        raise SageTransportError(f"receivers={receivers} must be at least 1")
+    schema = _schema(model, block_size)
     blocks = schema.blocks_for_tokens(tokens)
     src = KVMemory.allocate(schema, blocks)
-    dst = KVMemory.allocate(schema, blocks, fill=0)
     _fill_pattern(src, seed)
     rng = np.random.default_rng(seed)
-    dst_of_src = rng.permutation(blocks) if shuffle else np.arange(blocks)
+    if transport == "mock" and not peers:
+        return await _migrate_in_process(model, tokens, schema, blocks, src, config, shuffle, repeats, rng, progress)
+    return await _migrate_to_receivers(
+        model, tokens, schema, blocks, src, transport, config, shuffle, repeats, rng, receivers, list(peers), reference, progress
+    )
 
+
+async def _migrate_in_process(
+    model: str,
+    tokens: int,
+    schema: KVCacheSchema,
+    blocks: int,
+    src: KVMemory,
+    config: KVTransportConfig,
+    shuffle: bool,
+    repeats: int,
+    rng: np.random.Generator,
+    progress: Callable[[int, int, float], None] | None,
+) -> MigrationRecord:
     from .transports.mock import MockNetwork, MockTransport
 
+    dst = KVMemory.allocate(schema, blocks, fill=0)
+    dst_of_src = rng.permutation(blocks) if shuffle else np.arange(blocks)
     network = MockNetwork()
     seconds: list[float] = []
     chunks = retries = 0
     verified = True
+    cpu_start = cpu_seconds()
     async with (
         KVTransferChannel(MockTransport(network, name="decode"), config, name="decode") as receiver,
         KVTransferChannel(MockTransport(network, name="prefill"), config, name="prefill") as sender,
@@ -104,14 +175,210 @@ async def run_migration(
             )
             arrived = asyncio.ensure_future(receiver.wait_received(plan.transfer_id))
             start = time.perf_counter()
-            result = await sender.transfer(plan)
+            handle = sender.submit(plan)
+            async with _progress_task([handle], progress):
+                result = await handle.wait()
             seconds.append(time.perf_counter() - start)
             received = await arrived
             chunks, retries = result.chunks, retries + result.retries
             if config.integrity.value != "none":  # with integrity off only the byte compare below speaks
                 verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity is IntegrityStatus.VERIFIED
+    cpu = cpu_seconds() - cpu_start
     verified = verified and _verify(src, dst, schema, dst_of_src)
     nbytes = blocks * schema.bytes_per_block
+    moved = nbytes * repeats / GIB
+    return _record(
+        model, tokens, blocks, nbytes, seconds, chunks, "mock", config, verified, shuffle, retries, 1, [],
+        cpu_seconds={"both_sides": cpu},
+        cpu_per_gib={"both_sides": cpu / moved},
+    )  # fmt: skip
+
+
+class _Receiver:
+    def __init__(self, address: str, process: asyncio.subprocess.Process | None) -> None:
+        self.address = address
+        self.process = process
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready: JobReady | None = None
+        self.peer = ""
+        self.dst_of_src = np.arange(0)
+        self.digest = 0
+
+
+async def _start_local_receiver(host: str) -> _Receiver:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sage_transport.cli", "serve", "--host", host, "--port", "0", "--once",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            line = (await process.stdout.readline()).decode()
+    except TimeoutError:
+        process.kill()
+        raise SageTransportError("a local receiver did not start within 60 s") from None
+    if "listening on " not in line:
+        process.kill()
+        raise SageTransportError(f"a local receiver failed to start: {line.strip() or 'no output'}")
+    return _Receiver(line.rsplit("listening on ", 1)[1].strip(), process)
+
+
+async def _migrate_to_receivers(
+    model: str,
+    tokens: int,
+    schema: KVCacheSchema,
+    blocks: int,
+    src: KVMemory,
+    transport: str,
+    config: KVTransportConfig,
+    shuffle: bool,
+    repeats: int,
+    rng: np.random.Generator,
+    receivers: int,
+    peers: list[str],
+    reference: bool,
+    progress: Callable[[int, int, float], None] | None,
+) -> MigrationRecord:
+    from .transports.link import parse_host_port
+
+    settings = {k: v for k, v in msgspec.to_builtins(config).items() if k not in ("listen_host", "listen_port")}
+
+    def transfer_id(repeat: int, receiver: int) -> str:  # ids are unique per channel, so per receiver too
+        return f"migrate-{repeat}-r{receiver}"
+
+    nodes: list[_Receiver] = []
+    try:
+        if peers:
+            nodes = [_Receiver(address, None) for address in peers]
+        else:
+            nodes = list(await asyncio.gather(*(_start_local_receiver(config.listen_host) for _ in range(receivers))))
+        for k, node in enumerate(nodes):
+            host, port = parse_host_port(node.address, "--peer")
+            try:
+                node.reader, node.writer = await asyncio.open_connection(host, port)
+            except OSError as exc:
+                raise PeerDeadError(f"no sage-transport serve answers at {node.address}: {exc}") from exc
+            spec = JobSpec(
+                model=model, tokens=tokens, block_size=schema.block_size, transport=transport, config=settings,
+                transfer_ids=[transfer_id(i, k) for i in range(repeats)],
+            )  # fmt: skip
+            await send_job_message(node.writer, spec)
+        for node in nodes:
+            assert node.reader is not None
+            node.ready = await read_job_message(node.reader, 120)
+            if not isinstance(node.ready, JobReady) or node.ready.blocks != blocks:
+                raise ProtocolError(f"receiver {node.address} answered {node.ready!r}")
+            node.dst_of_src = rng.permutation(blocks) if shuffle else np.arange(blocks)
+            node.digest = expected_digest(src, schema, node.dst_of_src)
+        async with KVTransferChannel(transport, config, name="prefill") as channel:
+            channel.register(src)
+            for node in nodes:
+                assert node.ready is not None
+                node.peer = await channel.connect(node.ready.channel_address)
+            seconds: list[float] = []
+            chunks = retries = 0
+            verified = True
+            cpu_sender = 0.0
+            for i in range(repeats):
+                plans = [
+                    TransferPlan.for_blocks(
+                        node.peer,
+                        schema,
+                        range(blocks),
+                        node.dst_of_src.tolist(),
+                        transfer_id=transfer_id(i, k),
+                        priority=Priority.BULK,
+                    )
+                    for k, node in enumerate(nodes)
+                ]
+                cpu_start = cpu_seconds()
+                start = time.perf_counter()
+                handles = [channel.submit(plan) for plan in plans]
+                async with _progress_task(handles, progress):
+                    results = await asyncio.gather(*(h.wait() for h in handles))
+                seconds.append(time.perf_counter() - start)
+                cpu_sender += cpu_seconds() - cpu_start
+                for node, result in zip(nodes, results):
+                    assert node.reader is not None
+                    received = await read_job_message(node.reader, 120)
+                    if not isinstance(received, JobReceived) or received.transfer_id != result.transfer_id:
+                        raise ProtocolError(f"receiver {node.address} answered {received!r}")
+                    verified &= received.digest == node.digest
+                    if config.integrity.value != "none":
+                        verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity == "verified"
+                    chunks, retries = result.chunks, retries + result.retries
+            links = channel.links()
+        cpu_receivers = 0.0
+        for node in nodes:
+            assert node.writer is not None and node.reader is not None
+            await send_job_message(node.writer, JobDone())
+            bye = await read_job_message(node.reader, 60)
+            if isinstance(bye, JobBye):
+                cpu_receivers += bye.cpu_seconds
+    finally:
+        for node in nodes:
+            if node.writer is not None:
+                node.writer.close()
+            if node.process is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        await node.process.wait()
+                if node.process.returncode is None:
+                    node.process.kill()
+                    await node.process.wait()
+    ucx_transports: dict[str, list[str]] = {}
+    for info in links.values():
+        for proto, lanes in info.get("ucx_transports", {}).items():
+            ucx_transports.setdefault(proto, sorted(set(ucx_transports.get(proto, [])) | set(lanes)))
+    nbytes = blocks * schema.bytes_per_block
+    moved = nbytes * repeats * len(nodes) / GIB
+    record = _record(
+        model, tokens, blocks, nbytes * len(nodes), seconds, chunks, transport, config, verified, shuffle, retries,
+        len(nodes), [node.address for node in nodes],
+        cpu_seconds={"sender": cpu_sender, "receivers": cpu_receivers},
+        cpu_per_gib={"sender": cpu_sender / moved, "receivers": cpu_receivers / moved},
+        ucx_transports=ucx_transports,
+    )  # fmt: skip
+    if reference and ucx_transports and not peers:
+        record = await _with_reference(record, ucx_transports)
+    return record
+
+
+async def _with_reference(record: MigrationRecord, ucx_transports: dict[str, list[str]]) -> MigrationRecord:
+    from .perftest import measure_link
+
+    tls = sorted({lane.split("/")[0] for lanes in ucx_transports.values() for lane in lanes} - {"self"})
+    if not tls:
+        return record
+    try:
+        ref = await measure_link(record.chunk_size, ucx_tls=",".join(tls))
+    except SageTransportError:
+        return record
+    return msgspec.structs.replace(
+        record, reference_gbps=ref.gbps, reference_command=ref.command, ratio=record.gbps / ref.gbps if ref.gbps else None
+    )
+
+
+def _record(
+    model: str,
+    tokens: int,
+    blocks: int,
+    nbytes: int,
+    seconds: list[float],
+    chunks: int,
+    transport: str,
+    config: KVTransportConfig,
+    verified: bool,
+    shuffle: bool,
+    retries: int,
+    receivers: int,
+    peers: list[str],
+    *,
+    cpu_seconds: dict[str, float],
+    cpu_per_gib: dict[str, float],
+    ucx_transports: dict[str, list[str]] | None = None,
+) -> MigrationRecord:
     median = float(np.median(seconds))
     return MigrationRecord(
         model=model,
@@ -126,27 +393,91 @@ async def run_migration(
         verified=verified,
         integrity=config.integrity.value,
         shuffled=shuffle,
-        repeats=repeats,
+        repeats=len(seconds),
         seconds_all=seconds,
         gbps_min=nbytes / max(seconds) / 1e9,
         gbps_max=nbytes / min(seconds) / 1e9,
         retries=retries,
         chunk_size=config.chunk_size,
+        receivers=receivers,
+        peers=peers,
+        ucx_transports=ucx_transports or {},
+        cpu_seconds={k: round(v, 4) for k, v in cpu_seconds.items()},
+        cpu_seconds_per_gib={k: round(v, 4) for k, v in cpu_per_gib.items()},
     )
+
+
+@contextlib.asynccontextmanager
+async def _progress_task(handles: list[Any], progress: Callable[[int, int, float], None] | None) -> Any:
+    if progress is None:
+        yield
+        return
+    start = time.perf_counter()
+    total = sum(h.progress().bytes for h in handles)
+
+    async def tick() -> None:
+        while True:
+            progress(sum(h.progress().bytes_verified for h in handles), total, time.perf_counter() - start)
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        progress(total, total, time.perf_counter() - start)
+
+
+def progress_bar(stream: Any = None) -> Callable[[int, int, float], None]:
+    """A one-line progress bar on ``stream`` (stderr): bytes verified, share, rate."""
+    out = stream or sys.stderr
+
+    def show(done: int, total: int, elapsed: float) -> None:
+        share = done / total if total else 1.0
+        filled = int(share * 30)
+        rate = done / elapsed / 1e9 if elapsed > 0 else 0.0
+        out.write(
+            f"\r  [{'#' * filled}{'.' * (30 - filled)}] {share:6.1%}  {done / GIB:6.2f}/{total / GIB:.2f} GiB  {rate:5.2f} GB/s"
+        )
+        if done >= total:
+            out.write("\n")
+        out.flush()
+
+    return show
 
 
 def summary_lines(record: MigrationRecord) -> list[str]:
     """Human summary of a record."""
     from .units import format_size
 
+    how = "full byte compare" if not record.peers else "digest of every receiver's whole cache"
+    where = f"{record.receivers} receiver process{'es' if record.receivers > 1 else ''}" if record.peers else "in process"
     rows: list[tuple[str, Any]] = [
         ("model", f"{record.model} ({record.tokens} tokens, {record.blocks} blocks{', shuffled' if record.shuffled else ''})"),
-        ("bytes", f"{record.bytes} ({format_size(record.bytes)})"),
+        ("bytes", f"{record.bytes} ({format_size(record.bytes)}) to {where}"),
         ("transport", f"{record.transport} (preset {record.preset or 'none'}, chunk_size {format_size(record.chunk_size)})"),
+    ]
+    if record.ucx_transports:
+        lanes = sorted({lane for lanes in record.ucx_transports.values() for lane in lanes})
+        rows.append(("ucx uses", ", ".join(lanes)))
+    rows += [
         ("chunks", record.chunks),
         ("seconds", f"{record.seconds:.4f} median of {record.repeats}"),
         ("bandwidth", f"{record.gbps:.2f} GB/s (min {record.gbps_min:.2f}, max {record.gbps_max:.2f})"),
+    ]
+    if record.reference_gbps is not None:
+        rows.append(
+            (
+                "reference",
+                f"ucx_perftest {record.reference_gbps:.2f} GB/s at {format_size(record.chunk_size)}: ratio {record.ratio:.2f}",
+            )
+        )
+    if record.cpu_seconds_per_gib:
+        rows.append(("cpu s/GiB", ", ".join(f"{k} {v:.3f}" for k, v in record.cpu_seconds_per_gib.items())))
+    rows += [
         ("retries", record.retries),
-        ("verified", f"{record.verified} (per-chunk {record.integrity} + full byte compare)"),
+        ("verified", f"{record.verified} (per-chunk {record.integrity} + {how})"),
     ]
     return [f"{k:>10}  {v}" for k, v in rows]

@@ -94,6 +94,10 @@ class Connection(_AsyncResource):
     def statistics(self) -> ConnectionStatistics:
         """A snapshot of this connection's counters."""
 
+    def link_info(self) -> dict[str, Any]:
+        """What this connection really runs on (e.g. UCX transports in use); empty when nothing to say."""
+        return {}
+
 
 class Listener(_AsyncResource):
     """Accepts incoming connections on ``address``."""

@@ -285,6 +285,9 @@ class UcxConnection(Connection):
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(*self._counts)
 
+    def link_info(self) -> dict[str, Any]:
+        return {"same_host": self.same_host, "ucx_transports": self.ucx_transports, "peer": self.peer_address}
+
     # ---- close --------------------------------------------------------------------------------------
 
     async def aclose(self) -> None:

@@ -1,0 +1,183 @@
+"""The receiving side of the main job (``sage-transport serve``).
+
+A serve process listens on a *job* port. A migrating sender connects there and sends a :class:`JobSpec`
+(model shape, tokens, transport, settings, transfer ids); the receiver allocates and pre-touches the
+destination KV cache, opens a channel on that transport and answers :class:`JobReady` with the channel's
+address. After each transfer it reports a digest of its whole cache (:class:`JobReceived`), so the
+sender checks end to end what per-chunk checksums already checked piece by piece. The same code runs
+locally (``migrate`` starts one serve process per receiver) and across hosts (``migrate --peer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import sys
+import time
+from typing import Any
+
+import msgspec
+import structlog
+
+from .channel import KVTransferChannel
+from .config import KVTransportConfig
+from .errors import ProtocolError, SageTransportError
+from .memory import KVMemory
+from .schema import KVCacheSchema, Layout
+
+__all__ = ["JobDone", "JobReady", "JobReceived", "JobSpec", "cache_digest", "cpu_seconds", "serve"]
+
+log = structlog.get_logger("sage_transport.serve")
+
+JOB_PROTOCOL = 1
+
+
+class JobSpec(msgspec.Struct, frozen=True, tag="job", kw_only=True):
+    protocol: int = JOB_PROTOCOL
+    model: str
+    tokens: int
+    block_size: int
+    transport: str
+    config: dict[str, Any]
+    transfer_ids: list[str]
+
+
+class JobReady(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
+    channel_address: str
+    blocks: int
+    bytes: int
+
+
+class JobReceived(msgspec.Struct, frozen=True, tag="received", kw_only=True):
+    transfer_id: str
+    digest: int
+    integrity: str
+    receive_seconds: float
+
+
+class JobDone(msgspec.Struct, frozen=True, tag="done"):
+    pass
+
+
+class JobBye(msgspec.Struct, frozen=True, tag="bye", kw_only=True):
+    cpu_seconds: float
+    ucx_transports: dict[str, list[str]]
+
+
+class JobFailed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
+    reason: str
+
+
+JobMessage = JobSpec | JobReady | JobReceived | JobDone | JobBye | JobFailed
+_decoder = msgspec.json.Decoder(JobMessage)
+
+
+async def send_job_message(writer: asyncio.StreamWriter, message: Any) -> None:
+    writer.write(msgspec.json.encode(message) + b"\n")
+    await writer.drain()
+
+
+async def read_job_message(reader: asyncio.StreamReader, timeout_s: float | None = None) -> Any:
+    async with asyncio.timeout(timeout_s):
+        line = await reader.readline()
+    if not line:
+        raise ProtocolError("the job peer hung up")
+    try:
+        message = _decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed job message: {exc}") from exc
+    if isinstance(message, JobFailed):
+        raise SageTransportError(f"the receiver failed: {message.reason}")
+    return message
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cache_digest(memory: KVMemory) -> int:
+    """xxh3-64 of the cache's bytes, buffer by buffer, in layout order."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for buf in memory.buffers:
+        h.update(memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf)
+    return int(h.intdigest())
+
+
+def job_schema(spec: JobSpec) -> KVCacheSchema:
+    return KVCacheSchema.for_model(spec.model, block_size=spec.block_size, layout=Layout.LAYER_KV_BLOCK)
+
+
+async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+    spec = await read_job_message(reader, 30)
+    if not isinstance(spec, JobSpec) or spec.protocol != JOB_PROTOCOL:
+        raise ProtocolError(f"expected a job spec of protocol {JOB_PROTOCOL}, got {spec!r}")
+    schema = job_schema(spec)
+    blocks = schema.blocks_for_tokens(spec.tokens)
+    config = KVTransportConfig.resolve({**spec.config, "listen_host": host}, env={})
+    memory = KVMemory.allocate(schema, blocks, fill=0x5A)  # touched: a live KV cache has its pages
+    async with KVTransferChannel(spec.transport, config, name=f"decode-{id(writer):x}") as channel:
+        channel.register(memory)
+        address = await channel.listen()
+        await send_job_message(writer, JobReady(channel_address=address, blocks=blocks, bytes=blocks * schema.bytes_per_block))
+        busy = 0.0
+        for transfer_id in spec.transfer_ids:
+            start_cpu = cpu_seconds()
+            result = await channel.wait_received(transfer_id)
+            busy += cpu_seconds() - start_cpu
+            digest = cache_digest(memory)
+            await send_job_message(
+                writer,
+                JobReceived(
+                    transfer_id=transfer_id, digest=digest, integrity=result.integrity.value, receive_seconds=result.wall_s
+                ),
+            )
+        done = await read_job_message(reader)
+        if not isinstance(done, JobDone):
+            raise ProtocolError(f"expected done, got {done!r}")
+        transports: dict[str, list[str]] = {}
+        for info in channel.links().values():
+            transports.update(info.get("ucx_transports", {}))
+        await send_job_message(writer, JobBye(cpu_seconds=busy, ucx_transports=transports))
+
+
+async def serve(host: str = "127.0.0.1", port: int = 0, *, once: bool = False, ready: Any = None) -> None:
+    """Serve migration jobs on ``host:port`` until cancelled (``once``: after the first job)."""
+    finished = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _run_job(reader, writer, host)
+        except Exception as exc:
+            log.warning("job_failed", error=str(exc))
+            with contextlib.suppress(Exception):
+                await send_job_message(writer, JobFailed(reason=f"{type(exc).__name__}: {exc}"))
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            if once:
+                finished.set()
+
+    server = await asyncio.start_server(handle, host, port)
+    bound = server.sockets[0].getsockname()
+    address = f"{bound[0]}:{bound[1]}"
+    if ready is not None:
+        ready(address)
+    else:
+        print(f"sage-transport serve: listening on {address}", flush=True)
+    async with server:
+        if once:
+            await finished.wait()
+        else:
+            await server.serve_forever()
+
+
+def main_once(host: str, port: int) -> None:  # pragma: no cover - thin wrapper for subprocesses
+    start = time.perf_counter()
+    asyncio.run(serve(host, port, once=True))
+    print(f"served in {time.perf_counter() - start:.2f} s", file=sys.stderr)
