@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -33,7 +35,7 @@ from .errors import (
     UnsupportedError,
 )
 from .handshake import Capabilities, client_handshake, server_handshake
-from .integrity import checksum_function
+from .integrity import checksum_function, streaming_checksum_function
 from .memory import KVMemory
 from .plan import IntegrityStatus, TransferPlan, TransferResult
 from .planner import plan_chunks
@@ -42,8 +44,9 @@ from .schema import KVCacheSchema
 from .session import PeerSession
 from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
 from .transports.base import Connection, Listener, Transport
+from .transports.cma import CmaWriter, buffer_address, cma_available, host_identity
 from .transports.registry import get_transport_class
-from .wire import Abort, Announce, Region, RegionUpdate
+from .wire import Abort, Announce, Region, RegionUpdate, Window
 
 __all__ = ["ChannelStatistics", "KVTransferChannel"]
 
@@ -72,6 +75,8 @@ class ChannelStatistics(msgspec.Struct, frozen=True):
     queued_chunks: int
     handshake_failures: int
     transfers_refused: int
+    chunks_placed: int = 0  # of chunks_sent: written straight into a same-host peer's memory (CMA)
+    placement_failures: int = 0
 
 
 def _same_shape(a: KVCacheSchema, b: KVCacheSchema) -> bool:
@@ -109,9 +114,11 @@ class KVTransferChannel:
         self.name = name or f"sage-{uuid.uuid4().hex[:8]}"
         self._scheduler = Scheduler(window=self.config.prefetch_depth, max_inflight=self.config.max_inflight)
         self._checksum = checksum_function(self.config.integrity)
+        self._checksum_pieces = streaming_checksum_function(self.config.integrity)
         self._counters: collections.Counter[str] = collections.Counter()
         self._memory: KVMemory | None = None
         self._memory_views: list[memoryview] = []
+        self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._sessions: dict[str, PeerSession] = {}
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -152,6 +159,9 @@ class KVTransferChannel:
         for exp in list(self._expect.values()):
             exp.finish(None, ConnectionClosedError(f"channel {self.name} closed before transfer {exp.transfer_id} arrived"))
         self._expect.clear()
+        if self._placement_pool is not None:
+            await asyncio.to_thread(self._placement_pool.shutdown)  # no thread may still read our memory
+            self._placement_pool = None
         if self._owns_transport:
             await self.transport.aclose()
 
@@ -177,6 +187,41 @@ class KVTransferChannel:
         self._memory_views = memory.views
         for session in self._sessions.values():
             session.post(RegionUpdate(self._region()))  # type: ignore[arg-type]
+            self._offer_window(session)
+
+    # ---- direct placement (same host, CMA) ----------------------------------------------------------
+
+    def _segments(self) -> list[tuple[int, int]]:
+        return [(buffer_address(view), view.nbytes) for view in self._memory_views]
+
+    def _offer_window(self, session: PeerSession) -> None:
+        """Let a same-host peer write our registered memory directly (only after the handshake succeeded)."""
+        config = self.config
+        if not (config.direct_placement and config.zero_copy and self._memory is not None and cma_available()):
+            return
+        if not session.conn.link_info().get("same_host"):
+            return
+        session.window_offered = True
+        session.post(Window(os.getpid(), host_identity(), [list(seg) for seg in self._segments()]))
+
+    def _placement_failed(self, session: PeerSession, exc: BaseException) -> None:
+        self._counters["placement_failures"] += 1
+        log.warning("direct_placement_failed", peer=session.peer, error=str(exc), fallback="two-sided sends")
+
+    def _on_window(self, session: PeerSession, msg: Window) -> None:
+        if not self.config.direct_placement or self._memory is None or msg.host != host_identity():
+            return
+        try:
+            writer = CmaWriter(msg.pid, [(a, n) for a, n in msg.buffers], self._segments())
+            writer.check()
+        except UnsupportedError as exc:
+            log.info("direct_placement_unavailable", peer=session.peer, reason=str(exc))
+            return
+        if self._placement_pool is None:
+            self._placement_pool = concurrent.futures.ThreadPoolExecutor(
+                self.config.overlap_streams, thread_name_prefix=f"sage-place-{self.name}"
+            )
+        session.enable_placement(writer, self._placement_pool)
 
     def _region(self) -> Region | None:
         return None if self._memory is None else Region(self._memory.schema, self._memory.geometry)
@@ -254,6 +299,7 @@ class KVTransferChannel:
         session = PeerSession(self, conn, peer, region)
         self._sessions[peer] = session
         session.start()
+        self._offer_window(session)
 
     def _session_failed(self, session: PeerSession, exc: BaseException) -> None:
         """A session's task hit a transport or protocol error: fail its transfers and tear it down."""
@@ -419,6 +465,7 @@ class KVTransferChannel:
         scheduler = self._scheduler
         was_full = scheduler.inflight() >= scheduler.max_inflight
         nbytes = out.lists["chunk_nbytes"]
+        out.accepted = True
         for seq in seqs:
             outcome = scheduler.ack(out, seq)
             if outcome is AckOutcome.DUPLICATE:
@@ -535,9 +582,16 @@ class KVTransferChannel:
             exp = self._expect[tid] = Expectation(tid)
         exp.announced = True
         exp.started_at = time.perf_counter()
-        checksum = checksum_function(Integrity(msg.integrity))
+        mode = Integrity(msg.integrity)
         inc = session.incoming[msg.wire_id] = Incoming(
-            tid, msg.wire_id, table, exp, checksum=checksum, ack_every=msg.ack_every, peer=session.peer
+            tid,
+            msg.wire_id,
+            table,
+            exp,
+            checksum=checksum_function(mode),
+            checksum_pieces=streaming_checksum_function(mode),
+            ack_every=msg.ack_every,
+            peer=session.peer,
         )
         if msg.deadline_s:
             # the sender's own timer fires first and aborts; this one covers a sender that went silent
@@ -673,4 +727,6 @@ class KVTransferChannel:
             queued_chunks=sched.queued_chunks,
             handshake_failures=c["handshake_failures"],
             transfers_refused=c["transfers_refused"],
+            chunks_placed=c["chunks_placed"],
+            placement_failures=c["placement_failures"],
         )

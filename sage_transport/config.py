@@ -93,6 +93,10 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ``prefetch_depth`` is the per-peer window of unacknowledged chunks, ``max_inflight`` the channel-wide
     limit; ``gather`` packs short non-contiguous runs into one chunk (one staging copy per side) instead of
     sending one message per run; ``ack_timeout_s`` resends chunks whose acknowledgement is that late.
+    ``direct_placement`` lets a same-host sender write chunks straight into this side's registered memory
+    (CMA, ``overlap_streams`` chunks at once) once a transfer is accepted; it needs ``zero_copy``.
+    ``progress_mode``, ``ucx_tls``, ``listen_host``/``listen_port`` and the heartbeat settings configure
+    the transport.
     """
 
     backend: str = "mock"
@@ -111,6 +115,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     transfer_timeout_s: float | None = None
     ack_timeout_s: float = 5.0
     auth_token: str | None = None
+    direct_placement: bool = True
     progress_mode: ProgressMode = ProgressMode.BLOCKING
     ucx_tls: str | None = None
     listen_host: str = "127.0.0.1"
@@ -254,6 +259,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "transfer_timeout_s": _optional(parse_duration),
     "ack_timeout_s": parse_duration,
     "auth_token": _optional(_str),
+    "direct_placement": parse_bool,
     "progress_mode": _enum(ProgressMode),
     "ucx_tls": _optional(_str),
     "listen_host": _str,

@@ -7,7 +7,7 @@ from typing import Any
 
 from .config import Integrity
 
-__all__ = ["checksum_function"]
+__all__ = ["checksum_function", "streaming_checksum_function"]
 
 _MASK = (1 << 63) - 1
 
@@ -24,3 +24,29 @@ def checksum_function(mode: Integrity) -> Callable[[Any], int] | None:
     import crc32c
 
     return crc32c.crc32c  # type: ignore[no-any-return]
+
+
+def streaming_checksum_function(mode: Integrity) -> Callable[[Any], int] | None:
+    """Like :func:`checksum_function` over the concatenation of a sequence of buffers (scattered pieces),
+    without joining them: equal to ``checksum_function(mode)(b"".join(pieces))``."""
+    if mode is Integrity.NONE:
+        return None
+    if mode is Integrity.XXH3:
+        from xxhash import xxh3_64
+
+        def xxh3_pieces(pieces: Any) -> int:
+            h = xxh3_64()
+            for piece in pieces:
+                h.update(piece)
+            return h.intdigest() & _MASK
+
+        return xxh3_pieces
+    import crc32c
+
+    def crc32c_pieces(pieces: Any) -> int:
+        value = 0
+        for piece in pieces:
+            value = crc32c.crc32c(piece, value)
+        return value  # type: ignore[no-any-return]
+
+    return crc32c_pieces

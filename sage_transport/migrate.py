@@ -75,6 +75,7 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     ratio: float | None = None
     cpu_seconds: dict[str, float] = {}
     cpu_seconds_per_gib: dict[str, float] = {}
+    chunks_placed: int = 0
 
 
 def _fill_pattern(memory: KVMemory, seed: int) -> None:
@@ -102,7 +103,7 @@ def expected_digest(src: KVMemory, schema: KVCacheSchema, dst_of_src: np.ndarray
     h = xxhash.xxh3_64()
     for layer in range(schema.num_layers):
         for plane in range(schema.kv_planes):
-            h.update(memoryview(np.ascontiguousarray(pages[layer, plane][src_of_dst])))
+            h.update(np.ascontiguousarray(pages[layer, plane][src_of_dst]).data)
     return int(h.intdigest())
 
 
@@ -309,6 +310,7 @@ async def _migrate_to_receivers(
                         verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity == "verified"
                     chunks, retries = result.chunks, retries + result.retries
             links = channel.links()
+            placed = channel.statistics().chunks_placed
         cpu_receivers = 0.0
         for node in nodes:
             assert node.writer is not None and node.reader is not None
@@ -340,6 +342,7 @@ async def _migrate_to_receivers(
         cpu_per_gib={"sender": cpu_sender / moved, "receivers": cpu_receivers / moved},
         ucx_transports=ucx_transports,
     )  # fmt: skip
+    record = msgspec.structs.replace(record, chunks_placed=placed)
     if reference and ucx_transports and not peers:
         record = await _with_reference(record, ucx_transports)
     return record
@@ -463,7 +466,11 @@ def summary_lines(record: MigrationRecord) -> list[str]:
         lanes = sorted({lane for lanes in record.ucx_transports.values() for lane in lanes})
         rows.append(("ucx uses", ", ".join(lanes)))
     rows += [
-        ("chunks", record.chunks),
+        (
+            "chunks",
+            f"{record.chunks}"
+            + (f" per transfer; {record.chunks_placed} written in place (CMA)" if record.chunks_placed else ""),
+        ),
         ("seconds", f"{record.seconds:.4f} median of {record.repeats}"),
         ("bandwidth", f"{record.gbps:.2f} GB/s (min {record.gbps_min:.2f}, max {record.gbps_max:.2f})"),
     ]

@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
 from .transfers import Incoming, Outgoing, TransferStatus
 from .transports.base import Connection
-from .wire import Abort, Ack, Announce, Chunk, Nack, Region, RegionUpdate, decode_message, encode_message
+from .wire import Abort, Ack, Announce, Chunk, Nack, Placed, Region, RegionUpdate, Window, decode_message, encode_message
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
     from .channel import KVTransferChannel
+    from .transports.cma import CmaWriter
 
 __all__ = ["PeerSession"]
 
@@ -43,6 +46,17 @@ class PeerSession:
         # zero_copy off: payloads land in staging and reach the KV cache only once verified
         self._zero_copy = channel.config.zero_copy
         self.tasks: list[asyncio.Task[None]] = []
+        # direct placement: chunks of accepted transfers are written into the peer's memory by worker threads
+        self.window_offered = False
+        self.placer: CmaWriter | None = None
+        self._placement_pool: concurrent.futures.Executor | None = None
+        self._placing = 0
+        self._place_limit = channel.config.overlap_streams
+
+    def enable_placement(self, placer: CmaWriter, pool: concurrent.futures.Executor) -> None:
+        """Write chunks of accepted transfers straight into the peer's memory from now on."""
+        self.placer, self._placement_pool = placer, pool
+        self.wake.set()
 
     def start(self) -> None:
         self.tasks = [
@@ -80,10 +94,13 @@ class PeerSession:
         while True:
             while outbox:
                 await conn.send(outbox.popleft())
-            pick = scheduler.next_for(self.peer)
+            pick = None if self._placing >= self._place_limit else scheduler.next_for(self.peer)
             if pick is not None:
                 out, seq = pick
-                await self._send_chunk(out, seq)  # type: ignore[arg-type]
+                if self.placer is not None and out.accepted:  # type: ignore[attr-defined]
+                    self._start_placement(out, seq)  # type: ignore[arg-type]
+                else:
+                    await self._send_chunk(out, seq)  # type: ignore[arg-type]
                 continue
             self.wake.clear()
             if outbox:
@@ -128,6 +145,48 @@ class PeerSession:
         counters = self.channel._counters
         counters["chunks_sent"] += 1
         counters["bytes_sent"] += payload.nbytes
+
+    def _start_placement(self, out: Outgoing, seq: int) -> None:
+        table = out.table
+        ptr = out.lists["piece_ptr"]
+        first, last = ptr[seq], ptr[seq + 1]
+        attempt = out.attempts[seq]
+        if attempt < 255:
+            out.attempts[seq] = attempt + 1
+        if not out.first_send_at:
+            out.first_send_at = asyncio.get_running_loop().time()
+            out.status = TransferStatus.RUNNING
+        assert self._placement_pool is not None and self.placer is not None
+        future = asyncio.get_running_loop().run_in_executor(
+            self._placement_pool,
+            _place,
+            self.placer,
+            table,
+            first,
+            last,
+            self.channel._memory_views,
+            self.channel._checksum_pieces,
+        )
+        self._placing += 1
+        future.add_done_callback(lambda f: self._placed(out, seq, attempt, f))
+
+    def _placed(self, out: Outgoing, seq: int, attempt: int, future: asyncio.Future[int]) -> None:
+        self._placing -= 1
+        self.wake.set()
+        if self.closed or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:  # fall back to sending the bytes; the chunk goes again
+            self.placer = None
+            self.channel._placement_failed(self, exc)
+            if self.channel._scheduler.resend(out, seq):
+                self.wake.set()
+            return
+        self.post(Placed(out.wire_id, seq, attempt, future.result()))
+        counters = self.channel._counters
+        counters["chunks_sent"] += 1
+        counters["chunks_placed"] += 1
+        counters["bytes_sent"] += out.lists["chunk_nbytes"][seq]
 
     # ---- reader -------------------------------------------------------------------------------------
 
@@ -208,6 +267,46 @@ class PeerSession:
                 n, offset = piece_len[k], dst_off[k]
                 views[dst_seg[k]][offset : offset + n] = payload[pos : pos + n]
                 pos += n
+        self._accept(inc, seq)
+
+    def _on_placed(self, msg: Placed) -> None:
+        if not self.window_offered:
+            raise ProtocolError(f"{self.peer} claims to have written our memory, which we never offered")
+        inc = self.incoming.get(msg.wire_id)
+        if inc is None:
+            return
+        seq = msg.seq
+        if seq >= len(inc.verified):
+            raise ProtocolError(f"placed chunk {seq} of transfer {inc.transfer_id} from {self.peer}: only {len(inc.verified)}")
+        counters = self.channel._counters
+        if inc.verified[seq]:
+            counters["duplicates"] += 1
+            inc.pending_acks.append(seq)
+            self._schedule_ack_flush(inc)
+            return
+        lists = inc.lists
+        counters["chunks_received"] += 1
+        counters["bytes_received"] += lists["chunk_nbytes"][seq]
+        if inc.checksum_pieces is not None:
+            views, dst_seg, dst_off, piece_len = (
+                self.channel._memory_views,
+                lists["dst_seg"],
+                lists["dst_off"],
+                lists["piece_len"],
+            )
+            pieces = [
+                views[dst_seg[k]][dst_off[k] : dst_off[k] + piece_len[k]]
+                for k in range(lists["piece_ptr"][seq], lists["piece_ptr"][seq + 1])
+            ]
+            if inc.checksum_pieces(pieces) != msg.checksum:
+                counters["checksum_failures"] += 1
+                inc.bad_chunks += 1
+                self.post(Nack(inc.wire_id, seq, msg.attempt, "checksum mismatch (placed)"))
+                return
+        self._accept(inc, seq)
+
+    def _accept(self, inc: Incoming, seq: int) -> None:
+        """A chunk is in place and verified: record it and acknowledge (batched)."""
         inc.pending_acks.append(seq)
         if inc.mark_verified(seq):
             self._flush_acks(inc)
@@ -247,8 +346,12 @@ class PeerSession:
             channel._on_announce(self, msg)
         elif kind is Abort:
             channel._on_abort(self, msg)
+        elif kind is Placed:
+            self._on_placed(msg)
         elif kind is RegionUpdate:
             self.region = msg.region
+        elif kind is Window:
+            channel._on_window(self, msg)
         else:
             raise ProtocolError(f"unexpected {kind.__name__} from {self.peer} after the handshake")
 
@@ -274,3 +377,16 @@ class PeerSession:
             await self.conn.aclose()
         except (ConnectionClosedError, PeerDeadError):
             pass
+
+
+def _place(placer: CmaWriter, table: Any, first: int, last: int, views: list[memoryview], checksum: Any) -> int:
+    """Worker thread: checksum pieces ``first:last`` of a chunk (which brings them into cache for the copy),
+    then write them into the peer; returns the checksum."""
+    src_seg, src_off, lengths = table.src_seg[first:last], table.src_off[first:last], table.piece_len[first:last]
+    value = 0
+    if checksum is not None:
+        value = int(
+            checksum([views[seg][off : off + n] for seg, off, n in zip(src_seg.tolist(), src_off.tolist(), lengths.tolist())])
+        )
+    placer.write(src_seg, src_off, table.dst_seg[first:last], table.dst_off[first:last], lengths)
+    return value

@@ -56,6 +56,7 @@ class Outgoing:
     """A transfer this side sends. The scheduler keys it by identity."""
 
     __slots__ = (
+        "accepted",
         "attempts",
         "bytes_verified",
         "chunks_verified",
@@ -89,6 +90,7 @@ class Outgoing:
         self.first_send_at = 0.0
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.status = TransferStatus.QUEUED
+        self.accepted = False  # the receiver acknowledged a chunk, so it took the announcement
 
     def finish(self, result: TransferResult | None, exc: BaseException | None) -> None:
         if self.deadline_timer is not None:
@@ -137,6 +139,7 @@ class Incoming:
         "ack_every",
         "bad_chunks",
         "checksum",
+        "checksum_pieces",
         "deadline_timer",
         "expectation",
         "layer_hi",
@@ -160,6 +163,7 @@ class Incoming:
         expectation: Expectation,
         *,
         checksum: Any,
+        checksum_pieces: Any = None,
         ack_every: int,
         peer: str,
     ) -> None:
@@ -174,6 +178,7 @@ class Incoming:
         self.layers_left = table.chunks_per_layer()
         self.expectation = expectation
         self.checksum = checksum
+        self.checksum_pieces = checksum_pieces
         self.ack_every = ack_every
         self.pending_acks: list[int] = []
         self.bad_chunks = 0

@@ -7,7 +7,8 @@ worth of objects. No pickle anywhere.
 
 Connection: client ``Hello`` → server ``Welcome`` (proof over the nonces) → client ``Proof`` →
 server ``Ready`` (or ``Reject``). Transfers: sender ``Announce`` then ``Chunk`` headers with
-payloads; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``.
+payloads, or ``Placed`` headers for chunks written straight into a same-host receiver's memory after
+its ``Window``; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ __all__ = [
     "Message",
     "Nack",
     "PROTOCOL_VERSION",
+    "Placed",
     "Proof",
     "Ready",
     "Region",
     "RegionUpdate",
     "Reject",
     "Welcome",
+    "Window",
     "decode_message",
     "encode_message",
     "handshake_proof",
@@ -147,6 +150,24 @@ class Nack(msgspec.Struct, frozen=True, array_like=True, tag="n"):
     reason: Reason
 
 
+class Window(msgspec.Struct, frozen=True, array_like=True, tag="w"):
+    """Sent after the handshake by a side that lets a same-host peer write its registered memory directly
+    (CMA): its process id, host identity and each registered buffer's address and size."""
+
+    pid: U32
+    host: Annotated[str, Meta(max_length=512)]
+    buffers: Annotated[list[Annotated[list[U64], Meta(min_length=2, max_length=2)]], Meta(max_length=4096)]
+
+
+class Placed(msgspec.Struct, frozen=True, array_like=True, tag="p"):
+    """A chunk the sender wrote straight into the receiver's memory; the receiver verifies it in place."""
+
+    wire_id: U32
+    seq: U64
+    attempt: U32
+    checksum: U64
+
+
 class Abort(msgspec.Struct, frozen=True, array_like=True, tag="x"):
     """The transfer is over on one side; the other releases it too. ``from_sender`` tells whose ``wire_id``
     it is (each side numbers the transfers it sends)."""
@@ -156,7 +177,7 @@ class Abort(msgspec.Struct, frozen=True, array_like=True, tag="x"):
     reason: Reason
 
 
-Message = Union[Hello, Welcome, Proof, Ready, Reject, RegionUpdate, Announce, Chunk, Ack, Nack, Abort]
+Message = Union[Hello, Welcome, Proof, Ready, Reject, RegionUpdate, Announce, Chunk, Ack, Nack, Abort, Window, Placed]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -26,7 +26,6 @@ import ctypes
 import itertools
 import os
 import re
-import socket
 import struct
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from ..config import KVTransportConfig, ProgressMode
 from ..errors import ConfigError, ConnectionClosedError, FrameTooLargeError, PeerDeadError, ProtocolError, UnsupportedError
 from ..memory import as_byte_view
 from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
+from .cma import host_identity
 from .link import Link, open_link, parse_host_port
 from .ucx_progress import WorkerProgress
 
@@ -69,16 +69,6 @@ class _Intro(msgspec.Struct, frozen=True):
 
 
 _intro_decoder = msgspec.msgpack.Decoder(_Intro)
-
-
-def host_identity() -> str:
-    """Host name plus kernel boot id: equal exactly when two processes can share memory."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "unknown-boot"
-    return f"{socket.gethostname()}/{boot}"
 
 
 _PROTO_ROW = re.compile(r"\|\s*[\w.]+\.\.[\w.]+\s*\|\s*(?P<proto>[^|]*?)\s*\|\s*(?P<lanes>[^|]+?)\s*\|")
