@@ -16,6 +16,7 @@ HAVE_UCX = importlib.util.find_spec("ucxx") is not None
 
 PAIR_FACTORIES: dict[str, PairFactory] = {
     "mock": mock_pair,
+    "tcp": functools.partial(local_pair, "tcp"),
     "ucx": functools.partial(local_pair, "ucx"),
 }
 
@@ -23,6 +24,7 @@ PAIR_FACTORIES: dict[str, PairFactory] = {
 CROSS_PROCESS = [
     ("ucx", {"tls": "posix,cma,self"}, "ucx-shm"),
     ("ucx", {"tls": "tcp"}, "ucx-tcp"),
+    ("tcp", {}, "tcp"),
 ]
 
 
@@ -81,3 +83,18 @@ async def test_a_broken_transport_fails_the_kit() -> None:
 
     with pytest.raises(AssertionError, match="frame 0 arrived as"):
         await check_ordering(lossy_pair)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+def test_conformance_on_uvloop(transport: str) -> None:
+    """The CLI runs on uvloop: the kit passes there too (uvloop's transports are not asyncio's classes)."""
+    uvloop = pytest.importorskip("uvloop")
+    _needs(transport)
+    import asyncio
+
+    async def run_all() -> None:
+        for check in CONFORMANCE_CHECKS:
+            await check(PAIR_FACTORIES[transport])
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run_all())

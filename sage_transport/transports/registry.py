@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "sage_transport.transports"
 
 _BUILTIN: dict[str, str] = {
     "mock": "sage_transport.transports.mock:MockTransport",
+    "tcp": "sage_transport.transports.tcp:TcpTransport",
     "ucx": "sage_transport.transports.ucx:UcxTransport",
 }
 
