@@ -1,11 +1,12 @@
-"""A TCP transport of our own on asyncio, for links where UCX's TCP is slow (1.1–1.3 GB/s here).
+"""A TCP transport of our own on asyncio, for links where UCX's TCP from Python is slow (~1.2 GB/s here).
 
 The receive side is a :class:`asyncio.BufferedProtocol`: headers land in a reused buffer, and a payload's
 bytes land straight in the sink's buffer (the kernel copies into the KV cache; no staging, no Python
-copy). The send side writes the prefix and header, then the payload, with no await between them (frames
-never interleave), and ``send`` returns once the payload is in the kernel (write-buffer high-water mark
-0). Run the loop on uvloop for full speed (``sage-transport`` does). Peer death is end-of-stream without
-the goodbye frame or a reset; TCP keepalive, tuned from ``peer_timeout_s``, covers a silent host.
+copy). The send side sends from the caller's buffer on a duplicate of the socket (no event-loop write
+buffer, so no copy): a frame goes at once when the socket takes it, else behind a FIFO lock, shielded so
+that a cancelled caller never leaves half a frame; ``send`` returns once the payload is in the kernel.
+Run the loop on uvloop for full speed (``sage-transport`` does). Peer death is end-of-stream without the
+goodbye frame or a reset; TCP keepalive, tuned from ``peer_timeout_s``, covers a silent host.
 
 Frame on the stream: ``<IQ`` (header length, payload length + 1, 0 for none, 2**64-1 for goodbye), the
 header, the payload.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import socket
 import struct
 from typing import Any, ClassVar
@@ -33,7 +35,9 @@ _PREFIX = struct.Struct("<IQ")
 _GOODBYE = (1 << 64) - 1
 _BUFFER = 256 << 10
 _MAX_PAYLOAD = 1 << 40
-_EARLY_LIMIT = 64 << 20  # payload bytes received ahead of the receiver's sink before reading pauses
+_INLINE = 64 << 10  # payloads up to this size are copied behind the header (one send call)
+_EARLY_LIMIT = 64 << 20
+_EARLY_AFTER_S = 0.002  # payload bytes received ahead of the receiver's sink before reading pauses
 
 
 class _Early:
@@ -77,11 +81,13 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         self._pending_plen = 0
         self._frames: collections.deque[Frame | _Early | BaseException] = collections.deque()
         self._early_bytes = 0
+        self._early_timer: asyncio.TimerHandle | None = None
         self._target_early = False
         self._sink: PayloadSink | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._sock: socket.socket | None = None  # a dup of the connection's socket: sends go straight from the payload
+        self._writing = 0  # frames queued behind the send lock
+        self._send_lock = asyncio.Lock()
         self._state = ""  # "", "closed", "peer-closed", "dead: reason"
         self._counts = [0, 0, 0, 0]
 
@@ -92,27 +98,21 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
-        self._transport.set_write_buffer_limits(high=0)  # type: ignore[union-attr]
         sock = transport.get_extra_info("socket")
         _tune(sock, self._peer_timeout_s)
+        self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self._sock.setblocking(False)
         local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
         self.local_address = f"{local[0]}:{local[1]}" if local else "?"
         self.peer_address = f"{peer[0]}:{peer[1]}" if peer else "?"
         if self._on_made is not None:
             self._on_made(self)
 
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._state:
             self._state = f"dead: {exc or 'the connection ended without a goodbye'}"
         if self._target is not None:  # a payload cut short: it never completes
             self._target, self._awaiting_sink = None, False
-        self._writable.set()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -183,15 +183,24 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
             self._header, self._pending_plen = header, plen - 1
             if self._waiter is not None and not self._frames:
                 self._attach_sink()
-            elif self._early_bytes + plen - 1 <= _EARLY_LIMIT:
-                self._early_bytes += plen - 1
-                self._attach_sink(early=True)
-            else:
+            else:  # wait a moment for the receiver's sink (zero-copy); then buffer early so senders never stall
                 self._awaiting_sink = True
                 if self._transport is not None:
                     self._transport.pause_reading()
+                self._early_timer = asyncio.get_running_loop().call_later(_EARLY_AFTER_S, self._go_early)
         if self._start == self._end:
             self._start = self._end = 0
+
+    def _go_early(self) -> None:
+        self._early_timer = None
+        if not self._awaiting_sink or self._early_bytes + self._pending_plen > _EARLY_LIMIT or self._state:
+            return
+        self._awaiting_sink = False
+        self._early_bytes += self._pending_plen
+        self._attach_sink(early=True)
+        if self._transport is not None:
+            self._transport.resume_reading()
+        self._parse()
 
     def _attach_sink(self, early: bool = False) -> None:
         """Ask the waiting receiver's sink for the payload's buffer (``early``: no receiver yet, use a
@@ -251,6 +260,9 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
                 return item
             if self._awaiting_sink:
                 self._awaiting_sink = False
+                if self._early_timer is not None:
+                    self._early_timer.cancel()
+                    self._early_timer = None
                 self._sink = sink
                 self._attach_sink()
                 if self._transport is not None and not self._state:
@@ -289,17 +301,45 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         nbytes = 0 if view is None else view.nbytes
         if nbytes > _MAX_PAYLOAD:
             raise FrameTooLargeError(f"payload of {nbytes} bytes exceeds {_MAX_PAYLOAD}")
-        transport = self._transport
-        assert transport is not None
-        transport.write(_PREFIX.pack(len(header), 0 if view is None else nbytes + 1) + header)
-        if nbytes:
-            transport.write(view)  # type: ignore[arg-type]
+        head = _PREFIX.pack(len(header), 0 if view is None else nbytes + 1) + header
+        if view is not None and nbytes <= _INLINE:
+            head, view = head + view, None  # small payloads: one buffer, one system call
         self._counts[0] += 1
         self._counts[2] += nbytes
-        while not self._writable.is_set():
-            await self._writable.wait()
-        if self._state.startswith("dead"):
-            raise PeerDeadError(f"peer {self.peer_address} is {self._state}")
+        sock = self._sock
+        assert sock is not None
+        sent = 0
+        if not self._writing:  # nothing queued before us: try to send at once
+            try:
+                sent = sock.send(head)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(exc)
+                raise PeerDeadError(f"peer {self.peer_address} is gone: {exc}") from exc
+            if sent == len(head) and view is None:
+                return
+        self._writing += 1
+        # shielded: a cancelled caller leaves the frame to finish whole, never half-written
+        await asyncio.shield(asyncio.ensure_future(self._send_rest(memoryview(head)[sent:], view)))
+
+    async def _send_rest(self, head: memoryview, view: memoryview | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._send_lock:
+                for part in (head, view):
+                    if part is not None and part.nbytes:
+                        await loop.sock_sendall(self._sock, part)  # type: ignore[arg-type]
+        except OSError as exc:
+            self._lost(exc)
+            raise PeerDeadError(f"peer {self.peer_address} is gone: {exc}") from exc
+        finally:
+            self._writing -= 1
+
+    def _lost(self, exc: BaseException) -> None:
+        if not self._state:
+            self._state = f"dead: {exc}"
+        self._wake()
 
     def _check_sendable(self) -> None:
         if self._state == "closed":
@@ -318,14 +358,21 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
     async def aclose(self) -> None:
         if self._state == "closed":
             return
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            if not self._state:
-                with contextlib.suppress(Exception):
-                    transport.write(_PREFIX.pack(0, _GOODBYE))
-            transport.close()
+        if not self._state and self._sock is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    self._writing += 1
+                    await self._send_rest(memoryview(_PREFIX.pack(0, _GOODBYE)), None)
         self._state = "closed"
+        self._close_socket()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
         self._wake()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def abort(self) -> None:
         """Die abruptly: reset the connection, no goodbye."""
@@ -335,6 +382,7 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self._transport.abort()
+        self._close_socket()
         self._state = "closed"
         self._wake()
 
