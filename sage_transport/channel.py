@@ -37,6 +37,7 @@ from .errors import (
 from .handshake import Capabilities, client_handshake, server_handshake
 from .integrity import checksum_function, streaming_checksum_function
 from .memory import KVMemory
+from .placement import CmaWriter, buffer_address, cma_available, host_identity
 from .plan import IntegrityStatus, TransferPlan, TransferResult
 from .planner import plan_chunks
 from .scheduler import AckOutcome, Scheduler
@@ -44,7 +45,6 @@ from .schema import KVCacheSchema
 from .session import PeerSession
 from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
 from .transports.base import Connection, Listener, Transport
-from .transports.cma import CmaWriter, buffer_address, cma_available, host_identity
 from .transports.registry import get_transport_class
 from .wire import Abort, Announce, Region, RegionUpdate, Window
 

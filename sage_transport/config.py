@@ -99,7 +99,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     the transport.
     """
 
-    backend: str = "mock"
+    backend: str = "ucx"
     preset: str | None = None
     target_dtype: DType | None = None
     chunk_size: int = 4 << 20

@@ -352,6 +352,8 @@ async def _with_reference(record: MigrationRecord, ucx_transports: dict[str, lis
     from .perftest import measure_link
 
     tls = sorted({lane.split("/")[0] for lanes in ucx_transports.values() for lane in lanes} - {"self"})
+    if record.chunks_placed and "cma" not in tls:  # chunks placed with process_vm_writev: compare with UCX's CMA too
+        tls.append("cma")
     if not tls:
         return record
     try:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from .channel import KVTransferChannel
-    from .transports.cma import CmaWriter
+    from .placement import CmaWriter
 
 __all__ = ["PeerSession"]
 

@@ -56,7 +56,7 @@ async def test_same_host_transfer_places_chunks_directly(placement: bool) -> Non
 
 
 async def test_failed_placement_falls_back_to_sending_and_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sage_transport.transports import cma
+    from sage_transport import placement as cma
 
     calls = 0
 

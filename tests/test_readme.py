@@ -23,4 +23,4 @@ def test_readme_gives_the_two_setup_commands_that_ci_runs() -> None:
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in text, "README's test command and .ci/run differ"
-    assert "sage-transport migrate --transport mock" in text
+    assert "pip install -q . && .venv/bin/sage-transport migrate\n" in text

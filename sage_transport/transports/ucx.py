@@ -37,8 +37,8 @@ import structlog
 from ..config import KVTransportConfig, ProgressMode
 from ..errors import ConfigError, ConnectionClosedError, FrameTooLargeError, PeerDeadError, ProtocolError, UnsupportedError
 from ..memory import as_byte_view
+from ..placement import host_identity
 from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
-from .cma import host_identity
 from .link import Link, open_link, parse_host_port
 from .ucx_progress import WorkerProgress
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sage_transport.errors import ProtocolError, TransportError, UnsupportedError
-from sage_transport.transports.cma import CmaWriter, buffer_address, cma_available, host_identity
+from sage_transport.placement import CmaWriter, buffer_address, cma_available, host_identity
 
 pytestmark = pytest.mark.skipif(not cma_available(), reason="process_vm_writev is Linux-only")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ProtocolError, TransportError, UnsupportedError
+from .errors import ProtocolError, TransportError, UnsupportedError
 
 __all__ = ["IOV_MAX", "CmaWriter", "buffer_address", "cma_available", "host_identity"]
 
