@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage-transport", description="KV-cache transport for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("migrate", help="migrate a paged KV cache of a real model's shape and verify it")
-    m.add_argument("--transport", default="ucx", help="transport name (default: ucx; mock: both ends in this process)")
+    m.add_argument(
+        "--transport", default=None, help="transport name (default: the config's backend, ucx; mock: both ends in this process)"
+    )
     m.add_argument("--receivers", type=int, default=1, help="local receiver processes to migrate to at once (default 1)")
     m.add_argument(
         "--peer", action="append", default=[], metavar="HOST:PORT", help="send to a `sage-transport serve` there (repeatable)"
@@ -88,7 +90,7 @@ def _migrate(args: argparse.Namespace) -> int:
             model=args.model,
             tokens=args.tokens,
             block_size=args.block_size,
-            transport=args.transport,
+            transport=args.transport or config.backend,
             config=config,
             shuffle=not args.no_shuffle,
             repeats=args.repeat,

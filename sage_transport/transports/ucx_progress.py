@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from typing import Any
 
@@ -71,11 +72,15 @@ class WorkerProgress:
 
     async def _run(self) -> None:
         worker, pending = self.worker, self._pending
+        spins = 0
         while True:
             worker.progress()
             if pending:
                 self._reap()
             if self.polling or len(pending) > self._idle or time.perf_counter() - self._active_at < self.spin_s:
+                spins += 1
+                if spins & 15 == 0 and threading.active_count() > 1:
+                    time.sleep(0)  # noqa: ASYNC251  # drops the GIL for worker threads (placement copies): a spinning loop never does
                 await asyncio.sleep(0)
                 continue
             if worker.arm():
