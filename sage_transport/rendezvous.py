@@ -47,7 +47,7 @@ class TorchTCPStore:
 
     def __init__(self, host: str, port: int, *, is_server: bool = False, timeout_s: float = 30.0) -> None:
         try:
-            from torch.distributed import TCPStore
+            from torch.distributed import TCPStore  # type: ignore[attr-defined]
         except ImportError as exc:
             raise UnsupportedError("tcpstore:// needs torch (pip install 'sage-transport[torch]')") from exc
         self._store = TCPStore(host, port, is_master=is_server, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
