@@ -37,7 +37,7 @@ from .errors import (
 from .handshake import Capabilities, client_handshake, server_handshake
 from .integrity import checksum_function, streaming_checksum_function
 from .memory import KVMemory
-from .placement import CmaWriter, buffer_address, cma_available, host_identity
+from .placement import CmaWriter, ShmWriter, buffer_address, cma_available, host_identity
 from .plan import IntegrityStatus, TransferPlan, TransferResult
 from .planner import plan_chunks
 from .scheduler import AckOutcome, Scheduler
@@ -202,7 +202,15 @@ class KVTransferChannel:
         if not session.conn.link_info().get("same_host"):
             return
         session.window_offered = True
-        session.post(Window(os.getpid(), host_identity(), [list(seg) for seg in self._segments()]))
+        fds = self._memory.shared_fds if len(self._memory.shared_fds) == len(self._memory_views) else []
+        session.post(Window(os.getpid(), host_identity(), [list(seg) for seg in self._segments()], list(fds)))
+
+    def _worker_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._placement_pool is None:
+            self._placement_pool = concurrent.futures.ThreadPoolExecutor(
+                self.config.overlap_streams, thread_name_prefix=f"sage-place-{self.name}"
+            )
+        return self._placement_pool
 
     def _placement_failed(self, session: PeerSession, exc: BaseException) -> None:
         self._counters["placement_failures"] += 1
@@ -211,17 +219,20 @@ class KVTransferChannel:
     def _on_window(self, session: PeerSession, msg: Window) -> None:
         if not self.config.direct_placement or self._memory is None or msg.host != host_identity():
             return
-        try:
-            writer = CmaWriter(msg.pid, [(a, n) for a, n in msg.buffers], self._segments())
-            writer.check()
-        except UnsupportedError as exc:
-            log.info("direct_placement_unavailable", peer=session.peer, reason=str(exc))
-            return
-        if self._placement_pool is None:
-            self._placement_pool = concurrent.futures.ThreadPoolExecutor(
-                self.config.overlap_streams, thread_name_prefix=f"sage-place-{self.name}"
-            )
-        session.enable_placement(writer, self._placement_pool)
+        writer: CmaWriter | ShmWriter | None = None
+        if msg.fds and len(msg.fds) == len(msg.buffers):
+            try:
+                writer = ShmWriter(msg.pid, list(msg.fds), [n for _, n in msg.buffers], self._memory_views)
+            except UnsupportedError as exc:
+                log.info("shared_memory_placement_unavailable", peer=session.peer, reason=str(exc), fallback="cma")
+        if writer is None:
+            try:
+                writer = CmaWriter(msg.pid, [(a, n) for a, n in msg.buffers], self._segments())
+                writer.check()
+            except UnsupportedError as exc:
+                log.info("direct_placement_unavailable", peer=session.peer, reason=str(exc))
+                return
+        session.enable_placement(writer, self._worker_pool())
 
     def _region(self) -> Region | None:
         return None if self._memory is None else Region(self._memory.schema, self._memory.geometry)
@@ -239,7 +250,9 @@ class KVTransferChannel:
 
     def links(self) -> dict[str, dict[str, Any]]:
         """Per peer, what its connection really runs on (``Connection.link_info``: UCX transports in use, ...)."""
-        return {peer: session.conn.link_info() for peer, session in self._sessions.items()}
+        return {
+            peer: {**session.conn.link_info(), "placement": session.placement_kind} for peer, session in self._sessions.items()
+        }
 
     async def listen(self, address: str | None = None) -> str:
         """Accept peers at ``address`` (``None``: a free one). Returns the address peers connect to."""

@@ -76,6 +76,7 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     cpu_seconds: dict[str, float] = {}
     cpu_seconds_per_gib: dict[str, float] = {}
     chunks_placed: int = 0
+    placement: str = "none"  # how chunks were placed directly: shm (memory copy), cma (process_vm_writev), none
 
 
 def _fill_pattern(memory: KVMemory, seed: int) -> None:
@@ -342,7 +343,8 @@ async def _migrate_to_receivers(
         cpu_per_gib={"sender": cpu_sender / moved, "receivers": cpu_receivers / moved},
         ucx_transports=ucx_transports,
     )  # fmt: skip
-    record = msgspec.structs.replace(record, chunks_placed=placed)
+    kinds = sorted({str(info.get("placement", "none")) for info in links.values()} - {"none"})
+    record = msgspec.structs.replace(record, chunks_placed=placed, placement="+".join(kinds) or "none")
     if reference and ucx_transports and not peers:
         record = await _with_reference(record, ucx_transports)
     return record
@@ -471,7 +473,7 @@ def summary_lines(record: MigrationRecord) -> list[str]:
         (
             "chunks",
             f"{record.chunks}"
-            + (f" per transfer; {record.chunks_placed} written in place (CMA)" if record.chunks_placed else ""),
+            + (f" per transfer; {record.chunks_placed} written in place ({record.placement})" if record.chunks_placed else ""),
         ),
         ("seconds", f"{record.seconds:.4f} median of {record.repeats}"),
         ("bandwidth", f"{record.gbps:.2f} GB/s (min {record.gbps_min:.2f}, max {record.gbps_max:.2f})"),

@@ -1,5 +1,7 @@
 """Direct placement on one host: a sender writes a chunk's pieces straight into the receiver's registered
-memory with Linux ``process_vm_writev`` (the system call under UCX's CMA transport).
+memory, by a plain memory copy when the receiver's KV cache is shared memory (:class:`ShmWriter`, a memfd the
+sender maps), else with Linux ``process_vm_writev`` (:class:`CmaWriter`, the system call under UCX's CMA
+transport).
 
 One call takes up to :data:`IOV_MAX` scattered ranges on each side and runs without the GIL (ctypes
 releases it), so a chunk whose destination is 256 shuffled 16 KiB pages costs one system call and no
@@ -22,7 +24,7 @@ import numpy as np
 
 from .errors import ProtocolError, TransportError, UnsupportedError
 
-__all__ = ["IOV_MAX", "CmaWriter", "buffer_address", "cma_available", "host_identity"]
+__all__ = ["IOV_MAX", "CmaWriter", "ShmWriter", "buffer_address", "cma_available", "host_identity"]
 
 IOV_MAX = 1024
 _IOVEC = np.dtype([("base", "<u8"), ("len", "<u8")])
@@ -68,6 +70,63 @@ def buffer_address(buffer: Any) -> int:
     """The address of a host buffer's first byte (any object with the buffer protocol)."""
     array = np.frombuffer(buffer, dtype=np.uint8)
     return int(array.ctypes.data) if array.size else 0
+
+
+def _check_bounds(pid: int, sizes: np.ndarray, segs: np.ndarray, offs: np.ndarray, lengths: np.ndarray, whose: str) -> None:
+    if len(lengths) and bool((offs.astype(np.uint64) + lengths > sizes[segs]).any()):
+        raise ProtocolError(f"a piece falls outside {whose} registered memory")
+
+
+class ShmWriter:
+    """Writes into a same-host peer's shared-memory KV cache (memfds it listed in its ``Window``) with numpy
+    copies, which release the GIL: pages of one chunk go in one vectorised scatter, several chunks at once."""
+
+    def __init__(self, pid: int, fds: list[int], remote_sizes: list[int], local: list[memoryview]) -> None:
+        import mmap
+
+        self.pid = pid
+        self._remote: list[np.ndarray] = []
+        for fd, size in zip(fds, remote_sizes):
+            try:
+                handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+            except OSError as exc:
+                raise UnsupportedError(f"cannot open process {pid}'s shared KV memory (fd {fd}): {exc}") from exc
+            try:
+                if os.fstat(handle).st_size < size:
+                    raise UnsupportedError(f"process {pid}'s fd {fd} is smaller than its window ({size} bytes)")
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # fault the pages in now, not per chunk
+                self._remote.append(np.frombuffer(mmap.mmap(handle, size, flags=flags), dtype=np.uint8))
+            finally:
+                os.close(handle)
+        self._remote_size = np.array(remote_sizes, dtype=np.uint64)
+        self._local = [np.frombuffer(view, dtype=np.uint8) for view in local]
+        self._local_size = np.array([v.nbytes for v in local], dtype=np.uint64)
+
+    def check(self) -> None:
+        """Opening and mapping the peer's memory already proved access."""
+
+    def write(
+        self, src_seg: np.ndarray, src_off: np.ndarray, dst_seg: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray
+    ) -> int:
+        """Copy every piece (call from a worker thread). Returns the bytes written."""
+        lengths = lengths.astype(np.uint64, copy=False)
+        _check_bounds(self.pid, self._remote_size, dst_seg, dst_off, lengths, f"process {self.pid}'s")
+        _check_bounds(self.pid, self._local_size, src_seg, src_off, lengths, "this process's")
+        n = len(lengths)
+        if not n:
+            return 0
+        page = int(lengths[0])
+        uniform = bool((src_seg == src_seg[0]).all() and (dst_seg == dst_seg[0]).all() and (lengths == page).all())
+        if uniform and page and not bool((dst_off % page).any()) and (n == 1 or bool((np.diff(src_off) == page).all())):
+            src = self._local[int(src_seg[0])]
+            dst = self._remote[int(dst_seg[0])]
+            start = int(src_off[0])
+            rows = dst[: dst.size - dst.size % page].reshape(-1, page)
+            rows[(dst_off // page).astype(np.intp)] = src[start : start + n * page].reshape(n, page)  # one scatter, GIL released
+            return n * page
+        for s, so, d, do, length in zip(src_seg.tolist(), src_off.tolist(), dst_seg.tolist(), dst_off.tolist(), lengths.tolist()):
+            self._remote[d][do : do + length] = self._local[s][so : so + length]
+        return int(lengths.sum())
 
 
 class CmaWriter:

@@ -119,7 +119,8 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
     schema = job_schema(spec)
     blocks = schema.blocks_for_tokens(spec.tokens)
     config = KVTransportConfig.resolve({**spec.config, "listen_host": host}, env={})
-    memory = KVMemory.allocate(schema, blocks, fill=0x5A)  # touched: a live KV cache has its pages
+    # touched (a live KV cache has its pages) and shared, so a same-host sender can place chunks by memory copy
+    memory = KVMemory.allocate(schema, blocks, fill=0x5A, shared=True)
     async with KVTransferChannel(spec.transport, config, name=f"decode-{id(writer):x}") as channel:
         channel.register(memory)
         address = await channel.listen()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from .channel import KVTransferChannel
-    from .placement import CmaWriter
+    from .placement import CmaWriter, ShmWriter
 
 __all__ = ["PeerSession"]
 
@@ -48,12 +48,19 @@ class PeerSession:
         self.tasks: list[asyncio.Task[None]] = []
         # direct placement: chunks of accepted transfers are written into the peer's memory by worker threads
         self.window_offered = False
-        self.placer: CmaWriter | None = None
+        self.placer: CmaWriter | ShmWriter | None = None
         self._placement_pool: concurrent.futures.Executor | None = None
         self._placing = 0
         self._place_limit = channel.config.overlap_streams
 
-    def enable_placement(self, placer: CmaWriter, pool: concurrent.futures.Executor) -> None:
+    @property
+    def placement_kind(self) -> str:
+        """``shm`` (memory copy into the peer's shared KV cache), ``cma`` (process_vm_writev) or ``none``."""
+        if self.placer is None:
+            return "none"
+        return "shm" if type(self.placer).__name__ == "ShmWriter" else "cma"
+
+    def enable_placement(self, placer: CmaWriter | ShmWriter, pool: concurrent.futures.Executor) -> None:
         """Write chunks of accepted transfers straight into the peer's memory from now on."""
         self.placer, self._placement_pool = placer, pool
         self.wake.set()
@@ -379,7 +386,7 @@ class PeerSession:
             pass
 
 
-def _place(placer: CmaWriter, table: Any, first: int, last: int, views: list[memoryview], checksum: Any) -> int:
+def _place(placer: CmaWriter | ShmWriter, table: Any, first: int, last: int, views: list[memoryview], checksum: Any) -> int:
     """Worker thread: checksum pieces ``first:last`` of a chunk (which brings them into cache for the copy),
     then write them into the peer; returns the checksum."""
     src_seg, src_off, lengths = table.src_seg[first:last], table.src_off[first:last], table.piece_len[first:last]

@@ -151,12 +151,14 @@ class Nack(msgspec.Struct, frozen=True, array_like=True, tag="n"):
 
 
 class Window(msgspec.Struct, frozen=True, array_like=True, tag="w"):
-    """Sent after the handshake by a side that lets a same-host peer write its registered memory directly
-    (CMA): its process id, host identity and each registered buffer's address and size."""
+    """Sent after the handshake by a side that lets a same-host peer write its registered memory directly:
+    its process id, host identity, each registered buffer's address and size (for CMA) and, when the memory
+    is shared (memfd), the descriptors the peer may map (``/proc/PID/fd/N``)."""
 
     pid: U32
     host: Annotated[str, Meta(max_length=512)]
     buffers: Annotated[list[Annotated[list[U64], Meta(min_length=2, max_length=2)]], Meta(max_length=4096)]
+    fds: Annotated[list[U32], Meta(max_length=4096)] = []  # memfds of shared-memory buffers, one per buffer
 
 
 class Placed(msgspec.Struct, frozen=True, array_like=True, tag="p"):

@@ -33,11 +33,11 @@ async def ucx_channels(count: int, config: KVTransportConfig) -> AsyncIterator[l
         yield channels
 
 
-@pytest.mark.parametrize("placement", [True, False])
-async def test_same_host_transfer_places_chunks_directly(placement: bool) -> None:
+@pytest.mark.parametrize(("placement", "shared", "kind"), [(True, False, "cma"), (True, True, "shm"), (False, True, "none")])
+async def test_same_host_transfer_places_chunks_directly(placement: bool, shared: bool, kind: str) -> None:
     config = KVTransportConfig(chunk_size=64 << 10, direct_placement=placement)
     blocks = 96
-    src, dst = filled(SCHEMA, blocks), KVMemory.allocate(SCHEMA, blocks, fill=0)
+    src, dst = filled(SCHEMA, blocks), KVMemory.allocate(SCHEMA, blocks, fill=0, shared=shared)
     order = np.random.default_rng(3).permutation(blocks).tolist()
     async with ucx_channels(2, config) as (sender, receiver):
         sender.register(src)
@@ -50,6 +50,7 @@ async def test_same_host_transfer_places_chunks_directly(placement: bool) -> Non
             assert result.integrity.value == "verified"
             assert (await receiver.wait_received(plan.transfer_id)).integrity.value == "verified"
         stats = sender.statistics()
+        assert sender.links()[peer]["placement"] == kind
     assert np.array_equal(pages(dst)[:, :, order], pages(src))
     assert (stats.chunks_placed > 0) is placement
     assert stats.placement_failures == 0

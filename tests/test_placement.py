@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from sage_transport import KVCacheSchema, KVMemory
 from sage_transport.errors import ProtocolError, TransportError, UnsupportedError
-from sage_transport.placement import CmaWriter, buffer_address, cma_available, host_identity
+from sage_transport.placement import CmaWriter, ShmWriter, buffer_address, cma_available, host_identity
 
 pytestmark = pytest.mark.skipif(not cma_available(), reason="process_vm_writev is Linux-only")
 
@@ -73,3 +74,29 @@ def test_host_identity_is_stable_and_names_this_host() -> None:
 
     assert host_identity() == host_identity()
     assert host_identity().startswith(socket.gethostname() + "/")
+
+
+def test_shared_memory_writer_scatters_pages_and_checks_bounds() -> None:
+    schema = KVCacheSchema(num_layers=2, num_kv_heads=1, head_dim=64, block_size=16)  # 2 KiB pages
+    target = KVMemory.allocate(schema, 8, fill=0, shared=True)
+    assert len(target.shared_fds) == 1
+    src = np.arange(4 * 2048, dtype=np.uint8)  # four pages
+    writer = ShmWriter(os.getpid(), target.shared_fds, [target.nbytes], [memoryview(src)])
+    # a contiguous source run scattered to pages 5, 0, 7, 2 (the vectorised path)
+    order = np.array([5, 0, 7, 2])
+    n = len(order)
+    written = writer.write(np.zeros(n, int), np.arange(n) * 2048, np.zeros(n, int), order * 2048, np.full(n, 2048))
+    assert written == 4 * 2048
+    pages = np.frombuffer(target.buffers[0], np.uint8).reshape(-1, 2048)
+    assert np.array_equal(pages[order], src.reshape(4, 2048))
+    # uneven pieces take the general path
+    writer.write(np.array([0, 0]), np.array([1, 100]), np.array([0, 0]), np.array([10, 5000]), np.array([7, 300]))
+    flat = np.frombuffer(target.buffers[0], np.uint8)
+    assert np.array_equal(flat[10:17], src[1:8]) and np.array_equal(flat[5000:5300], src[100:400])
+    with pytest.raises(ProtocolError, match="outside"):
+        writer.write(np.array([0]), np.array([0]), np.array([0]), np.array([target.nbytes - 10]), np.array([2048]))
+
+
+def test_shared_memory_writer_refuses_a_missing_descriptor() -> None:
+    with pytest.raises(UnsupportedError, match="fd"):
+        ShmWriter(os.getpid(), [999_999], [4096], [memoryview(bytearray(4096))])
