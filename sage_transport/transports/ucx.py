@@ -55,6 +55,8 @@ __all__ = ["HEAD_SLOT", "UcxConnection", "UcxListener", "UcxTransport", "host_id
 log = structlog.get_logger("sage_transport.ucx")
 
 HEAD_SLOT = 4096
+_INLINE_SPINS = 2000  # polling mode: iterations a waiter spins on its own request before it parks on a future
+_INLINE_SPINS_BLOCKING = 50
 _PREFIX = struct.Struct("<IQ")  # header length, payload length + 1 (0: no payload; 2**64-1: goodbye)
 _GOODBYE = (1 << 64) - 1
 _INTRO_VERSION = 1
@@ -167,6 +169,15 @@ class UcxConnection(Connection):
     # ---- waiting ------------------------------------------------------------------------------------
 
     async def _wait(self, request: Any, keepalive: Any, idle: bool = False) -> None:
+        if not request.completed:
+            # drive the worker from the waiting task itself for a while (no future, no second task hop):
+            # a control message arrives in ~6 us instead of ~9; blocking mode spins briefly, polling longer
+            worker = self._progress.worker
+            for _ in range(_INLINE_SPINS if self._progress.polling else _INLINE_SPINS_BLOCKING):
+                worker.progress()
+                if request.completed or self._dead or self._closed:
+                    break
+                await asyncio.sleep(0)
         if request.completed:
             try:
                 request.check_error()
