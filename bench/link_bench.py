@@ -67,9 +67,12 @@ async def serve_sage(transport: str, options: dict[str, Any]) -> None:
         await t.aclose()
 
 
+CHILD_PREFIX: list[str] = []  # e.g. ["ip", "netns", "exec", "B"]: run the receiving side in another namespace
+
+
 async def spawn(args: list[str], env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", *args, stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}
+        *CHILD_PREFIX, sys.executable, __file__, "--serve", *args, stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}
     )
     assert proc.stdout is not None
     line = (await proc.stdout.readline()).decode().strip()
@@ -80,6 +83,7 @@ async def sage_row(
     transport: str, options: dict[str, Any], sizes: list[int], lat_sizes: list[int], inflight: int
 ) -> dict[str, Any]:
     proc, address = await spawn(["sage", transport, json.dumps(options)])
+    options = {k: v for k, v in options.items() if k != "host"}
     t = get_transport_class(transport)(**options)
     conn = await t.connect(address)
     info = conn.link_info()
@@ -324,6 +328,9 @@ def plot(rows: dict[str, dict[str, Any]], sizes: list[int], lat_sizes: list[int]
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.netns:
+        CHILD_PREFIX[:] = ["ip", "netns", "exec", args.netns]
+        return await netns_main(args)
     sizes = BW_SIZES if not args.quick else [1 << 20, 64 << 20]
     lat_sizes = LAT_SIZES if not args.quick else [8]
     rows: dict[str, dict[str, Any]] = {}
@@ -355,6 +362,24 @@ async def main(args: argparse.Namespace) -> None:
     print(table)
 
 
+async def netns_main(args: argparse.Namespace) -> None:
+    """Receiving side in namespace ``--netns`` listening on ``--host`` (the far end of a veth pair); this
+    process must run in the other namespace (see bench/README.md)."""
+    sizes = BW_SIZES if not args.quick else [1 << 20, 64 << 20]
+    lat_sizes = LAT_SIZES if not args.quick else [8]
+    rows = {
+        "sage tcp over veth": await sage_row("tcp", {"host": args.host}, sizes, lat_sizes, args.inflight),
+        "sage ucx (UCX tcp) over veth": await sage_row(
+            "ucx", {"host": args.host, "tls": "tcp", "locality": "remote"}, sizes, lat_sizes, args.inflight
+        ),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
+    table = markdown(rows, sizes, lat_sizes)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def run(coro: Any) -> Any:
     try:
         import uvloop
@@ -376,4 +401,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="two sizes, one latency size")
     parser.add_argument("--inflight", type=int, default=4, help="frames in flight for bandwidth (default 4)")
     parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    parser.add_argument("--netns", default=None, help="run the receiving side in this network namespace")
+    parser.add_argument("--host", default="127.0.0.1", help="with --netns: the receiver's address in it")
     run(main(parser.parse_args()))
