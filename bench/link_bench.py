@@ -72,7 +72,13 @@ CHILD_PREFIX: list[str] = []  # e.g. ["ip", "netns", "exec", "B"]: run the recei
 
 async def spawn(args: list[str], env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        *CHILD_PREFIX, sys.executable, __file__, "--serve", *args, stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}
+        *CHILD_PREFIX,
+        sys.executable,
+        __file__,
+        "--serve",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stdout is not None
     line = (await proc.stdout.readline()).decode().strip()

@@ -94,7 +94,8 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     limit; ``gather`` packs short non-contiguous runs into one chunk (one staging copy per side) instead of
     sending one message per run; ``ack_timeout_s`` resends chunks whose acknowledgement is that late.
     ``direct_placement`` lets a same-host sender write chunks straight into this side's registered memory
-    (CMA, ``overlap_streams`` chunks at once) once a transfer is accepted; it needs ``zero_copy``.
+    (``overlap_streams`` chunks at once) once a transfer is accepted; it needs ``zero_copy``.
+    ``overlap_streams`` is also how many chunk sends a peer's writer keeps in flight on the transport.
     ``progress_mode``, ``ucx_tls``, ``listen_host``/``listen_port`` and the heartbeat settings configure
     the transport.
     """

@@ -38,7 +38,9 @@ class PeerSession:
         self.wake = asyncio.Event()
         self.closed = False
         self._next_wire_id = 0
-        self._staging_out = memoryview(bytearray(0))  # grown on demand, reused for every gathered chunk
+        self._staging_free: list[memoryview] = []  # staging buffers for gathered chunks, reused (one per send in flight)
+        self._sends: set[asyncio.Task[None]] = set()  # chunk sends in flight (several per peer)
+        self._send_limit = channel.config.overlap_streams
         self._staging_in = memoryview(bytearray(0))
         self._decoded: Any = None
         self._target_kind = 0  # 0: in place, 1: staging, 2: discard
@@ -101,13 +103,16 @@ class PeerSession:
         while True:
             while outbox:
                 await conn.send(outbox.popleft())
-            pick = None if self._placing >= self._place_limit else scheduler.next_for(self.peer)
+            busy = self._placing >= self._place_limit or len(self._sends) >= self._send_limit
+            pick = None if busy else scheduler.next_for(self.peer)
             if pick is not None:
                 out, seq = pick
                 if self.placer is not None and out.accepted:  # type: ignore[attr-defined]
                     self._start_placement(out, seq)  # type: ignore[arg-type]
-                else:
-                    await self._send_chunk(out, seq)  # type: ignore[arg-type]
+                else:  # several chunks in flight: the next one goes while the transport still moves this one
+                    task = asyncio.ensure_future(self._send_chunk(out, seq))  # type: ignore[arg-type]
+                    self._sends.add(task)
+                    task.add_done_callback(self._chunk_sent)
                 continue
             self.wake.clear()
             if outbox:
@@ -120,20 +125,34 @@ class PeerSession:
                 resent = scheduler.resend_inflight(self.peer)
                 channel._counters["resends_after_timeout"] += resent
 
+    def _chunk_sent(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        self.wake.set()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or self.closed:
+            return
+        if isinstance(exc, (TransportError, ProtocolError)):
+            self.channel._session_failed(self, exc)
+        else:
+            self.channel._session_failed(self, TransportError(f"sending to {self.peer} crashed: {exc!r}"))
+
     async def _send_chunk(self, out: Outgoing, seq: int) -> None:
         lists = out.lists
         ptr, piece_len = lists["piece_ptr"], lists["piece_len"]
         src_seg, src_off = lists["src_seg"], lists["src_off"]
         views = self.channel._memory_views
         first, last = ptr[seq], ptr[seq + 1]
+        staging = None
         if last - first == 1:
             offset = src_off[first]
             payload = views[src_seg[first]][offset : offset + piece_len[first]]
         else:
             nbytes = out.lists["chunk_nbytes"][seq]
-            if self._staging_out.nbytes < nbytes:
-                self._staging_out = memoryview(bytearray(max(nbytes, out.table.max_chunk_bytes)))
-            staging = self._staging_out
+            staging = self._staging_free.pop() if self._staging_free else memoryview(bytearray(0))
+            if staging.nbytes < nbytes:
+                staging = memoryview(bytearray(max(nbytes, out.table.max_chunk_bytes)))
             pos = 0
             for k in range(first, last):
                 n, offset = piece_len[k], src_off[k]
@@ -148,7 +167,11 @@ class PeerSession:
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING
-        await self.conn.send(header, payload)
+        try:
+            await self.conn.send(header, payload)
+        finally:
+            if staging is not None:
+                self._staging_free.append(staging)
         counters = self.channel._counters
         counters["chunks_sent"] += 1
         counters["bytes_sent"] += payload.nbytes
@@ -368,13 +391,13 @@ class PeerSession:
         """Stop both tasks and close the connection (shielded: cleanup always finishes)."""
         self.closed = True
         current = asyncio.current_task()
-        for task in self.tasks:
+        for task in [*self.tasks, *self._sends]:
             if task is not current:
                 task.cancel()
         await asyncio.shield(self._finish_close(current))
 
     async def _finish_close(self, current: asyncio.Task[Any] | None) -> None:
-        for task in self.tasks:
+        for task in [*self.tasks, *self._sends]:
             if task is not current:
                 try:
                     await task

@@ -419,3 +419,31 @@ async def test_hostile_peer_gets_refusals_and_a_closed_connection_never_a_crash(
         stats = victim.statistics()
         assert stats.transfers_receiving == 0 and stats.bytes_received == 0
         assert stats.transfers_refused == 3
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+async def test_several_chunks_in_flight_per_peer(streams: int) -> None:
+    """The writer keeps up to ``overlap_streams`` chunk sends in flight on one connection."""
+    # 16 KiB chunks: above the mock's eager threshold, so a send lasts until the receiver takes the chunk
+    config = KVTransportConfig(chunk_size=16 << 10, prefetch_depth=16, overlap_streams=streams, gather=True)
+    async with channel_pair(config=config, latency_s=0.002) as pair:
+        session = pair.sender._sessions[pair.peer]
+        conn = session.conn
+        original = conn.send
+        state = {"now": 0, "max": 0}
+
+        async def counting(header, payload=None):  # type: ignore[no-untyped-def]
+            if payload is None:
+                return await original(header, payload)
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+            try:
+                return await original(header, payload)
+            finally:
+                state["now"] -= 1
+
+        conn.send = counting  # type: ignore[method-assign]
+        dst = shuffled(64)
+        await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(64), dst))
+        assert_moved(pair, dst)
+    assert state["max"] == streams
