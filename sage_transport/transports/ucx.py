@@ -12,8 +12,9 @@ addresses, and their kind is chosen per peer:
 The transports UCX really selected for each peer are read from UCX's protocol table at endpoint creation
 (:attr:`UcxConnection.ucx_transports`) and a warning is logged when a same-host peer runs over TCP.
 
-A frame is one *head* message (sizes, then the header when it fits in :data:`HEAD_SLOT` bytes) and, on a
-second tag, an overflow header and the payload, which the receiver posts straight into the sink's buffer.
+A frame is one *head* message (sizes, then the header when it fits in :data:`HEAD_SLOT` bytes, and a payload
+too when both fit) and, on a second tag, an overflow header and a larger payload, which the receiver posts
+straight into the sink's buffer.
 Both messages are posted without an await in between, so concurrent senders never interleave and several
 frames are in flight at once; ``send`` returns when UCX is done with the payload.
 """
@@ -54,7 +55,7 @@ __all__ = ["HEAD_SLOT", "UcxConnection", "UcxListener", "UcxTransport", "host_id
 
 log = structlog.get_logger("sage_transport.ucx")
 
-HEAD_SLOT = 4096
+HEAD_SLOT = 8192  # head messages stay under UCX's eager/rendezvous switch on shared memory
 _INLINE_SPINS = 2000  # polling mode: iterations a waiter spins on its own request before it parks on a future
 _INLINE_SPINS_BLOCKING = 50
 _PREFIX = struct.Struct("<IQ")  # header length, payload length + 1 (0: no payload; 2**64-1: goodbye)
@@ -217,7 +218,11 @@ class UcxConnection(Connection):
         hlen = len(header)
         prefix = _PREFIX.pack(hlen, 0 if view is None else nbytes + 1)
         inline = hlen + _PREFIX.size <= HEAD_SLOT
-        head = _Array(prefix + header if inline else prefix)
+        if inline and view is not None and _PREFIX.size + hlen + nbytes <= HEAD_SLOT:
+            head = _Array(prefix + header + view)  # a small payload rides in the head message: one UCX message
+            nbytes = 0
+        else:
+            head = _Array(prefix + header if inline else prefix)
         requests = [(ep.tag_send(head, self._tag_head_out), head)]
         if not inline:
             extra = _Array(header)
@@ -226,7 +231,7 @@ class UcxConnection(Connection):
             data = _Array(view)
             requests.append((ep.tag_send(data, self._tag_data_out), data))
         self._counts[0] += 1
-        self._counts[2] += nbytes
+        self._counts[2] += 0 if view is None else view.nbytes
         for request, keepalive in requests:
             await self._wait(request, keepalive)
 
@@ -259,16 +264,21 @@ class UcxConnection(Connection):
                 return Frame(header, None)
             nbytes = plen - 1
             self._counts[3] += nbytes
+            inline_at = _PREFIX.size + hlen if _PREFIX.size + hlen + nbytes <= HEAD_SLOT else 0
             try:
                 target = sink(header, nbytes) if sink is not None else None
             except BaseException:
-                await self._discard(nbytes)
+                if not inline_at:
+                    await self._discard(nbytes)
                 raise
             view = as_byte_view(bytearray(nbytes) if target is None else target, writable=True)
             if view.nbytes != nbytes:
-                await self._discard(nbytes)
+                if not inline_at:
+                    await self._discard(nbytes)
                 raise ProtocolError(f"sink gave {view.nbytes} bytes for a {nbytes}-byte payload")
-            if nbytes:
+            if inline_at:
+                view[:] = self._head_buf[inline_at : inline_at + nbytes]
+            elif nbytes:
                 await self._recv_into(view)
             return Frame(header, view)
         except asyncio.CancelledError:
