@@ -28,8 +28,9 @@ from ..memory import as_byte_view
 from ..wire import MAX_CONTROL_BYTES
 from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
 from .link import parse_host_port
+from .listeners import ServerListener
 
-__all__ = ["TcpConnection", "TcpListener", "TcpTransport"]
+__all__ = ["TcpConnection", "TcpTransport"]
 
 _PREFIX = struct.Struct("<IQ")
 _GOODBYE = (1 << 64) - 1
@@ -418,33 +419,6 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         self._wake()
 
 
-class TcpListener(Listener):
-    def __init__(self, server: asyncio.Server, queue: asyncio.Queue[TcpConnection | None]) -> None:
-        self._server = server
-        self._queue = queue
-        bound = server.sockets[0].getsockname()
-        self.address = f"{bound[0]}:{bound[1]}"
-        self._closed = False
-
-    async def accept(self) -> Connection:
-        if self._closed:
-            raise ConnectionClosedError(f"listener {self.address} is closed")
-        conn = await self._queue.get()
-        if conn is None:
-            self._queue.put_nowait(None)
-            raise ConnectionClosedError(f"listener {self.address} is closed")
-        return conn
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._server.close()
-        self._queue.put_nowait(None)
-        with contextlib.suppress(Exception):
-            await self._server.wait_closed()
-
-
 class TcpTransport(Transport):
     """Framed TCP on asyncio (uvloop when the loop is uvloop's)."""
 
@@ -459,7 +433,7 @@ class TcpTransport(Transport):
         self.host, self.port = host, port
         self.peer_timeout_s = peer_timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self._listeners: list[TcpListener] = []
+        self._listeners: list[ServerListener] = []
         self._connections: set[TcpConnection] = set()
 
     @classmethod
@@ -484,17 +458,18 @@ class TcpTransport(Transport):
 
     async def listen(self, address: str | None = None) -> Listener:
         host, port = parse_host_port(address, "listen address") if address else (self.host, self.port)
-        queue: asyncio.Queue[TcpConnection | None] = asyncio.Queue()
+        holder: list[ServerListener] = []
 
         def made(conn: TcpConnection) -> None:
             self._connections.add(conn)
-            queue.put_nowait(conn)
+            holder[0].offer(conn)
 
         try:
             server = await asyncio.get_running_loop().create_server(lambda: TcpConnection(self.peer_timeout_s, made), host, port)
         except OSError as exc:
             raise ConnectionClosedError(f"cannot listen on {host}:{port}: {exc}") from exc
-        listener = TcpListener(server, queue)
+        listener = ServerListener(server)
+        holder.append(listener)
         self._listeners.append(listener)
         return listener
 

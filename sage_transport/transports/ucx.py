@@ -41,6 +41,7 @@ from ..memory import as_byte_view
 from ..placement import host_identity
 from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
 from .link import Link, open_link, parse_host_port
+from .listeners import ServerListener
 from .ucx_progress import WorkerProgress
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX then flags
@@ -51,7 +52,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the registry turns this into UnsupportedError
     raise ImportError(f"the ucx transport needs ucxx (pip install ucxx-cu12): {exc}") from exc
 
-__all__ = ["HEAD_SLOT", "UcxConnection", "UcxListener", "UcxTransport", "host_identity"]
+__all__ = ["HEAD_SLOT", "UcxConnection", "UcxTransport", "host_identity"]
 
 log = structlog.get_logger("sage_transport.ucx")
 
@@ -327,33 +328,6 @@ class UcxConnection(Connection):
         self.transport._connections.discard(self)
 
 
-class UcxListener(Listener):
-    def __init__(self, transport: UcxTransport, server: asyncio.Server, address: str) -> None:
-        self.transport = transport
-        self.address = address
-        self._server = server
-        self._queue: asyncio.Queue[UcxConnection | None] = asyncio.Queue()
-        self._closed = False
-
-    async def accept(self) -> Connection:
-        if self._closed:
-            raise ConnectionClosedError(f"listener {self.address} is closed")
-        conn = await self._queue.get()
-        if conn is None:
-            self._queue.put_nowait(None)
-            raise ConnectionClosedError(f"listener {self.address} is closed")
-        return conn
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._server.close()
-        self._queue.put_nowait(None)
-        with contextlib.suppress(Exception):
-            await self._server.wait_closed()
-
-
 class UcxTransport(Transport):
     """UCX transport. ``tls`` sets ``UCX_TLS`` for this transport's context (``None``: the environment or
     UCX's default); ``locality`` forces the endpoint kind (``auto``, ``local`` or ``remote``)."""
@@ -391,7 +365,7 @@ class UcxTransport(Transport):
         self._progress: WorkerProgress | None = None
         self._tags = itertools.count(1)
         self._connections: set[UcxConnection] = set()
-        self._listeners: list[UcxListener] = []
+        self._listeners: list[ServerListener] = []
         self._tables: dict[bool, dict[str, list[str]]] = {}
 
     @classmethod
@@ -478,7 +452,7 @@ class UcxTransport(Transport):
     async def listen(self, address: str | None = None) -> Listener:
         host, port = parse_host_port(address, "listen address") if address else (self.host, self.port)
         self._progress_driver()
-        holder: list[UcxListener] = []
+        holder: list[ServerListener] = []
 
         async def on_link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             link = Link(reader, writer)
@@ -492,14 +466,13 @@ class UcxTransport(Transport):
                 log.warning("ucx_bootstrap_failed", peer=link.peer_address, error=str(exc))
                 link.abort()
                 return
-            holder[0]._queue.put_nowait(conn)
+            holder[0].offer(conn)
 
         try:
             server = await asyncio.start_server(on_link, host, port)
         except OSError as exc:
             raise ConnectionClosedError(f"cannot listen on {host}:{port}: {exc}") from exc
-        bound = server.sockets[0].getsockname()
-        listener = UcxListener(self, server, f"{bound[0]}:{bound[1]}")
+        listener = ServerListener(server)
         holder.append(listener)
         self._listeners.append(listener)
         return listener
