@@ -9,6 +9,7 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
+from .placement import ShmWriter
 from .transfers import Incoming, Outgoing, TransferStatus
 from .transports.base import Connection
 from .wire import Abort, Ack, Announce, Chunk, Nack, Placed, Region, RegionUpdate, Window, decode_message, encode_message
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from .channel import KVTransferChannel
-    from .placement import CmaWriter, ShmWriter
+    from .placement import CmaWriter
 
 __all__ = ["PeerSession"]
 
@@ -60,7 +61,7 @@ class PeerSession:
         """``shm`` (memory copy into the peer's shared KV cache), ``cma`` (process_vm_writev) or ``none``."""
         if self.placer is None:
             return "none"
-        return "shm" if type(self.placer).__name__ == "ShmWriter" else "cma"
+        return "shm" if isinstance(self.placer, ShmWriter) else "cma"
 
     def enable_placement(self, placer: CmaWriter | ShmWriter, pool: concurrent.futures.Executor) -> None:
         """Write chunks of accepted transfers straight into the peer's memory from now on."""
@@ -167,11 +168,9 @@ class PeerSession:
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING
-        try:
-            await self.conn.send(header, payload)
-        finally:
-            if staging is not None:
-                self._staging_free.append(staging)
+        await self.conn.send(header, payload)
+        if staging is not None:  # only after a completed send: a cancelled one may still be reading it
+            self._staging_free.append(staging)
         counters = self.channel._counters
         counters["chunks_sent"] += 1
         counters["bytes_sent"] += payload.nbytes
