@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
-import sys
-import time
 from typing import Any
 
 import msgspec
@@ -34,6 +32,9 @@ JOB_PROTOCOL = 1
 
 
 class JobSpec(msgspec.Struct, frozen=True, tag="job", kw_only=True):
+    """Sender → receiver: the cache to build (model shape, tokens, block size), the transport and settings of
+    the channel to open, and the transfer ids to wait for."""
+
     protocol: int = JOB_PROTOCOL
     model: str
     tokens: int
@@ -44,12 +45,16 @@ class JobSpec(msgspec.Struct, frozen=True, tag="job", kw_only=True):
 
 
 class JobReady(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
+    """Receiver → sender: the destination cache exists (pre-touched) and the channel listens here."""
+
     channel_address: str
     blocks: int
     bytes: int
 
 
 class JobReceived(msgspec.Struct, frozen=True, tag="received", kw_only=True):
+    """Receiver → sender: a transfer arrived verified; ``digest`` is xxh3-64 of the whole destination cache."""
+
     transfer_id: str
     digest: int
     integrity: str
@@ -57,15 +62,19 @@ class JobReceived(msgspec.Struct, frozen=True, tag="received", kw_only=True):
 
 
 class JobDone(msgspec.Struct, frozen=True, tag="done"):
-    pass
+    """Sender → receiver: no more transfers; report and release the cache."""
 
 
 class JobBye(msgspec.Struct, frozen=True, tag="bye", kw_only=True):
+    """Receiver → sender: CPU seconds spent receiving and the UCX transports its side used."""
+
     cpu_seconds: float
     ucx_transports: dict[str, list[str]]
 
 
 class JobFailed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
+    """Receiver → sender: the job failed here (the sender raises it)."""
+
     reason: str
 
 
@@ -176,9 +185,3 @@ async def serve(host: str = "127.0.0.1", port: int = 0, *, once: bool = False, r
             await finished.wait()
         else:
             await server.serve_forever()
-
-
-def main_once(host: str, port: int) -> None:  # pragma: no cover - thin wrapper for subprocesses
-    start = time.perf_counter()
-    asyncio.run(serve(host, port, once=True))
-    print(f"served in {time.perf_counter() - start:.2f} s", file=sys.stderr)
