@@ -125,7 +125,7 @@ async def run_migration(
     receivers: int = 1,
     peers: Sequence[str] = (),
     reference: bool = True,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float, bool], None] | None = None,
 ) -> MigrationRecord:
     """Run the migration ``repeats`` times and return the record (see the module docstring)."""
     config = config or KVTransportConfig()
@@ -153,7 +153,7 @@ async def _migrate_in_process(
     shuffle: bool,
     repeats: int,
     rng: np.random.Generator,
-    progress: Callable[[int, int, float], None] | None,
+    progress: Callable[[int, int, float, bool], None] | None,
 ) -> MigrationRecord:
     from .transports.mock import MockNetwork, MockTransport
 
@@ -240,7 +240,7 @@ async def _migrate_to_receivers(
     receivers: int,
     peers: list[str],
     reference: bool,
-    progress: Callable[[int, int, float], None] | None,
+    progress: Callable[[int, int, float, bool], None] | None,
 ) -> MigrationRecord:
     from .transports.link import parse_host_port
 
@@ -415,7 +415,7 @@ def _record(
 
 
 @contextlib.asynccontextmanager
-async def _progress_task(handles: list[Any], progress: Callable[[int, int, float], None] | None) -> Any:
+async def _progress_task(handles: list[Any], progress: Callable[[int, int, float, bool], None] | None) -> Any:
     if progress is None:
         yield
         return
@@ -424,7 +424,7 @@ async def _progress_task(handles: list[Any], progress: Callable[[int, int, float
 
     async def tick() -> None:
         while True:
-            progress(sum(h.progress().bytes_verified for h in handles), total, time.perf_counter() - start)
+            progress(sum(h.progress().bytes_verified for h in handles), total, time.perf_counter() - start, False)
             await asyncio.sleep(0.1)
 
     task = asyncio.create_task(tick())
@@ -434,21 +434,21 @@ async def _progress_task(handles: list[Any], progress: Callable[[int, int, float
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        progress(total, total, time.perf_counter() - start)
+        progress(sum(h.progress().bytes_verified for h in handles), total, time.perf_counter() - start, True)
 
 
-def progress_bar(stream: Any = None) -> Callable[[int, int, float], None]:
+def progress_bar(stream: Any = None) -> Callable[[int, int, float, bool], None]:
     """A one-line progress bar on ``stream`` (stderr): bytes verified, share, rate."""
     out = stream or sys.stderr
 
-    def show(done: int, total: int, elapsed: float) -> None:
+    def show(done: int, total: int, elapsed: float, final: bool) -> None:
         share = done / total if total else 1.0
         filled = int(share * 30)
         rate = done / elapsed / 1e9 if elapsed > 0 else 0.0
         out.write(
             f"\r  [{'#' * filled}{'.' * (30 - filled)}] {share:6.1%}  {done / GIB:6.2f}/{total / GIB:.2f} GiB  {rate:5.2f} GB/s"
         )
-        if done >= total:
+        if final:
             out.write("\n")
         out.flush()
 

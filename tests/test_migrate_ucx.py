@@ -60,3 +60,55 @@ def test_migrate_to_a_dead_peer_is_a_clear_error() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "127.0.0.1:1" in proc.stderr
+
+
+async def test_a_bad_job_is_refused_with_the_field_and_value() -> None:
+    import asyncio
+
+    from sage_transport.serve import JobFailed, JobSpec, serve
+
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(serve("127.0.0.1", 0, once=True, ready=ready.set_result))
+    host, port = (await ready).rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    spec = JobSpec(model="gpt-9", tokens=64, block_size=16, transport="ucx", config={}, transfer_ids=["t"])
+    import msgspec
+
+    writer.write(msgspec.json.encode(spec) + b"\n")
+    reply = msgspec.json.decode(await reader.readline(), type=JobFailed)
+    assert "model='gpt-9'" in reply.reason
+    writer.close()
+    await asyncio.wait_for(server, 10)
+
+
+def test_a_receiver_killed_mid_migration_fails_the_job_cleanly() -> None:
+    """The receiver process dies during the transfers: migrate exits with an error naming the peer, no hang."""
+    import time
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sage_transport.cli", "serve", "--port", "0", "--once"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        address = server.stdout.readline().rsplit("listening on ", 1)[1].strip()
+        sender = subprocess.Popen(
+            [sys.executable, "-m", "sage_transport.cli", "migrate", "--peer", address, "--tokens", "32768",
+             "--repeat", "50", "--config", "peer_timeout_s=3s", "--progress", "on"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert sender.stderr is not None
+        seen = ""
+        while "GiB" not in seen:  # the progress bar: transfers are under way
+            char = sender.stderr.read(1)
+            assert char, f"migrate ended before transferring: {seen}"
+            seen += char
+        time.sleep(0.5)
+        server.kill()
+        _, err = sender.communicate(timeout=60)
+        assert sender.returncode == 2, err[-2000:]
+        assert "error" in err and ("dead" in err or "went away" in err or "gone" in err or "hung up" in err), err[-2000:]
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
