@@ -53,10 +53,12 @@ async def serve_sage(transport: str, options: dict[str, Any]) -> None:
     def sink(header: bytes, nbytes: int) -> Any:
         return view[:nbytes]
 
+    marks = [cpu()]  # receiver CPU at each bandwidth run's end, reported on exit
     try:
         while True:
             frame = await conn.recv(sink)
             if frame.header == b"end":
+                marks.append(cpu())
                 await conn.send(b"ok")
             elif frame.header.startswith(b"ping"):
                 await conn.send(frame.header, frame.payload)
@@ -65,6 +67,7 @@ async def serve_sage(transport: str, options: dict[str, Any]) -> None:
     finally:
         await conn.aclose()
         await t.aclose()
+        print(json.dumps(marks), flush=True)
 
 
 CHILD_PREFIX: list[str] = []  # e.g. ["ip", "netns", "exec", "B"]: run the receiving side in another namespace
@@ -128,8 +131,16 @@ async def sage_row(
     finally:
         await conn.aclose()
         await t.aclose()
+        assert proc.stdout is not None
+        tail = (await asyncio.wait_for(proc.stdout.read(), 30)).decode().strip().splitlines()
         await asyncio.wait_for(proc.wait(), 30)
-    return {"bw": bw, "cpu_per_gib": cpu_per_gib, "lat": lat, "link": info}
+    marks = json.loads(tail[-1]) if tail else []
+    rx_cpu_per_gib: dict[int, float] = {}
+    for i, size in enumerate(sizes):  # three runs per size, one mark after each
+        if len(marks) > 3 * i + 3:
+            count = max(8, BW_BYTES // size)
+            rx_cpu_per_gib[size] = (marks[3 * i + 3] - marks[3 * i]) / (3 * size * count / (1 << 30))
+    return {"bw": bw, "cpu_per_gib": cpu_per_gib, "rx_cpu_per_gib": rx_cpu_per_gib, "lat": lat, "link": info}
 
 
 async def _send_all(conn: Any, queue: Any, payload: memoryview) -> None:
@@ -290,10 +301,16 @@ def markdown(rows: dict[str, dict[str, Any]], sizes: list[int], lat_sizes: list[
             runs = row["bw"].get(s)
             cells.append(f"{statistics.median(runs):.2f} ({min(runs):.2f}–{max(runs):.2f})" if runs else "")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
-    out += ["", "| CPU s per GiB, sender side | " + " | ".join(fmt_size(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    out += [
+        "",
+        "| CPU s per GiB, sender / receiver | " + " | ".join(fmt_size(s) for s in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
     for name, row in rows.items():
         if row["cpu_per_gib"]:
-            out.append(f"| {name} | " + " | ".join(f"{row['cpu_per_gib'].get(s, float('nan')):.3f}" for s in sizes) + " |")
+            rx = row.get("rx_cpu_per_gib", {})
+            cells = [f"{row['cpu_per_gib'].get(s, float('nan')):.3f}" + (f" / {rx[s]:.3f}" if s in rx else "") for s in sizes]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
     out += ["", "| one-way latency µs, p50 / p99 | " + " | ".join(fmt_size(s) for s in lat_sizes) + " |"]
     out.append("|---|" + "---|" * len(lat_sizes))
     for name, row in rows.items():
