@@ -175,11 +175,15 @@ class UcxConnection(Connection):
             # drive the worker from the waiting task itself for a while (no future, no second task hop):
             # a control message arrives in ~6 us instead of ~9; blocking mode spins briefly, polling longer
             worker = self._progress.worker
-            for _ in range(_INLINE_SPINS if self._progress.polling else _INLINE_SPINS_BLOCKING):
-                worker.progress()
-                if request.completed or self._dead or self._closed:
-                    break
-                await asyncio.sleep(0)
+            try:
+                for _ in range(_INLINE_SPINS if self._progress.polling else _INLINE_SPINS_BLOCKING):
+                    worker.progress()
+                    if request.completed or self._dead or self._closed:
+                        break
+                    await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self._progress.track(request, keepalive, idle)  # UCX still owns the buffer: keep it alive
+                raise
         if request.completed:
             try:
                 request.check_error()
@@ -233,8 +237,14 @@ class UcxConnection(Connection):
             requests.append((ep.tag_send(data, self._tag_data_out), data))
         self._counts[0] += 1
         self._counts[2] += 0 if view is None else view.nbytes
-        for request, keepalive in requests:
-            await self._wait(request, keepalive)
+        try:
+            for request, keepalive in requests:
+                await self._wait(request, keepalive)
+        except asyncio.CancelledError:  # the frame still goes whole: keep every buffer alive until UCX is done
+            for request, keepalive in requests:
+                if not request.completed:
+                    self._progress.track(request, keepalive)
+            raise
 
     # ---- receive ------------------------------------------------------------------------------------
 
