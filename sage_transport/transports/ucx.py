@@ -167,6 +167,7 @@ class UcxConnection(Connection):
         if ep is not None:
             with contextlib.suppress(Exception):
                 ep.close()
+        self._head_pending = None  # the progress tracker keeps it (and its buffer) until UCX is done
 
     # ---- waiting ------------------------------------------------------------------------------------
 

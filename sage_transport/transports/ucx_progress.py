@@ -103,6 +103,20 @@ class WorkerProgress:
                     await asyncio.sleep(0)
 
     def close(self) -> None:
+        """Stop progressing, cancel what UCX still holds and drop every request before the worker goes:
+        a request outliving its worker aborts the process when the garbage collector reaches it."""
         self._task.cancel()
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._fd)
+        if self._pending:
+            with contextlib.suppress(Exception):
+                self.worker.cancel_inflight_requests()
+            for _ in range(100):
+                self.worker.progress()
+                if all(entry[0].completed for entry in self._pending):
+                    break
+        for _, future, _, _ in self._pending:
+            if not future.done():
+                future.cancel()
+        self._pending.clear()
+        self._idle = 0
