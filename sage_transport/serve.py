@@ -11,7 +11,6 @@ locally (``migrate`` starts one serve process per receiver) and across hosts (``
 from __future__ import annotations
 
 import asyncio
-import uuid
 import contextlib
 import resource
 from typing import Any
