@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from ..errors import ConnectionClosedError
 from .base import Connection, Listener
@@ -14,17 +15,26 @@ __all__ = ["ServerListener"]
 
 
 class ServerListener(Listener):
-    """``address`` is the server's bound ``host:port``; :meth:`offer` hands it an accepted connection."""
+    """``address`` is the server's bound ``host:port``. Build it with :meth:`open`."""
 
-    def __init__(self, server: asyncio.Server) -> None:
+    def __init__(self, server: asyncio.Server, queue: asyncio.Queue[Connection | None]) -> None:
         self._server = server
         bound = server.sockets[0].getsockname()
         self.address = f"{bound[0]}:{bound[1]}"
-        self._queue: asyncio.Queue[Connection | None] = asyncio.Queue()
+        self._queue = queue
         self._closed = False
 
-    def offer(self, conn: Connection) -> None:
-        self._queue.put_nowait(conn)
+    @classmethod
+    async def open(
+        cls, start: Callable[[Callable[[Connection], None]], Awaitable[asyncio.Server]], host: str, port: int
+    ) -> ServerListener:
+        """``start(offer)`` starts the server; its callbacks call ``offer(conn)`` for each connection set up."""
+        queue: asyncio.Queue[Connection | None] = asyncio.Queue()
+        try:
+            server = await start(queue.put_nowait)
+        except OSError as exc:
+            raise ConnectionClosedError(f"cannot listen on {host}:{port}: {exc}") from exc
+        return cls(server, queue)
 
     async def accept(self) -> Connection:
         if self._closed:

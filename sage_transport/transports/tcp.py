@@ -458,18 +458,16 @@ class TcpTransport(Transport):
 
     async def listen(self, address: str | None = None) -> Listener:
         host, port = parse_host_port(address, "listen address") if address else (self.host, self.port)
-        holder: list[ServerListener] = []
+        loop = asyncio.get_running_loop()
 
-        def made(conn: TcpConnection) -> None:
-            self._connections.add(conn)
-            holder[0].offer(conn)
+        def start(offer: Any) -> Any:
+            def made(conn: TcpConnection) -> None:
+                self._connections.add(conn)
+                offer(conn)
 
-        try:
-            server = await asyncio.get_running_loop().create_server(lambda: TcpConnection(self.peer_timeout_s, made), host, port)
-        except OSError as exc:
-            raise ConnectionClosedError(f"cannot listen on {host}:{port}: {exc}") from exc
-        listener = ServerListener(server)
-        holder.append(listener)
+            return loop.create_server(lambda: TcpConnection(self.peer_timeout_s, made), host, port)
+
+        listener = await ServerListener.open(start, host, port)
         self._listeners.append(listener)
         return listener
 

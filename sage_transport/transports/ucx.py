@@ -463,28 +463,25 @@ class UcxTransport(Transport):
     async def listen(self, address: str | None = None) -> Listener:
         host, port = parse_host_port(address, "listen address") if address else (self.host, self.port)
         self._progress_driver()
-        holder: list[ServerListener] = []
 
-        async def on_link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            link = Link(reader, writer)
-            try:
-                async with asyncio.timeout(self.connect_timeout_s):
-                    intro = _decode_intro(await link.recv_blob(), link.peer_address)
-                    recv_tag = self._new_recv_tag()
-                    await link.send_blob(self._intro(recv_tag))
-                conn = self._endpoint(intro, link, recv_tag, link.peer_address)
-            except Exception as exc:
-                log.warning("ucx_bootstrap_failed", peer=link.peer_address, error=str(exc))
-                link.abort()
-                return
-            holder[0].offer(conn)
+        def start(offer: Any) -> Any:
+            async def on_link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                link = Link(reader, writer)
+                try:
+                    async with asyncio.timeout(self.connect_timeout_s):
+                        intro = _decode_intro(await link.recv_blob(), link.peer_address)
+                        recv_tag = self._new_recv_tag()
+                        await link.send_blob(self._intro(recv_tag))
+                    conn = self._endpoint(intro, link, recv_tag, link.peer_address)
+                except Exception as exc:
+                    log.warning("ucx_bootstrap_failed", peer=link.peer_address, error=str(exc))
+                    link.abort()
+                    return
+                offer(conn)
 
-        try:
-            server = await asyncio.start_server(on_link, host, port)
-        except OSError as exc:
-            raise ConnectionClosedError(f"cannot listen on {host}:{port}: {exc}") from exc
-        listener = ServerListener(server)
-        holder.append(listener)
+            return asyncio.start_server(on_link, host, port)
+
+        listener = await ServerListener.open(start, host, port)
         self._listeners.append(listener)
         return listener
 
