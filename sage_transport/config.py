@@ -97,7 +97,11 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     (``overlap_streams`` chunks at once) once a transfer is accepted; it needs ``zero_copy``.
     ``overlap_streams`` is also how many chunk sends a peer's writer keeps in flight on the transport.
     ``progress_mode``, ``ucx_tls``, ``listen_host``/``listen_port`` and the heartbeat settings configure
-    the transport.
+    the transport. ``ucx_tls``/``ucx_net_devices`` override the topology profile's UCX transports and
+    devices, ``ucx_rndv_threshold`` UCX's eager→rendezvous switch (None: UCX decides); ``ucx_endpoint``
+    picks the endpoint kind: ``local`` (worker address, no peer error handling: shared memory and CMA
+    usable), ``remote`` (peer error handling, network transports only) or ``auto`` (local for a peer with
+    this host's boot id). ``kv_dtype`` is accepted as another name of ``target_dtype``.
     """
 
     backend: str = "ucx"
@@ -119,6 +123,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     direct_placement: bool = True
     progress_mode: ProgressMode = ProgressMode.BLOCKING
     ucx_tls: str | None = None
+    ucx_net_devices: str | None = None
+    ucx_rndv_threshold: int | None = None
+    ucx_endpoint: str = "auto"
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
     heartbeat_interval_s: float = 1.0
@@ -150,6 +157,14 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             )
         for name, kind in (("integrity", Integrity), ("compression", Compression), ("progress_mode", ProgressMode)):
             msgspec.structs.force_setattr(self, name, _enum(kind)(getattr(self, name), name))
+        if self.ucx_endpoint not in ("auto", "local", "remote"):
+            raise ConfigError(f"ucx_endpoint={self.ucx_endpoint!r} is not valid; choose one of auto, local, remote")
+        if self.ucx_rndv_threshold is not None and (
+            isinstance(self.ucx_rndv_threshold, bool)
+            or not isinstance(self.ucx_rndv_threshold, int)
+            or self.ucx_rndv_threshold < 0
+        ):
+            raise ConfigError(f"ucx_rndv_threshold={self.ucx_rndv_threshold!r} must be a size in bytes")
         if self.auth_token is not None and len(self.auth_token) < 8:
             raise ConfigError("auth_token must be at least 8 characters (value hidden)")
 
@@ -168,6 +183,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         fields = msgspec.structs.asdict(base) if base is not None else {}
         for raw_key, raw_value in values.items():
             key = str(raw_key).strip().lower().replace("-", "_")
+            key = _ALIASES.get(key, key)
             parse = _PARSERS.get(key)
             if parse is None:
                 hint = difflib.get_close_matches(key, list(_PARSERS), n=1)
@@ -243,6 +259,9 @@ def _split_spec(spec: str) -> dict[str, str]:
     return out
 
 
+#: Other names engines use for a key (vLLM's and sageLLM's ``--kv-dtype``).
+_ALIASES = {"kv_dtype": "target_dtype"}
+
 _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "backend": _str,
     "preset": _optional(_str),
@@ -263,6 +282,9 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "direct_placement": parse_bool,
     "progress_mode": _enum(ProgressMode),
     "ucx_tls": _optional(_str),
+    "ucx_net_devices": _optional(_str),
+    "ucx_rndv_threshold": _optional(parse_size),
+    "ucx_endpoint": lambda v, f: _str(v, f).lower(),
     "listen_host": _str,
     "listen_port": _int,
     "heartbeat_interval_s": parse_duration,

@@ -1,6 +1,6 @@
 """Named presets shipped in ``presets/kv_transport_presets.yaml`` and validated into configs.
 
-A preset file is ``{version: 1, presets: {name: {purpose: str, settings: {key: value}}}}``; every setting
+A preset file is ``{version: 1, presets: {name: {purpose: str, hardware: [str], settings: {key: value}}}}``; every setting
 is checked as a :class:`~sage_transport.config.KVTransportConfig` key, and a bad file raises ``ConfigError``
 naming the file, the key and the value.
 """
@@ -22,10 +22,11 @@ PRESET_FILE = "kv_transport_presets.yaml"
 
 
 class Preset(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A named set of settings with a one-line purpose."""
+    """A named set of settings with a one-line purpose and the hardware it is meant for."""
 
     purpose: str
     settings: dict[str, Any]
+    hardware: list[str] = []
 
 
 class _PresetFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
