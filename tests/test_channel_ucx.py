@@ -161,3 +161,21 @@ async def test_fan_in_shares_the_receiver() -> None:
         for i, memory in enumerate(sources):
             assert np.array_equal(pages(sink_memory)[:, :, i * blocks : (i + 1) * blocks], pages(memory))
     assert shares[-1] == 1.0 and shares[0] > 0.25, shares
+
+
+async def test_tcp_backend_places_chunks_directly_on_one_host() -> None:
+    """The TCP transport also knows a loopback peer is on this host, so bulk KV never crosses TCP there."""
+    config = KVTransportConfig(backend="tcp", chunk_size=64 << 10)
+    blocks = 64
+    src, dst = filled(SCHEMA, blocks), KVMemory.allocate(SCHEMA, blocks, fill=0, shared=True)
+    async with KVTransferChannel("tcp", config, name="a") as sender, KVTransferChannel("tcp", config, name="b") as receiver:
+        sender.register(src)
+        receiver.register(dst)
+        peer = await sender.connect(await receiver.listen())
+        assert sender.links()[peer]["same_host"] is True
+        for i in range(2):
+            plan = TransferPlan.for_blocks(peer, SCHEMA, range(blocks), range(blocks), transfer_id=f"t{i}")
+            await sender.transfer(plan)
+        assert sender.links()[peer]["placement"] == "shm"
+        assert sender.statistics().chunks_placed > 0
+    assert np.array_equal(pages(dst), pages(src))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import os
 import socket
 import struct
@@ -51,6 +52,13 @@ class _Early:
         self.header, self.payload = header, payload
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def _tune(sock: socket.socket | None, peer_timeout_s: float) -> None:
     if sock is None:
         return
@@ -68,6 +76,7 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
 
     def __init__(self, peer_timeout_s: float = 10.0, on_made: Any = None) -> None:
         self.local_address = self.peer_address = "?"
+        self.same_host = False
         self._peer_timeout_s = peer_timeout_s
         self._on_made = on_made
         self._transport: asyncio.Transport | None = None
@@ -108,6 +117,9 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
         self.local_address = f"{local[0]}:{local[1]}" if local else "?"
         self.peer_address = f"{peer[0]}:{peer[1]}" if peer else "?"
+        # a peer reached at one of our own addresses runs on this host (and in this network namespace); the
+        # channel may then offer it direct placement, which still checks the boot id and process access
+        self.same_host = bool(local and peer) and (local[0] == peer[0] or _is_loopback(peer[0]))
         if self._on_made is not None:
             self._on_made(self)
 
@@ -385,7 +397,7 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         return ConnectionStatistics(*self._counts)
 
     def link_info(self) -> dict[str, Any]:
-        return {"same_host": False, "transport": "tcp", "peer": self.peer_address}
+        return {"same_host": self.same_host, "transport": "tcp", "peer": self.peer_address}
 
     async def aclose(self) -> None:
         if self._state == "closed":
