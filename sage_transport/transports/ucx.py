@@ -30,7 +30,7 @@ import re
 import struct
 import sys
 import tempfile
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import structlog
@@ -43,6 +43,9 @@ from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink
 from .link import Link, open_link, parse_host_port
 from .listeners import ServerListener
 from .ucx_progress import WorkerProgress
+
+if TYPE_CHECKING:
+    from ..hw import TransportProfile
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX then flags
 
@@ -370,6 +373,7 @@ class UcxTransport(Transport):
         self.connect_timeout_s = connect_timeout_s
         self.locality = locality
         self.options = dict(options or {})
+        self.profile: TransportProfile | None = None  # set by from_config
         self.host_id = host_identity()
         self._context: Any = None
         self._worker: Any = None
@@ -381,15 +385,27 @@ class UcxTransport(Transport):
 
     @classmethod
     def from_config(cls, config: KVTransportConfig) -> UcxTransport:
-        return cls(
-            tls=config.ucx_tls,
+        """A transport set up by this host's :class:`~sage_transport.hw.TransportProfile` for ``config``:
+        UCX transports (shared memory and CMA for same-host peers, RDMA or TCP for remote ones), the RDMA
+        rails nearest this process, the rendezvous threshold; ``UCX_*`` variables already in the
+        environment win over the profile."""
+        from ..hw import TopologyManager, TransportProfile
+
+        profile = TransportProfile.derive(TopologyManager(vendors=(), measure_memory=False).probe(), config)
+        options = profile.ucx_options()
+        transport = cls(
+            tls=options.pop("TLS", None),
             progress_mode=config.progress_mode,
             host=config.listen_host,
             port=config.listen_port,
             heartbeat_interval_s=config.heartbeat_interval_s,
             peer_timeout_s=config.peer_timeout_s,
             connect_timeout_s=config.connect_timeout_s,
+            locality=config.ucx_endpoint,
+            options=options,
         )
+        transport.profile = profile
+        return transport
 
     def __repr__(self) -> str:
         return f"<UcxTransport tls={self.tls or 'default'} progress={self.progress_mode.value}>"
