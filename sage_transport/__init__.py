@@ -31,6 +31,7 @@ from .errors import (
     UnsupportedError,
     VersionMismatchError,
 )
+from .hw import TopologyInfo, TopologyManager, TransportProfile, recommend_preset
 from .memory import KVGeometry, KVMemory
 from .plan import BlockMapping, IntegrityStatus, KVChunk, Priority, TransferPlan, TransferResult
 from .planner import ChunkTable, plan_chunks
@@ -72,6 +73,9 @@ __all__ = [
     "ProtocolError",
     "SageTransportError",
     "Scheduler",
+    "TopologyInfo",
+    "TopologyManager",
+    "TransportProfile",
     "TransferAbortedError",
     "TransferHandle",
     "TransferPlan",
@@ -87,6 +91,7 @@ __all__ = [
     "available_transports",
     "create_transport",
     "load_presets",
+    "recommend_preset",
     "plan_chunks",
     "register_transport",
 ]

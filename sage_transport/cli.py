@@ -1,5 +1,5 @@
-"""``sage-transport``: ``migrate`` (the main job) and ``serve`` (its receiving side on its own).
-``probe`` and ``bench`` arrive with their issues."""
+"""``sage-transport``: ``migrate`` (the main job), ``serve`` (its receiving side on its own), ``probe``
+(topology, recommended preset, transport profile; ``--peer`` measures a path) and ``presets``."""
 
 from __future__ import annotations
 
@@ -45,14 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="qwen2.5-7b", help="model shape (llama-3-8b, llama-3-70b, qwen2.5-7b, qwen3-8b, ...)")
     m.add_argument("--tokens", type=int, default=32768, help="context length to migrate (default 32768)")
     m.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    m.add_argument("--config", default=None, help='settings as "key=value,..." (e.g. "preset=high-bw,chunk_size=8MiB")')
-    m.add_argument("--preset", default=None, help="named preset (high-bw, low-latency, low-cost)")
+    _config_arguments(m)
     m.add_argument("--no-shuffle", action="store_true", help="keep the destination block table in order")
     m.add_argument("--repeat", type=int, default=3, help="transfers to time (median reported, default 3)")
     m.add_argument("--seed", type=int, default=0, help="seed of the fill pattern and the shuffled block tables")
     m.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
     m.add_argument("--log-json", action="store_true", help="logs as JSON lines")
     m.add_argument("-v", "--verbose", action="store_true", help="log one line per transfer")
+    p = sub.add_parser("probe", help="print this host's topology, the recommended preset and the transport profile")
+    p.add_argument("--json", action="store_true", help="print TopologyInfo with recommended_preset, reason and profile as JSON")
+    p.add_argument("--peer", default=None, metavar="HOST:PORT", help="measure the path to a `sage-transport serve` there")
+    p.add_argument("--transport", default=None, help="transport for --peer (default: the config's backend)")
+    p.add_argument("--samples", type=int, default=200, help="latency transfers for --peer (default 200)")
+    p.add_argument(
+        "--device", default=None, help="profile buffers on this device (gpu0, numa1; default: this process's NUMA node)"
+    )
+    p.add_argument("--nccl-xml", type=Path, default=None, metavar="PATH", help="write an NCCL topology file (where GPUs are)")
+    p.add_argument("--no-vendors", action="store_true", help="skip the accelerator probes (sysfs only)")
+    _config_arguments(p)
+    r = sub.add_parser("presets", help="list the presets, or show one")
+    r.add_argument("name", nargs="?", default=None, help="preset to show with every setting")
+    r.add_argument("--json", action="store_true", help="print as JSON")
+    r.add_argument("--file", type=Path, default=None, help="a preset file to validate and list instead of the shipped one")
     s = sub.add_parser("serve", help="run the receiving side of migrate and print its address")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=0, help="job port (default 0: any free port, printed)")
@@ -60,6 +74,33 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-json", action="store_true", help="logs as JSON lines")
     s.add_argument("-v", "--verbose", action="store_true", help="log more")
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "--comm-backend", dest="config", default=None,
+        help='settings as "key=value,..." (e.g. "preset=high-bw,chunk_size=8MiB,kv_dtype=fp8_e4m3")',
+    )  # fmt: skip
+    parser.add_argument("--preset", default=None, help="named preset (high-bw, low-latency, low-cost)")
+    parser.add_argument("--kv-dtype", default=None, help="KV dtype on the wire (target_dtype), e.g. fp8_e4m3")
+
+
+def _resolve_config(args: argparse.Namespace) -> Any:
+    from .config import KVTransportConfig
+
+    spec = args.config or ""
+    if args.preset:
+        spec = f"preset={args.preset}" + (f",{spec}" if spec else "")
+    if args.kv_dtype:
+        spec = (f"{spec}," if spec else "") + f"target_dtype={args.kv_dtype}"
+    return KVTransportConfig.resolve(spec or None)
+
+
+def _console() -> Any:
+    """A rich console: the terminal's width on a terminal, 120 columns into a file or pipe."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def run_async(coro: Any) -> Any:
@@ -74,13 +115,9 @@ def run_async(coro: Any) -> Any:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .config import KVTransportConfig
     from .migrate import progress_bar, run_migration, summary_lines
 
-    spec = args.config or ""
-    if args.preset:
-        spec = f"preset={args.preset}" + (f",{spec}" if spec else "")
-    config = KVTransportConfig.resolve(spec or None)
+    config = _resolve_config(args)
     for name in ("tokens", "repeat", "receivers", "block_size"):
         if getattr(args, name) <= 0:
             raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
@@ -107,6 +144,78 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0 if record.verified else 1
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from .hw import TopologyManager, TransportProfile, recommend_preset, to_nccl_xml
+
+    config = _resolve_config(args)
+    topology = TopologyManager(vendors=() if args.no_vendors else None).probe()
+    recommended = recommend_preset(topology)
+    if not (args.config or args.preset):
+        from .config import KVTransportConfig
+
+        config = KVTransportConfig.resolve(f"preset={recommended[0]}", base=config)
+    profile = TransportProfile.derive(topology, config, args.device)
+    if args.nccl_xml is not None:
+        xml = to_nccl_xml(topology)
+        if xml is None:
+            print("sage-transport probe: no GPU found; no NCCL topology file written", file=sys.stderr)
+        else:
+            args.nccl_xml.write_text(xml)
+    path = None
+    if args.peer:
+        from .path_probe import probe_path
+
+        if args.samples <= 0:
+            raise SageTransportError(f"--samples={args.samples} must be positive")
+        path = run_async(probe_path(args.peer, config, args.transport, latency_samples=args.samples))
+    if args.json:
+        record = msgspec.to_builtins(topology)
+        record.update(recommended_preset=recommended[0], recommended_reason=recommended[1], profile=msgspec.to_builtins(profile))
+        if path is not None:
+            record["path"] = msgspec.to_builtins(path)
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(record), indent=2).decode() + "\n")
+        return 0 if path is None or path.verified else 1
+    from .report import print_path, print_topology
+
+    console = _console()
+    print_topology(console, topology, recommended, profile)
+    if path is not None:
+        print_path(console, path)
+    return 0 if path is None or path.verified else 1
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .presets import load_presets
+
+    presets = load_presets(args.file)
+    if args.name is not None and args.name not in presets:
+        raise SageTransportError(f"preset {args.name!r} is not defined; known presets: {', '.join(presets)}")
+    chosen = {args.name: presets[args.name]} if args.name else presets
+    if args.json:
+        from .config import KVTransportConfig
+
+        settings = {n: q.settings for n, q in presets.items()}
+        out = {
+            name: {
+                "purpose": p.purpose,
+                "hardware": p.hardware,
+                "settings": p.settings,
+                "config": KVTransportConfig.resolve(f"preset={name}", env={}, presets=settings),
+            }
+            for name, p in chosen.items()
+        }
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(out), indent=2).decode() + "\n")
+        return 0
+    from .report import print_preset, print_presets
+
+    console = _console()
+    if args.name:
+        print_preset(console, args.name, presets[args.name])
+    else:
+        print_presets(console, presets)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -127,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "probe":
+            return _probe(args)
+        if args.command == "presets":
+            return _presets(args)
     except SageTransportError as exc:
         print(f"sage-transport {args.command}: error: {exc}", file=sys.stderr)
         return 2

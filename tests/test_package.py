@@ -17,7 +17,7 @@ FORBIDDEN_IN_CORE = {"ucxx", "ucp", "torch", "prometheus_client"}
 def test_import_pulls_no_heavy_backend() -> None:
     code = (
         "import sys, sage_transport; "
-        "heavy = [m for m in ('torch', 'ucxx', 'prometheus_client') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'ucxx', 'prometheus_client', 'pynvml') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
