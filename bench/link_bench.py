@@ -89,8 +89,16 @@ async def spawn(args: list[str], env: dict[str, str] | None = None) -> tuple[asy
 
 
 async def sage_row(
-    transport: str, options: dict[str, Any], sizes: list[int], lat_sizes: list[int], inflight: int
+    transport: str,
+    options: dict[str, Any],
+    sizes: list[int],
+    lat_sizes: list[int],
+    inflight: int,
+    lat_gap_s: float = 0.0,
+    lat_rounds: int = LAT_ROUNDS,
 ) -> dict[str, Any]:
+    """One row; ``lat_gap_s`` idles between pings (untimed) so progress engines that sleep when idle pay
+    their wake-up, as between decode steps."""
     proc, address = await spawn(["sage", transport, json.dumps(options)])
     options = {k: v for k, v in options.items() if k != "host"}
     t = get_transport_class(transport)(**options)
@@ -120,7 +128,9 @@ async def sage_row(
             samples = []
             body = None if size <= 8 else bytes(size)
             header = b"ping" + b"\0" * 4 if size <= 8 else b"ping"
-            for i in range(LAT_ROUNDS + 200):
+            for i in range(lat_rounds + 200):
+                if lat_gap_s:
+                    await asyncio.sleep(lat_gap_s)
                 start = time.perf_counter_ns()
                 await conn.send(header, body)
                 await conn.recv()

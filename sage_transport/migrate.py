@@ -126,8 +126,10 @@ async def run_migration(
     peers: Sequence[str] = (),
     reference: bool = True,
     progress: Callable[[int, int, float, bool], None] | None = None,
+    pause_s: float = 0.0,
 ) -> MigrationRecord:
-    """Run the migration ``repeats`` times and return the record (see the module docstring)."""
+    """Run the migration ``repeats`` times and return the record (see the module docstring). ``pause_s``
+    idles between transfers (untimed), as an engine does between decode steps."""
     config = config or KVTransportConfig()
     if receivers < 1:
         raise SageTransportError(f"receivers={receivers} must be at least 1")
@@ -137,10 +139,11 @@ async def run_migration(
     _fill_pattern(src, seed)
     rng = np.random.default_rng(seed)
     if transport == "mock" and not peers:
-        return await _migrate_in_process(model, tokens, schema, blocks, src, config, shuffle, repeats, rng, progress)
+        return await _migrate_in_process(model, tokens, schema, blocks, src, config, shuffle, repeats, rng, progress, pause_s)
     return await _migrate_to_receivers(
-        model, tokens, schema, blocks, src, transport, config, shuffle, repeats, rng, receivers, list(peers), reference, progress
-    )
+        model, tokens, schema, blocks, src, transport, config, shuffle, repeats, rng, receivers, list(peers), reference, progress,
+        pause_s,
+    )  # fmt: skip
 
 
 async def _migrate_in_process(
@@ -154,6 +157,7 @@ async def _migrate_in_process(
     repeats: int,
     rng: np.random.Generator,
     progress: Callable[[int, int, float, bool], None] | None,
+    pause_s: float = 0.0,
 ) -> MigrationRecord:
     from .transports.mock import MockNetwork, MockTransport
 
@@ -172,6 +176,8 @@ async def _migrate_in_process(
         sender.register(src)
         peer = await sender.connect(await receiver.listen())
         for i in range(repeats):
+            if pause_s and i:
+                await asyncio.sleep(pause_s)
             plan = TransferPlan.for_blocks(
                 peer, schema, range(blocks), dst_of_src.tolist(), transfer_id=f"migrate-{i}", priority=Priority.BULK
             )
@@ -241,6 +247,7 @@ async def _migrate_to_receivers(
     peers: list[str],
     reference: bool,
     progress: Callable[[int, int, float, bool], None] | None,
+    pause_s: float = 0.0,
 ) -> MigrationRecord:
     from .transports.link import parse_host_port
 
@@ -283,6 +290,8 @@ async def _migrate_to_receivers(
             verified = True
             cpu_sender = 0.0
             for i in range(repeats):
+                if pause_s and i:
+                    await asyncio.sleep(pause_s)
                 plans = [
                     TransferPlan.for_blocks(
                         node.peer,
