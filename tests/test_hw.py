@@ -33,7 +33,7 @@ from sage_transport.hw.domestic import (
 )
 from sage_transport.hw.host import parse_cpu_list, pcie_bandwidth_gbps
 from sage_transport.hw.model import DeviceKind
-from sage_transport.hw.nvidia import parse_nvidia_smi_topo, probe_nvml
+from sage_transport.hw.nvidia import NVML_MISSING, parse_nvidia_smi_topo, probe_nvml
 from sage_transport.hw.vendors import ToolError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hw"
@@ -332,21 +332,17 @@ def test_nvml_probe_reads_gpus_and_nvswitch_links(tmp_path: Path) -> None:
     assert "NVSwitch" in link.detail
 
 
-def test_nvml_missing_driver_is_reported_not_raised(tmp_path: Path) -> None:
+def test_nvml_missing_driver_or_binding_is_reported_not_raised(tmp_path: Path) -> None:
     status, result = probe_nvml(_env(tmp_path))
     assert not status.available and "NVML did not start" in status.reason and not result.devices
+    status, _ = probe_nvml(_env(tmp_path, nvml=NVML_MISSING))
+    assert not status.available and "nvidia-ml-py is not installed" in status.reason
 
 
 def gpu_host(tmp_path: Path) -> Any:
     make_sysfs(tmp_path)
-    env = _env(tmp_path, {"nvidia-smi": fixture("nvidia_smi_topo_m_h100.txt")}, nvml=None)
-    env = ProbeEnv(sys_root=env.sys_root, proc_root=env.proc_root, which=env.which, run=env.run, nvml=_NoNvmlInstalled())
+    env = _env(tmp_path, {"nvidia-smi": fixture("nvidia_smi_topo_m_h100.txt")}, nvml=NVML_MISSING)
     return TopologyManager(env, measure_memory=False).probe()
-
-
-class _NoNvmlInstalled:
-    def nvmlInit(self) -> None:
-        raise RuntimeError("nvidia-ml-py is not installed")  # mimics the import failure's wording
 
 
 def test_gpu_host_graph_has_routes_costs_and_an_adjacency_matrix(tmp_path: Path) -> None:

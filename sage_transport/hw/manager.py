@@ -42,7 +42,7 @@ from .model import (
     RdmaPort,
     VendorResult,
 )
-from .nvidia import nvidia_smi_probe, probe_nvml
+from .nvidia import load_nvml, nvidia_smi_probe, probe_nvml
 from .topology import FABRIC, Route, TopologyInfo
 from .vendors import ProbeEnv, ToolProbe
 
@@ -69,10 +69,10 @@ def _first_found(name: str, *probes: ToolProbe) -> VendorProbe:
 
 
 def _nvidia(env: ProbeEnv) -> tuple[ProbeStatus, VendorResult]:
-    status, result = probe_nvml(env)
-    if status.available or "not installed" not in status.reason or not env.which("nvidia-smi"):
-        return status, result
-    return nvidia_smi_probe().probe(env)
+    """NVML where nvidia-ml-py is installed, else ``nvidia-smi topo -m`` where that tool is."""
+    if load_nvml(env) is None and env.which("nvidia-smi"):
+        return nvidia_smi_probe().probe(env)
+    return probe_nvml(env)
 
 
 def default_vendor_probes() -> list[VendorProbe]:
@@ -130,12 +130,8 @@ class TopologyManager:
             kernel_modules=[m for m in _MODULES if (env.sys_root / "module" / m).exists()],
         )
         adjacency, routes = _adjacency_and_routes(info)
-        return TopologyInfo(
-            **{f: getattr(info, f) for f in info.__struct_fields__ if f not in ("adjacency", "routes", "elapsed_ms")},
-            adjacency=adjacency,
-            routes=routes,
-            elapsed_ms=round((time.perf_counter() - start) * 1e3, 3),
-        )
+        elapsed_ms = round((time.perf_counter() - start) * 1e3, 3)
+        return msgspec.structs.replace(info, adjacency=adjacency, routes=routes, elapsed_ms=elapsed_ms)
 
 
 def _read(path: Path) -> str:

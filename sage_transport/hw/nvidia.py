@@ -10,7 +10,10 @@ from .matrix import NOMINAL_PCIE_GBPS, matrix_devices, parse_connection_matrix, 
 from .model import Device, DeviceKind, Link, LinkKind, ProbeStatus, VendorResult
 from .vendors import ProbeEnv, ToolProbe
 
-__all__ = ["NVLINK_GBPS_PER_LINK", "parse_nvidia_smi_topo", "probe_nvml", "nvidia_smi_probe"]
+__all__ = ["NVLINK_GBPS_PER_LINK", "NVML_MISSING", "load_nvml", "nvidia_smi_probe", "parse_nvidia_smi_topo", "probe_nvml"]
+
+#: Put in ``ProbeEnv.nvml`` to probe as if nvidia-ml-py were not installed (tests).
+NVML_MISSING = object()
 
 #: One direction of one NVLink, GB/s, by NVLink version (NVML's ``nvmlDeviceGetNvLinkVersion``).
 NVLINK_GBPS_PER_LINK = {1: 20.0, 2: 25.0, 3: 25.0, 4: 25.0, 5: 50.0}
@@ -36,6 +39,19 @@ def _numa_of(env: ProbeEnv, bus_id: str) -> int | None:
     return node if node >= 0 else None
 
 
+def load_nvml(env: ProbeEnv) -> Any:
+    """The NVML binding: ``env.nvml`` if set, else ``pynvml`` from nvidia-ml-py; None when not installed."""
+    if env.nvml is NVML_MISSING:
+        return None
+    if env.nvml is not None:
+        return env.nvml
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        return None
+    return pynvml
+
+
 def probe_nvml(env: ProbeEnv) -> tuple[ProbeStatus, VendorResult]:
     """GPUs, NVLinks (direct or through NVSwitch) and PCIe paths between GPUs from NVML."""
     start = time.perf_counter()
@@ -47,13 +63,9 @@ def probe_nvml(env: ProbeEnv) -> tuple[ProbeStatus, VendorResult]:
             elapsed_ms=round((time.perf_counter() - start) * 1e3, 3),
         )  # fmt: skip
 
-    nvml: Any = env.nvml
+    nvml = load_nvml(env)
     if nvml is None:
-        try:
-            import pynvml  # nvidia-ml-py
-        except ImportError:
-            return status(False, "nvidia-ml-py is not installed (pip install 'sage-transport[nvidia]')"), VendorResult()
-        nvml = pynvml
+        return status(False, "nvidia-ml-py is not installed (pip install 'sage-transport[nvidia]')"), VendorResult()
     try:
         nvml.nvmlInit()
     except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...

@@ -47,7 +47,7 @@ class ProbeEnv:
     proc_root: Path = Path("/proc")
     which: Callable[[str], str | None] = shutil.which
     run: Callable[[Sequence[str]], str] = run_tool
-    nvml: object | None = field(default=None)  # a pynvml-like module (tests); None: import nvidia-ml-py lazily
+    nvml: object | None = field(default=None)  # a pynvml-like module or nvidia.NVML_MISSING (tests); None: import lazily
 
 
 @dataclass(frozen=True)
