@@ -87,3 +87,31 @@ def test_migrate_between_two_namespaces(transport: str, tmp_path: Path) -> None:
             server.wait()
             if server.stdout is not None:
                 server.stdout.close()
+
+
+def test_probe_peer_across_namespaces_uses_the_profile_s_network_transport() -> None:
+    """No ucx_tls given: the topology profile's UCX transports must still reach a peer behind a veth (a namespace
+    has only virtual NICs), and a forced remote endpoint must report TCP lanes, not shared memory."""
+    with two_namespaces() as (sender_ns, receiver_ns, receiver_ip):
+        server = subprocess.Popen(
+            _cli(receiver_ns, "serve", "--host", receiver_ip, "--port", "0"), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert server.stdout is not None
+            address = server.stdout.readline().rsplit("listening on ", 1)[1].strip()
+            proc = subprocess.run(
+                _cli(sender_ns, "probe", "--no-vendors", "--json", "--peer", address, "--samples", "20", "--config", "ucx_endpoint=remote"),
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            record = json.loads(proc.stdout)
+        finally:
+            server.kill()
+            server.wait()
+            if server.stdout is not None:
+                server.stdout.close()
+    assert record["profile"]["ucx_tls"][-1] == "tcp" and "tcp" not in record["profile"]["ucx_tls_same_host"]
+    path = record["path"]
+    assert path["verified"] is True and path["peer"] == address and path["placement"] == "none"
+    lanes = {lane for lanes in path["ucx_transports"].values() for lane in lanes}
+    assert lanes and all(lane.startswith("tcp/") for lane in lanes), lanes
