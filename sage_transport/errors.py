@@ -20,9 +20,12 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "ChecksumError",
+    "CollectiveError",
+    "CollectiveTimeoutError",
     "ConfigError",
     "ConnectionClosedError",
     "FrameTooLargeError",
+    "GroupPoisonedError",
     "HandshakeError",
     "PeerDeadError",
     "PlanError",
@@ -94,3 +97,15 @@ class TransferTimeoutError(SageTransportError, TimeoutError):
 
 class TransferAbortedError(SageTransportError):
     """A transfer was aborted by the peer or cancelled locally; the reason is in the message."""
+
+
+class CollectiveError(SageTransportError):
+    """A collective operation failed (a rank died, the backend failed); the group is poisoned."""
+
+
+class CollectiveTimeoutError(CollectiveError, TimeoutError):
+    """A collective operation passed its deadline; the group is aborted and poisoned."""
+
+
+class GroupPoisonedError(CollectiveError):
+    """The group failed earlier (the message says which op, rank and why); rebuild it to go on."""

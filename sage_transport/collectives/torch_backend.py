@@ -1,0 +1,231 @@
+"""Collectives on a torch.distributed process group built directly (``ProcessGroupGloo`` / ``ProcessGroupNCCL``),
+never the global default group, so several groups and generations live side by side in one process.
+
+Completion is awaited without parking the event loop: Gloo's work future is bridged into the loop by a
+callback; work without a future (Gloo's send, recv, reduce_scatter) is waited for by a helper thread with the
+op's deadline; NCCL's CUDA events are polled with an adaptive back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from ..errors import CollectiveError, ConfigError
+from .base import CommBackend, ReduceOp
+from .fusion import CommFusion
+
+__all__ = ["TorchProcessGroupBackend", "poll_until"]
+
+#: Back-off of a polling wait: yield to the loop this many times, then sleep from ``_FIRST_SLEEP_S`` doubling
+#: to ``_MAX_SLEEP_S``.
+_YIELDS = 16
+_FIRST_SLEEP_S = 20e-6
+_MAX_SLEEP_S = 1e-3
+
+
+async def poll_until(done: Callable[[], bool]) -> None:
+    """Wait until ``done()`` is true: first by yielding to the loop, then by sleeping with a doubling back-off."""
+    spins = 0
+    sleep = _FIRST_SLEEP_S
+    while not done():
+        if spins < _YIELDS:
+            spins += 1
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(sleep)
+            sleep = min(sleep * 2, _MAX_SLEEP_S)
+
+
+def _resolve(target: asyncio.Future[None], source: Any) -> None:
+    if target.done():
+        return
+    try:
+        source.wait()
+    except Exception as exc:
+        target.set_exception(exc)
+    else:
+        target.set_result(None)
+
+
+class TorchProcessGroupBackend(CommBackend):
+    """A ``CommBackend`` over a torch process group. Build with ``await Backend.create(rank, world_size, store)``
+    where ``store`` is any torch ``Store`` (``TCPStore``, a ``FileStore``; every rank uses the same one)."""
+
+    name: ClassVar[str] = "torch"
+    _torch_op_names: ClassVar[dict[ReduceOp, str]] = {
+        ReduceOp.SUM: "SUM", ReduceOp.MAX: "MAX", ReduceOp.MIN: "MIN", ReduceOp.PRODUCT: "PRODUCT",
+    }  # fmt: skip
+    native_avg: ClassVar[bool] = False
+
+    def __init__(self, rank: int, world_size: int, store: Any, *, timeout_s: float = 30.0, fusion: CommFusion | None = None,
+                 overlap: int = 4) -> None:  # fmt: skip
+        super().__init__(rank, world_size, timeout_s=timeout_s, fusion=fusion, overlap=overlap)
+        self.store = store
+        self.pg: Any = None
+        self._waiter_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _waiters(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._waiter_pool is None:
+            self._waiter_pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix=f"sage-{self.name}-wait")
+        return self._waiter_pool
+
+    @classmethod
+    async def create(cls, rank: int, world_size: int, store: Any, **options: Any) -> TorchProcessGroupBackend:
+        backend = cls(rank, world_size, store, **options)
+        await backend._rebuild(rank, world_size)
+        return backend
+
+    # ---- group -----------------------------------------------------------------------------------------
+
+    def _make_group(self, store: Any, rank: int, world_size: int, timeout: datetime.timedelta) -> Any:
+        raise NotImplementedError
+
+    async def _rebuild(self, rank: int, world_size: int) -> None:
+        import torch.distributed as dist
+
+        if self.pg is not None:
+            self._abort()
+        prefix = f"sage_transport/comm/{self.generation}/{world_size}"
+        prefixed = dist.PrefixStore(prefix, self.store)  # type: ignore[attr-defined]
+        # the backend's own deadline fires first; torch's timeout only bounds a group nobody awaits any more
+        timeout = datetime.timedelta(seconds=self.timeout_s + 5)
+        loop = asyncio.get_running_loop()
+        try:
+            self.pg = await loop.run_in_executor(None, self._make_group, prefixed, rank, world_size, timeout)
+        except Exception as exc:
+            raise CollectiveError(f"{self.name}: rank {rank} of {world_size} could not join the group: {exc}") from exc
+
+    def _abort(self) -> None:
+        # Gloo's abort and its destructor wait for in-flight work (up to the group's own timeout): a daemon
+        # thread holds the group while it goes, so the loop never waits and no garbage collection blocks
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            threading.Thread(
+                target=_shutdown, args=(pg, ("abort", "shutdown")), name=f"sage-{self.name}-abort", daemon=True
+            ).start()
+
+    async def _close(self) -> None:
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            closing = threading.Thread(target=_shutdown, args=(pg,), name=f"sage-{self.name}-close", daemon=True)
+            closing.start()
+            await asyncio.get_running_loop().run_in_executor(None, closing.join, 5.0)
+        if self._waiter_pool is not None:
+            self._waiter_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _group(self) -> Any:
+        if self.pg is None:
+            raise CollectiveError(f"{self.name}: rank {self.rank} has no group (aborted or closed)")
+        return self.pg
+
+    # ---- waiting ---------------------------------------------------------------------------------------
+
+    async def _run(self, launch: Callable[[Any], Any], traffic: str = "collective") -> None:
+        """Issue ``launch(pg)`` (returns a work object) and wait for it without blocking the loop."""
+        work = launch(self._group())
+        loop = asyncio.get_running_loop()
+        try:
+            future = work.get_future()
+        except RuntimeError:
+            # Gloo's send, recv and reduce_scatter have no future ("Work::getFuture not implemented") and
+            # reduce_scatter never reports is_completed(): a helper thread waits, bounded by the op's deadline
+            timeout = datetime.timedelta(seconds=self._op_deadline_s + 1)
+            await loop.run_in_executor(self._waiters(), work.wait, timeout)
+            return
+        done: asyncio.Future[None] = loop.create_future()
+
+        def on_done(source: Any) -> None:  # runs on Gloo's thread, or inline if already complete
+            try:
+                loop.call_soon_threadsafe(_resolve, done, source)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        future.add_done_callback(on_done)
+        await done
+
+    # ---- ops -------------------------------------------------------------------------------------------
+
+    def _reduce_options(self, kind: str, op: ReduceOp) -> Any:
+        import torch.distributed as dist
+
+        options = getattr(dist, kind)()
+        if op is ReduceOp.AVG:
+            options.reduceOp = dist.ReduceOp.AVG if self.native_avg else dist.ReduceOp.SUM
+        else:
+            options.reduceOp = getattr(dist.ReduceOp, self._torch_op_names[op])
+        return options
+
+    def _finish_avg(self, tensor: Any, op: ReduceOp) -> Any:
+        if op is not ReduceOp.AVG or self.native_avg:
+            return tensor
+        if tensor.is_floating_point():
+            return tensor.div_(self.world_size)
+        import torch
+
+        tensor.copy_(torch.div(tensor, self.world_size, rounding_mode="floor"))
+        return tensor
+
+    async def _do_all_reduce(self, tensor: Any, op: ReduceOp) -> Any:
+        _contiguous(tensor, "all_reduce")
+        options = self._reduce_options("AllreduceOptions", op)
+        await self._run(lambda pg: pg.allreduce([tensor], options))
+        return self._finish_avg(tensor, op)
+
+    async def _do_all_gather(self, tensor: Any) -> Any:
+        import torch
+
+        _contiguous(tensor, "all_gather")
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        parts = list(out.unbind(0))
+        await self._run(lambda pg: pg.allgather([parts], [tensor]))
+        return out
+
+    async def _do_reduce_scatter(self, tensor: Any, op: ReduceOp) -> Any:
+        import torch
+
+        _contiguous(tensor, "reduce_scatter")
+        chunks = [c.contiguous() for c in tensor.chunk(self.world_size)]
+        out = torch.empty_like(chunks[0])
+        options = self._reduce_options("ReduceScatterOptions", op)
+        await self._run(lambda pg: pg.reduce_scatter([out], [chunks], options))
+        return self._finish_avg(out, op)
+
+    async def _do_broadcast(self, tensor: Any, src: int) -> Any:
+        import torch.distributed as dist
+
+        _contiguous(tensor, "broadcast")
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        await self._run(lambda pg: pg.broadcast([tensor], options))
+        return tensor
+
+    async def _do_send(self, tensor: Any, dst: int, tag: int) -> None:
+        _contiguous(tensor, "send")
+        await self._run(lambda pg: pg.send([tensor], dst, tag), traffic="p2p")
+
+    async def _do_recv(self, tensor: Any, src: int, tag: int) -> Any:
+        _contiguous(tensor, "recv")
+        await self._run(lambda pg: pg.recv([tensor], src, tag), traffic="p2p")
+        return tensor
+
+    async def _do_barrier(self) -> None:
+        await self._run(lambda pg: pg.barrier())
+
+
+def _contiguous(tensor: Any, op: str) -> None:
+    if not tensor.is_contiguous():
+        raise ConfigError(f"{op}: the tensor (shape {tuple(tensor.shape)}) must be contiguous")
+
+
+def _shutdown(pg: Any, methods: tuple[str, ...] = ("shutdown", "abort")) -> None:
+    for method in methods:
+        try:
+            getattr(pg, method)()
+            return
+        except Exception:
+            continue
