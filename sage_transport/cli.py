@@ -1,5 +1,6 @@
 """``sage-transport``: ``migrate`` (the main job), ``serve`` (its receiving side on its own), ``probe``
-(topology, recommended preset, transport profile; ``--peer`` measures a path) and ``presets``."""
+(topology, recommended preset, transport profile; ``--peer`` measures a path), ``presets`` and ``bench
+collectives``."""
 
 from __future__ import annotations
 
@@ -67,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("name", nargs="?", default=None, help="preset to show with every setting")
     r.add_argument("--json", action="store_true", help="print as JSON")
     r.add_argument("--file", type=Path, default=None, help="a preset file to validate and list instead of the shipped one")
+    b = sub.add_parser("bench", help="benchmarks shipped with the package")
+    bench_sub = b.add_subparsers(dest="bench", required=True)
+    c = bench_sub.add_parser("collectives", help="our collectives against raw torch.distributed, and fused against unfused")
+    c.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    c.add_argument("--ranks", type=int, default=2, help="rank processes (default 2)")
+    c.add_argument("--sizes", default="4KiB,64KiB,1MiB,4MiB,16MiB", help="message sizes per rank (default 4KiB..16MiB)")
+    c.add_argument("--repeats", type=int, default=5, help="alternating repetitions per size (default 5)")
+    c.add_argument("--fused-count", type=int, default=1000, help="4 KiB all-reduces in the fusion comparison (default 1000)")
+    c.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
     s = sub.add_parser("serve", help="run the receiving side of migrate and print its address")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=0, help="job port (default 0: any free port, printed)")
@@ -216,6 +226,26 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .collectives.bench import markdown, run_collectives_bench, write
+    from .units import parse_size
+
+    for name in ("ranks", "repeats", "fused_count"):
+        if getattr(args, name) <= 0:
+            raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s % 4 or s < 4]
+    if bad:
+        raise SageTransportError(f"--sizes: {bad[0]} bytes is not a whole number of float32 values")
+    try:
+        record = run_collectives_bench(args.backend, args.ranks, sizes=sizes, repeats=args.repeats, fused_count=args.fused_count)
+    except RuntimeError as exc:
+        raise SageTransportError(str(exc)) from exc
+    write(record, args.json_path)
+    print(markdown(record), end="")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -240,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _probe(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "bench":
+            return _bench(args)
     except SageTransportError as exc:
         print(f"sage-transport {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -452,3 +452,33 @@ def test_this_host_probes_without_raising() -> None:
     assert all(p.available or p.reason for p in info.probes)
     assert info.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert os.cpu_count() is None or info.cpus <= (os.cpu_count() or 1) * 2
+
+
+def _nvidia_gpus() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_nvidia_gpus() == 0, reason="needs an NVIDIA GPU and its NVML")
+def test_real_nvml_probe_finds_the_gpus_and_exports_an_nccl_topology() -> None:
+    import xml.etree.ElementTree as ET
+
+    info = TopologyManager().probe()
+    nvidia = next(p for p in info.probes if p.name == "nvidia")
+    assert nvidia.available and nvidia.devices == _nvidia_gpus()
+    gpus = [d for d in info.devices if d.kind is DeviceKind.GPU]
+    assert gpus and all(d.pci_bus_id and d.memory_bytes for d in gpus)
+    assert all(info.route(d.id, "numa0").path[-1] == "numa0" for d in gpus if d.numa_node in (None, 0))
+    root = ET.fromstring(to_nccl_xml(info) or "")
+    assert len(list(root.iter("gpu"))) == len(gpus)
+    profile = TransportProfile.derive(info, KVTransportConfig(), gpus[0].id)
+    assert {"cuda_copy", "cuda_ipc"} <= set(profile.ucx_tls_same_host) and profile.alignment == 65536

@@ -99,10 +99,8 @@ def test_probe_peer_across_namespaces_uses_the_profile_s_network_transport() -> 
         try:
             assert server.stdout is not None
             address = server.stdout.readline().rsplit("listening on ", 1)[1].strip()
-            proc = subprocess.run(
-                _cli(sender_ns, "probe", "--no-vendors", "--json", "--peer", address, "--samples", "20", "--config", "ucx_endpoint=remote"),
-                capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
+            probe = _cli(sender_ns, "probe", "--no-vendors", "--json", "--peer", address, "--samples", "20")
+            proc = subprocess.run([*probe, "--config", "ucx_endpoint=remote"], capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, proc.stderr[-2000:]
             record = json.loads(proc.stdout)
         finally:

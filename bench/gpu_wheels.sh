@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Here (with PyPI): fetch the wheels the lent GPU machine lacks into .whl/ (git-ignored through .git/info/exclude).
+# Its image has Python 3.12 with torch (CUDA), pytest, hypothesis, pytest-timeout, rich, xxhash, uvloop,
+# nvidia-ml-py and pyyaml; it cannot reach PyPI. See bench/gpu_check.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+for pkg in msgspec crc32c structlog pytest-asyncio; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d .whl "$pkg"
+done
+ls -la .whl
