@@ -135,21 +135,27 @@ class CommBackend(abc.ABC):
         except TimeoutError:
             raise self._poison_timeout("flush", deadline, start) from None
 
-    async def all_gather(self, tensor: Any, *, timeout_s: float | None = None) -> Any:
-        """Every rank's ``tensor``, stacked: a new tensor of shape ``(world_size, *tensor.shape)``."""
+    async def all_gather(self, tensor: Any, *, out: Any = None, timeout_s: float | None = None) -> Any:
+        """Every rank's ``tensor``, stacked, shape ``(world_size, *tensor.shape)``: into ``out`` when given (reuse
+        it across calls: a fresh output is allocated and faulted in every time otherwise)."""
+        _check_out("all_gather", out, tensor, (self.world_size, *tensor.shape))
         await self._before_direct("all_gather")
-        return await self._issue("all_gather", tensor, None, timeout_s)
+        return await self._issue("all_gather", tensor, out, timeout_s)
 
-    async def reduce_scatter(self, tensor: Any, op: ReduceOp | str = ReduceOp.SUM, *, timeout_s: float | None = None) -> Any:
-        """Reduce ``tensor`` (first dimension divisible by ``world_size``) and return this rank's slice."""
+    async def reduce_scatter(
+        self, tensor: Any, op: ReduceOp | str = ReduceOp.SUM, *, out: Any = None, timeout_s: float | None = None
+    ) -> Any:
+        """Reduce ``tensor`` (first dimension divisible by ``world_size``) and return this rank's slice (into
+        ``out`` when given)."""
         reduce_op = ReduceOp.parse(op)
         if tensor.dim() == 0 or tensor.shape[0] % self.world_size:
             shape = tuple(tensor.shape)
             raise ConfigError(
                 f"reduce_scatter: tensor.shape={shape} has no first dimension divisible by world_size={self.world_size}"
             )
+        _check_out("reduce_scatter", out, tensor, (tensor.shape[0] // self.world_size, *tensor.shape[1:]))
         await self._before_direct("reduce_scatter")
-        return await self._issue("reduce_scatter", tensor, reduce_op, timeout_s)
+        return await self._issue("reduce_scatter", tensor, (reduce_op, out), timeout_s)
 
     async def broadcast(self, tensor: Any, src: int = 0, *, timeout_s: float | None = None) -> Any:
         """Copy rank ``src``'s ``tensor`` into every rank's, in place; returns it."""
@@ -274,9 +280,9 @@ class CommBackend(abc.ABC):
         if op in ("all_reduce", "fusion_agree"):
             return self._do_all_reduce(tensor, arg)
         if op == "all_gather":
-            return self._do_all_gather(tensor)
+            return self._do_all_gather(tensor, arg)
         if op == "reduce_scatter":
-            return self._do_reduce_scatter(tensor, arg)
+            return self._do_reduce_scatter(tensor, *arg)
         if op == "broadcast":
             return self._do_broadcast(tensor, arg)
         if op == "send":
@@ -309,10 +315,10 @@ class CommBackend(abc.ABC):
     async def _do_all_reduce(self, tensor: Any, op: ReduceOp) -> Any: ...
 
     @abc.abstractmethod
-    async def _do_all_gather(self, tensor: Any) -> Any: ...
+    async def _do_all_gather(self, tensor: Any, out: Any) -> Any: ...
 
     @abc.abstractmethod
-    async def _do_reduce_scatter(self, tensor: Any, op: ReduceOp) -> Any: ...
+    async def _do_reduce_scatter(self, tensor: Any, op: ReduceOp, out: Any) -> Any: ...
 
     @abc.abstractmethod
     async def _do_broadcast(self, tensor: Any, src: int) -> Any: ...
@@ -336,3 +342,13 @@ class CommBackend(abc.ABC):
 
     @abc.abstractmethod
     async def _close(self) -> None: ...
+
+
+def _check_out(op: str, out: Any, tensor: Any, shape: tuple[int, ...]) -> None:
+    if out is None:
+        return
+    if tuple(out.shape) != tuple(shape) or out.dtype != tensor.dtype or out.device != tensor.device or not out.is_contiguous():
+        raise ConfigError(
+            f"{op}: out (shape {tuple(out.shape)}, {out.dtype}, {out.device}) must be contiguous, shape {tuple(shape)}, "
+            f"{tensor.dtype} on {tensor.device}"
+        )

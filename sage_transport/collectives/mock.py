@@ -171,12 +171,13 @@ class MockCommBackend(CommBackend):
         tensor.copy_(result)
         return tensor
 
-    async def _do_all_gather(self, tensor: Any) -> Any:
-        return await self.group.join(self.rank, "all_gather", tensor.clone(), None)
+    async def _do_all_gather(self, tensor: Any, out: Any) -> Any:
+        result = await self.group.join(self.rank, "all_gather", tensor.clone(), None)
+        return result if out is None else out.copy_(result)
 
-    async def _do_reduce_scatter(self, tensor: Any, op: ReduceOp) -> Any:
+    async def _do_reduce_scatter(self, tensor: Any, op: ReduceOp, out: Any) -> Any:
         result = await self.group.join(self.rank, "reduce_scatter", tensor.clone(), op)
-        return result.clone()
+        return result.clone() if out is None else out.copy_(result)
 
     async def _do_broadcast(self, tensor: Any, src: int) -> Any:
         result = await self.group.join(self.rank, "broadcast", tensor.clone(), src)

@@ -30,6 +30,7 @@ class NcclBackend(TorchProcessGroupBackend):
     name: ClassVar[str] = "nccl"
     devices: ClassVar[frozenset[str]] = frozenset({"cuda"})
     native_avg: ClassVar[bool] = True
+    abort_in_place: ClassVar[bool] = True
 
     def __init__(self, rank: int, world_size: int, store: Any, *, timeout_s: float = 30.0, fusion: CommFusion | None = None,
                  overlap: int = 4, device: int | None = None) -> None:  # fmt: skip

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import datetime
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -61,6 +62,8 @@ class TorchProcessGroupBackend(CommBackend):
         ReduceOp.SUM: "SUM", ReduceOp.MAX: "MAX", ReduceOp.MIN: "MIN", ReduceOp.PRODUCT: "PRODUCT",
     }  # fmt: skip
     native_avg: ClassVar[bool] = False
+    #: whether ``pg.abort()`` is safe to call on a failed group (NCCL: ncclCommAbort); Gloo's is not
+    abort_in_place: ClassVar[bool] = False
 
     def __init__(self, rank: int, world_size: int, store: Any, *, timeout_s: float = 30.0, fusion: CommFusion | None = None,
                  overlap: int = 4) -> None:  # fmt: skip
@@ -68,6 +71,9 @@ class TorchProcessGroupBackend(CommBackend):
         self.store = store
         self.pg: Any = None
         self._waiter_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._failed_groups: list[Any] = []  # failed groups, kept alive until they are shut down (see _abort)
+        self._inflight: set[Any] = set()  # work objects issued and not yet finished
+        self._retiring: list[threading.Thread] = []
 
     def _waiters(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._waiter_pool is None:
@@ -101,13 +107,22 @@ class TorchProcessGroupBackend(CommBackend):
             raise CollectiveError(f"{self.name}: rank {rank} of {world_size} could not join the group: {exc}") from exc
 
     def _abort(self) -> None:
-        # Gloo's abort and its destructor wait for in-flight work (up to the group's own timeout): a daemon
-        # thread holds the group while it goes, so the loop never waits and no garbage collection blocks
         pg, self.pg = self.pg, None
-        if pg is not None:
-            threading.Thread(
-                target=_shutdown, args=(pg, ("abort", "shutdown")), name=f"sage-{self.name}-abort", daemon=True
-            ).start()
+        if pg is None:
+            return
+        if self.abort_in_place:
+            threading.Thread(target=_shutdown, args=(pg, ("abort",)), name=f"sage-{self.name}-abort", daemon=True).start()
+            return
+        # Gloo's abort and shutdown hold the GIL while they wait for in-flight work (up to the group's own
+        # timeout), and a group left open dies with std::terminate when a peer closes its socket later. So a
+        # daemon thread lets the in-flight work end first (a peer's error or the group's timeout; Work.wait
+        # releases the GIL), then shuts the group down; until then the group is kept alive here.
+        works = list(self._inflight)
+        self._inflight.clear()
+        self._failed_groups.append(pg)
+        retiring = threading.Thread(target=_retire, args=(pg, works), name=f"sage-{self.name}-retire", daemon=True)
+        retiring.start()
+        self._retiring.append(retiring)
 
     async def _close(self) -> None:
         pg, self.pg = self.pg, None
@@ -115,6 +130,9 @@ class TorchProcessGroupBackend(CommBackend):
             closing = threading.Thread(target=_shutdown, args=(pg,), name=f"sage-{self.name}-close", daemon=True)
             closing.start()
             await asyncio.get_running_loop().run_in_executor(None, closing.join, 5.0)
+        deadline = time.monotonic() + self.timeout_s + 5  # failed groups: their in-flight work ends by then
+        for retiring in self._retiring:
+            await asyncio.get_running_loop().run_in_executor(None, retiring.join, max(0.0, deadline - time.monotonic()))
         if self._waiter_pool is not None:
             self._waiter_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -128,6 +146,17 @@ class TorchProcessGroupBackend(CommBackend):
     async def _run(self, launch: Callable[[Any], Any], traffic: str = "collective") -> None:
         """Issue ``launch(pg)`` (returns a work object) and wait for it without blocking the loop."""
         work = launch(self._group())
+        self._inflight.add(work)
+        try:
+            await self._wait_work(work)
+        except asyncio.CancelledError:
+            raise  # still in flight inside Gloo: it stays listed for _abort to wait out
+        except BaseException:
+            self._inflight.discard(work)
+            raise
+        self._inflight.discard(work)
+
+    async def _wait_work(self, work: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
             future = work.get_future()
@@ -176,21 +205,23 @@ class TorchProcessGroupBackend(CommBackend):
         await self._run(lambda pg: pg.allreduce([tensor], options))
         return self._finish_avg(tensor, op)
 
-    async def _do_all_gather(self, tensor: Any) -> Any:
+    async def _do_all_gather(self, tensor: Any, out: Any) -> Any:
         import torch
 
         _contiguous(tensor, "all_gather")
-        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        if out is None:
+            out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
         parts = list(out.unbind(0))
         await self._run(lambda pg: pg.allgather([parts], [tensor]))
         return out
 
-    async def _do_reduce_scatter(self, tensor: Any, op: ReduceOp) -> Any:
+    async def _do_reduce_scatter(self, tensor: Any, op: ReduceOp, out: Any) -> Any:
         import torch
 
         _contiguous(tensor, "reduce_scatter")
         chunks = [c.contiguous() for c in tensor.chunk(self.world_size)]
-        out = torch.empty_like(chunks[0])
+        if out is None:
+            out = torch.empty_like(chunks[0])
         options = self._reduce_options("ReduceScatterOptions", op)
         await self._run(lambda pg: pg.reduce_scatter([out], [chunks], options))
         return self._finish_avg(out, op)
@@ -220,6 +251,15 @@ class TorchProcessGroupBackend(CommBackend):
 def _contiguous(tensor: Any, op: str) -> None:
     if not tensor.is_contiguous():
         raise ConfigError(f"{op}: the tensor (shape {tuple(tensor.shape)}) must be contiguous")
+
+
+def _retire(pg: Any, works: list[Any]) -> None:
+    for work in works:
+        try:
+            work.wait()
+        except Exception:  # the failure that poisoned the group, most likely
+            pass
+    _shutdown(pg)
 
 
 def _shutdown(pg: Any, methods: tuple[str, ...] = ("shutdown", "abort")) -> None:

@@ -51,9 +51,14 @@ async def check_all_reduce_ops(b: CommBackend) -> None:
 async def check_all_gather(b: CommBackend) -> None:
     import torch
 
-    got = await b.all_gather(torch.tensor([b.rank, b.rank * 10], dtype=torch.float32, device=_device(b)))
+    mine = torch.tensor([b.rank, b.rank * 10], dtype=torch.float32, device=_device(b))
+    got = await b.all_gather(mine)
     assert tuple(got.shape) == (b.world_size, 2)
     assert got.cpu().tolist() == [[float(r), float(r * 10)] for r in range(b.world_size)], got
+    out = torch.zeros((b.world_size, 2), device=_device(b))
+    assert await b.all_gather(mine, out=out) is out and out.cpu().tolist() == got.cpu().tolist()
+    with _raises(ConfigError, "out (shape (3,)"):
+        await b.all_gather(mine, out=torch.zeros(3))
 
 
 async def check_reduce_scatter(b: CommBackend) -> None:
@@ -63,8 +68,10 @@ async def check_reduce_scatter(b: CommBackend) -> None:
     for op in (ReduceOp.SUM, ReduceOp.AVG, ReduceOp.MAX):
         x = torch.arange(w * 3, dtype=torch.float32, device=_device(b)) * (b.rank + 1)
         full = reduce(torch.stack([torch.arange(w * 3, dtype=torch.float32) * (r + 1) for r in range(w)]), op, w)
-        got = await b.reduce_scatter(x, op)
+        out = torch.zeros(3, device=_device(b))
+        got = await b.reduce_scatter(x, op, out=out if op is ReduceOp.MAX else None)
         assert torch.allclose(got.cpu(), full[b.rank * 3 : (b.rank + 1) * 3]), (op, got)
+        assert (got is out) is (op is ReduceOp.MAX)
 
 
 async def check_broadcast(b: CommBackend) -> None:
