@@ -74,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     c.add_argument("--ranks", type=int, default=2, help="rank processes (default 2)")
     c.add_argument("--sizes", default="4KiB,64KiB,1MiB,4MiB,16MiB", help="message sizes per rank (default 4KiB..16MiB)")
-    c.add_argument("--repeats", type=int, default=5, help="alternating repetitions per size (default 5)")
+    c.add_argument("--repeats", type=int, default=20, help="at least this many op pairs per size (default 20)")
+    c.add_argument("--seconds", type=float, default=2.0, help="time to spend per size and op (default 2 s)")
     c.add_argument("--fused-count", type=int, default=1000, help="4 KiB all-reduces in the fusion comparison (default 1000)")
+    c.add_argument("--pin", action="store_true", help="pin each rank process to one CPU (less noise on small hosts)")
     c.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
     s = sub.add_parser("serve", help="run the receiving side of migrate and print its address")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -230,7 +232,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .collectives.bench import markdown, run_collectives_bench, write
     from .units import parse_size
 
-    for name in ("ranks", "repeats", "fused_count"):
+    for name in ("ranks", "repeats", "fused_count", "seconds"):
         if getattr(args, name) <= 0:
             raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",") if s.strip()]
@@ -238,7 +240,10 @@ def _bench(args: argparse.Namespace) -> int:
     if bad:
         raise SageTransportError(f"--sizes: {bad[0]} bytes is not a whole number of float32 values")
     try:
-        record = run_collectives_bench(args.backend, args.ranks, sizes=sizes, repeats=args.repeats, fused_count=args.fused_count)
+        record = run_collectives_bench(
+            args.backend, args.ranks, sizes=sizes, repeats=args.repeats, fused_count=args.fused_count, pin=args.pin,
+            seconds=args.seconds,
+        )  # fmt: skip
     except RuntimeError as exc:
         raise SageTransportError(str(exc)) from exc
     write(record, args.json_path)

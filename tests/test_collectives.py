@@ -148,8 +148,8 @@ async def test_gloo_through_env_rendezvous_in_one_process() -> None:
 
 def test_bench_collectives_cli_writes_a_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "c.json"
-    code = main(["bench", "collectives", "--backend", "gloo", "--ranks", "2", "--sizes", "4KiB,64KiB", "--repeats", "1",
-                 "--fused-count", "50", "--json", str(out)])  # fmt: skip
+    code = main(["bench", "collectives", "--backend", "gloo", "--ranks", "2", "--sizes", "4KiB,64KiB", "--repeats", "5",
+                 "--seconds", "0.2", "--fused-count", "50", "--json", str(out)])  # fmt: skip
     assert code == 0
     record = json.loads(out.read_text())
     assert record["backend"] == "gloo" and record["ranks"] == 2
@@ -157,8 +157,10 @@ def test_bench_collectives_cli_writes_a_record(tmp_path: Path, capsys: pytest.Ca
         ("all_reduce", 4096), ("all_reduce", 65536), ("all_gather", 4096), ("all_gather", 65536)
     ]  # fmt: skip
     for row in record["rows"]:
+        assert row["pairs"] >= 5
         for side in ("ours", "raw"):
             assert row[side]["algbw_gbps"] > 0 and row[side]["busbw_gbps"] > 0
+            assert row[side]["us_p10"] <= row[side]["us_median"] <= row[side]["us_p90"]
         factor = 1.0 if row["op"] == "all_reduce" else 0.5  # 2(n-1)/n and (n-1)/n for n = 2
         assert row["ours"]["busbw_gbps"] == pytest.approx(row["ours"]["algbw_gbps"] * factor)
     assert record["fusion"]["tensors"] == 50 and record["fusion"]["fused_ms"]["median"] > 0

@@ -249,7 +249,7 @@ class CommBackend(abc.ABC):
 
     async def _before_direct(self, op: str) -> None:
         self._check(op)
-        if self._fusion.statistics().pending:
+        if self._fusion.pending:
             await self.flush()
 
     async def _issue(self, op: str, tensor: Any, arg: Any, timeout_s: float | None = None) -> Any:

@@ -1,13 +1,14 @@
 """``sage-transport bench collectives``: our backend against raw torch.distributed in the same run, and fused
 against unfused small all-reduces.
 
-Every rank is a process. Per message size and op, five repetitions alternate *ours* (``await
-backend.all_reduce(t)``) and *raw* (the same process group driven as ``torch.distributed.all_reduce`` drives it:
-``pg.allreduce([t]).wait()``, blocking), each repetition timing enough back-to-back ops to last ~0.05 s after a
-barrier. Reported per op: median time and range, the overhead (the median of the paired ratios ours/raw),
-``algbw = bytes / time`` and ``busbw`` by nccl-tests' definitions (all_reduce: algbw × 2(n−1)/n; all_gather: algbw × (n−1)/n,
-with bytes the gathered total). Then
-1,000 all-reduces of 4 KiB tensors: one at a time (ours and raw), and through ``fused_all_reduce``.
+Every rank is a process. Per message size and op, pairs of single ops, one *ours* (``await backend.all_reduce(t)``)
+and one *raw* (the same process group driven as ``torch.distributed.all_reduce`` drives it:
+``pg.allreduce([t]).wait()``, blocking), each timed alone, the order alternating from pair to pair, for about
+``--seconds`` (at least ``--repeats`` pairs). Per-op medians resist the bursts of a shared machine that spoil
+batch timings. Reported per op: median, p10–p90 and mean time; the overhead as the ratio of medians (and of
+means); ``algbw = bytes / time`` and ``busbw`` by nccl-tests' definitions (all_reduce: algbw × 2(n−1)/n;
+all_gather: algbw × (n−1)/n, with bytes the gathered total). Then 1,000 all-reduces of 4 KiB tensors: one at a
+time (ours and raw), and through ``fused_all_reduce``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from .group import COMM_BACKENDS, create_comm_backend, free_port
 __all__ = ["DEFAULT_SIZES", "busbw_factor", "run_collectives_bench"]
 
 DEFAULT_SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
-REPEATS = 5
-TARGET_S = 0.05
+REPEATS = 20
+SECONDS = 2.0
 
 
 def busbw_factor(op: str, ranks: int) -> float:
@@ -51,6 +52,10 @@ async def _timed(run_once: Callable[[], Awaitable[None]], count: int) -> float:
 async def _worker(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[args.rank % len(cpus)]})  # one CPU per rank: fewer migrations, less noise
+
     backend = await create_comm_backend(
         args.backend, rank=args.rank, world_size=args.ranks, master_addr="127.0.0.1", master_port=args.port, timeout_s=120
     )
@@ -67,35 +72,41 @@ async def _worker(args: argparse.Namespace) -> dict[str, Any] | None:
 
                 ours, raw = _runners(backend, pg, op, x, gathered, parts, device)
 
-                for fn in (ours, raw):  # warm up, and size the batches on rank 0's clock for every rank
-                    await fn()
+                for _ in range(3):  # warm up
+                    await ours()
+                    await raw()
                 await backend.barrier()
-                probe = await _timed(ours, 3)
-                count = torch.tensor([max(3, min(2000, int(TARGET_S / max(probe, 1e-6))))], device=device)
-                await backend.broadcast(count, 0)
-                count_i = int(count.item())
+                start = time.perf_counter()
+                await ours()
+                probe = torch.tensor([time.perf_counter() - start], device=device)
+                await backend.all_reduce(probe, "max")  # every rank sizes its run alike
+                pairs = max(args.repeats, min(2000, int(args.seconds / 2 / max(float(probe.item()), 1e-6))))
                 times: dict[str, list[float]] = {"ours": [], "raw": []}
-                for _ in range(args.repeats):
-                    for name, fn in (("ours", ours), ("raw", raw)):
-                        await backend.barrier()
-                        times[name].append(await _timed(fn, count_i))
+                for i in range(pairs):
+                    # one op of each per pair, alternating which goes first: drift and order bias cancel
+                    for name, fn in (("ours", ours), ("raw", raw)) if i % 2 == 0 else (("raw", raw), ("ours", ours)):
+                        start = time.perf_counter()
+                        await fn()
+                        times[name].append(time.perf_counter() - start)
                 total = size * (n if op == "all_gather" else 1)
-                row: dict[str, Any] = {"op": op, "bytes": size, "ranks": n, "ops_per_repeat": count_i}
+                row: dict[str, Any] = {"op": op, "bytes": size, "ranks": n, "pairs": pairs}
                 for name, values in times.items():
                     median = statistics.median(values)
+                    ordered = sorted(values)
                     row[name] = {
-                        "us_median": median * 1e6, "us_min": min(values) * 1e6, "us_max": max(values) * 1e6,
+                        "us_median": median * 1e6, "us_p10": ordered[len(ordered) // 10] * 1e6,
+                        "us_p90": ordered[(len(ordered) * 9) // 10] * 1e6, "us_mean": statistics.mean(values) * 1e6,
                         "algbw_gbps": total / median / 1e9, "busbw_gbps": total / median / 1e9 * busbw_factor(op, n),
                     }  # fmt: skip
-                # paired: each repetition times ours then raw back to back, so drift between repetitions cancels
-                row["overhead_pct"] = (statistics.median(o / r for o, r in zip(times["ours"], times["raw"])) - 1) * 100
+                row["overhead_pct"] = (row["ours"]["us_median"] / row["raw"]["us_median"] - 1) * 100
+                row["overhead_mean_pct"] = (row["ours"]["us_mean"] / row["raw"]["us_mean"] - 1) * 100
                 rows.append(row)
         fusion = await _fusion_bench(backend, pg, device, args.fused_count)
         stats = backend.get_stats()
     if args.rank != 0:
         return None
     return {
-        "backend": args.backend, "ranks": n, "torch": torch.__version__, "rows": rows, "fusion": fusion,
+        "backend": args.backend, "ranks": n, "torch": torch.__version__, "pinned": args.pin, "rows": rows, "fusion": fusion,
         "fusion_stats": {"hits": stats.fusion.hits, "buckets": stats.fusion.buckets, "rounds": stats.fusion.rounds},
     }  # fmt: skip
 
@@ -154,14 +165,15 @@ async def _fusion_bench(backend: Any, pg: Any, device: Any, count: int) -> dict[
 
 def run_collectives_bench(
     backend: str, ranks: int, *, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = REPEATS, fused_count: int = 1000,
-    timeout_s: float = 900,
+    timeout_s: float = 900, pin: bool = False, seconds: float = SECONDS,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the bench with ``ranks`` processes on ``backend`` (``gloo`` or ``nccl``) and return rank 0's record."""
     if backend not in COMM_BACKENDS or backend == "mock":
         raise ValueError(f"backend={backend!r}: the bench runs gloo or nccl (the mock has no raw torch twin)")
     port = free_port()
-    common = ["--backend", backend, "--ranks", str(ranks), "--port", str(port), "--repeats", str(repeats),
-              "--fused-count", str(fused_count), "--sizes", ",".join(map(str, sizes))]  # fmt: skip
+    common = ["--backend", backend, "--ranks", str(ranks), "--port", str(port), "--repeats", str(repeats)]
+    common += ["--seconds", str(seconds), "--fused-count", str(fused_count), "--sizes", ",".join(map(str, sizes))]
+    common += ["--pin"] if pin else []
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "sage_transport.collectives.bench", "--rank", str(r), *common],
@@ -192,16 +204,17 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         f"{record['backend']}, {record['ranks']} ranks, torch {record['torch']}",
         "",
-        "| op | bytes | ours µs median (min–max) | raw µs median (min–max) "
-        "| ours algbw / busbw GB/s | raw algbw / busbw GB/s | overhead |",
-        "|---|---|---|---|---|---|---|",
+        "| op | bytes | pairs | ours µs median (p10–p90) | raw µs median (p10–p90) "
+        "| ours algbw / busbw GB/s | raw algbw / busbw GB/s | overhead: medians / means |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in record["rows"]:
         o, r = row["ours"], row["raw"]
         lines.append(
-            f"| {row['op']} | {_size(row['bytes'])} | {o['us_median']:.0f} ({o['us_min']:.0f}–{o['us_max']:.0f}) "
-            f"| {r['us_median']:.0f} ({r['us_min']:.0f}–{r['us_max']:.0f}) | {o['algbw_gbps']:.3f} / {o['busbw_gbps']:.3f} "
-            f"| {r['algbw_gbps']:.3f} / {r['busbw_gbps']:.3f} | {row['overhead_pct']:+.1f}% |"
+            f"| {row['op']} | {_size(row['bytes'])} | {row['pairs']} "
+            f"| {o['us_median']:.0f} ({o['us_p10']:.0f}–{o['us_p90']:.0f}) "
+            f"| {r['us_median']:.0f} ({r['us_p10']:.0f}–{r['us_p90']:.0f}) | {o['algbw_gbps']:.3f} / {o['busbw_gbps']:.3f} "
+            f"| {r['algbw_gbps']:.3f} / {r['busbw_gbps']:.3f} | {row['overhead_pct']:+.1f}% / {row['overhead_mean_pct']:+.1f}% |"
         )
     f = record["fusion"]
     lines += [
@@ -228,8 +241,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--seconds", type=float, default=SECONDS)
     parser.add_argument("--fused-count", type=int, default=1000)
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
+    parser.add_argument("--pin", action="store_true", help="pin each rank to one CPU")
     args = parser.parse_args(argv)
     args.sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",")]
     record = asyncio.run(_worker(args))

@@ -110,6 +110,11 @@ class FusionEngine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def pending(self) -> int:
+        """Tensors waiting for a round."""
+        return len(self._pending)
+
     def statistics(self) -> FusionStatistics:
         return FusionStatistics(hits=self._hits, buckets=self._buckets, rounds=self._rounds, pending=len(self._pending))
 

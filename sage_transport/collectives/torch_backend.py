@@ -42,14 +42,8 @@ async def poll_until(done: Callable[[], bool]) -> None:
             sleep = min(sleep * 2, _MAX_SLEEP_S)
 
 
-def _resolve(target: asyncio.Future[None], source: Any) -> None:
-    if target.done():
-        return
-    try:
-        source.wait()
-    except Exception as exc:
-        target.set_exception(exc)
-    else:
+def _wake(target: asyncio.Future[None]) -> None:
+    if not target.done():
         target.set_result(None)
 
 
@@ -74,6 +68,7 @@ class TorchProcessGroupBackend(CommBackend):
         self._failed_groups: list[Any] = []  # failed groups, kept alive until they are shut down (see _abort)
         self._inflight: set[Any] = set()  # work objects issued and not yet finished
         self._retiring: list[threading.Thread] = []
+        self._options_cache: dict[tuple[str, ReduceOp], Any] = {}
 
     def _waiters(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._waiter_pool is None:
@@ -168,25 +163,30 @@ class TorchProcessGroupBackend(CommBackend):
             return
         done: asyncio.Future[None] = loop.create_future()
 
-        def on_done(source: Any) -> None:  # runs on Gloo's thread, or inline if already complete
+        def on_done(_: Any) -> None:  # runs on Gloo's thread, or inline if already complete
             try:
-                loop.call_soon_threadsafe(_resolve, done, source)
+                loop.call_soon_threadsafe(_wake, done)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
         future.add_done_callback(on_done)
         await done
+        work.wait()  # complete: returns at once, or raises the op's error
 
     # ---- ops -------------------------------------------------------------------------------------------
 
     def _reduce_options(self, kind: str, op: ReduceOp) -> Any:
-        import torch.distributed as dist
+        """torch's options object for ``kind`` and ``op`` (built once: the hot path reuses it)."""
+        options = self._options_cache.get((kind, op))
+        if options is None:
+            import torch.distributed as dist
 
-        options = getattr(dist, kind)()
-        if op is ReduceOp.AVG:
-            options.reduceOp = dist.ReduceOp.AVG if self.native_avg else dist.ReduceOp.SUM
-        else:
-            options.reduceOp = getattr(dist.ReduceOp, self._torch_op_names[op])
+            options = getattr(dist, kind)()
+            if op is ReduceOp.AVG:
+                options.reduceOp = dist.ReduceOp.AVG if self.native_avg else dist.ReduceOp.SUM
+            else:
+                options.reduceOp = getattr(dist.ReduceOp, self._torch_op_names[op])
+            self._options_cache[(kind, op)] = options
         return options
 
     def _finish_avg(self, tensor: Any, op: ReduceOp) -> Any:
