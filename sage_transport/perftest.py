@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
 from pathlib import Path
 
 import msgspec
 
 from .errors import UnsupportedError
+from .ports import free_port
 
 __all__ = ["LinkReference", "measure_link", "perftest_binary"]
 
@@ -47,12 +47,6 @@ def perftest_binary() -> tuple[Path, Path]:
     return binary, root / "lib"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def measure_link(
     message_bytes: int, *, ucx_tls: str, test: str = "tag_bw", iterations: int | None = None, timeout_s: float = 60.0
 ) -> LinkReference:
@@ -62,7 +56,7 @@ async def measure_link(
         iterations = max(20, min(10000, (2 << 30) // max(message_bytes, 1)))
     env = {**os.environ, "UCX_TLS": ucx_tls, "UCX_WARN_UNUSED_ENV_VARS": "n"}
     env["LD_LIBRARY_PATH"] = f"{libdir}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(libdir)
-    port = _free_port()
+    port = free_port()
     args = ["-t", test, "-s", str(message_bytes), "-n", str(iterations), "-w", str(max(2, iterations // 10))]
     server = await asyncio.create_subprocess_exec(
         str(binary), "-p", str(port), env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedError
+from ..ports import free_port, port_from_env
 from .base import CommBackend
 from .fusion import CommFusion
 
@@ -30,27 +30,12 @@ COMM_BACKENDS: dict[str, tuple[str, str, frozenset[str]]] = {
 }
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def comm_port(env: Mapping[str, str] | None = None, *, find_free: bool = True) -> int:
     """The rendezvous port: ``SAGE_TRANSPORT_COMM_PORT``, else ``MASTER_PORT``, else a free one (for the process
     that launches the ranks and tells them). A bad value is a ``ConfigError`` naming the variable."""
-    env = os.environ if env is None else env
-    for name in PORT_VARIABLES:
-        value = env.get(name)
-        if value:
-            try:
-                port = int(value)
-            except ValueError:
-                raise ConfigError(f"{name}={value!r} is not a port number") from None
-            if not 1 <= port <= 65535:
-                raise ConfigError(f"{name}={value!r} must be in 1..65535")
-            return port
+    port = port_from_env(os.environ if env is None else env, PORT_VARIABLES)
+    if port is not None:
+        return port
     if not find_free:
         raise ConfigError(f"no rendezvous port: set {' or '.join(PORT_VARIABLES)}")
     return free_port()

@@ -8,6 +8,7 @@ op's deadline; NCCL's CUDA events are polled with an adaptive back-off.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import datetime
@@ -83,8 +84,10 @@ class TorchProcessGroupBackend(CommBackend):
 
     # ---- group -----------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _make_group(self, store: Any, rank: int, world_size: int, timeout: datetime.timedelta) -> Any:
-        raise NotImplementedError
+        """The process group for ``rank`` of ``world_size`` on ``store`` (runs in a thread: it blocks until
+        every rank joins)."""
 
     async def _rebuild(self, rank: int, world_size: int) -> None:
         import torch.distributed as dist
