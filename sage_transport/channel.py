@@ -43,6 +43,8 @@ from .planner import plan_chunks
 from .scheduler import AckOutcome, Scheduler
 from .schema import KVCacheSchema
 from .session import PeerSession
+from .telemetry.core import Histogram, HistogramSnapshot, Telemetry
+from .telemetry.trace import ChunkTracer
 from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
 from .transports.base import Connection, Listener, Transport
 from .transports.registry import get_transport_class
@@ -77,6 +79,22 @@ class ChannelStatistics(msgspec.Struct, frozen=True):
     transfers_refused: int
     chunks_placed: int = 0  # of chunks_sent: written straight into a same-host peer's memory (CMA)
     placement_failures: int = 0
+    inflight_bytes: int = 0  # sent and not yet acknowledged
+    failures_by_kind: dict[str, int] = {}  # failed transfers by exception type
+
+
+class PeerStatistics(msgspec.Struct, frozen=True):
+    """Chunks and bytes exchanged with one peer, and how its chunks travel."""
+
+    peer: str
+    chunks_sent: int
+    bytes_sent: int
+    chunks_received: int
+    bytes_received: int
+    transfers_sending: int
+    transfers_receiving: int
+    placement: str
+    transport: str
 
 
 def _same_shape(a: KVCacheSchema, b: KVCacheSchema) -> bool:
@@ -97,6 +115,7 @@ class KVTransferChannel:
         config: KVTransportConfig | str | None = None,
         *,
         name: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if isinstance(config, str):
             config = KVTransportConfig.from_string(config)
@@ -116,6 +135,12 @@ class KVTransferChannel:
         self._checksum = checksum_function(self.config.integrity)
         self._checksum_pieces = streaming_checksum_function(self.config.integrity)
         self._counters: collections.Counter[str] = collections.Counter()
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self._measure = self.config.telemetry
+        self._chunk_latency = Histogram()
+        self._transfer_seconds = {"sent": Histogram(), "received": Histogram()}
+        self._failures: collections.Counter[str] = collections.Counter()
+        self.tracer: ChunkTracer | None = None  # set to record every chunk's life (``migrate --trace``)
         self._memory: KVMemory | None = None
         self._memory_views: list[memoryview] = []
         self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -384,6 +409,12 @@ class KVTransferChannel:
         out = Outgoing(plan, table, session, session.new_wire_id(), submitted)
         session.outgoing[out.wire_id] = out
         self._outgoing[tid] = out
+        if self._measure:
+            out.sent_at = [0.0] * len(table)
+        out.counted = True
+        self.telemetry.comm_begin()
+        if self.tracer is not None:
+            self.tracer.queued(plan.peer, tid, len(table), submitted)
         session.post(
             Announce(
                 wire_id=out.wire_id,
@@ -479,10 +510,16 @@ class KVTransferChannel:
         was_full = scheduler.inflight() >= scheduler.max_inflight
         nbytes = out.lists["chunk_nbytes"]
         out.accepted = True
+        sent_at = out.sent_at
+        now = time.perf_counter() if sent_at is not None or self.tracer is not None else 0.0
         for seq in seqs:
             outcome = scheduler.ack(out, seq)
             if outcome is AckOutcome.DUPLICATE:
                 continue
+            if sent_at is not None:
+                self._chunk_latency.observe(now - sent_at[seq])
+            if self.tracer is not None:
+                self.tracer.acked(session.peer, out.plan.transfer_id, seq, now)
             out.bytes_verified += nbytes[seq]
             out.chunks_verified += 1
             if outcome is AckOutcome.COMPLETE:
@@ -510,6 +547,9 @@ class KVTransferChannel:
             session.wake.set()
 
     def _release_outgoing(self, out: Outgoing) -> None:
+        if out.counted:
+            out.counted = False
+            self.telemetry.comm_end()
         self._scheduler.remove(out)
         out.session.outgoing.pop(out.wire_id, None)
         if self._outgoing.get(out.plan.transfer_id) is out:
@@ -537,6 +577,9 @@ class KVTransferChannel:
             },
         )
         self._counters["transfers_completed"] += 1
+        if self._measure:
+            self._transfer_seconds["sent"].observe(wall)
+            self.telemetry.recent_transfer_seconds.append(wall)
         out.finish(result, None)
         log.info(
             "transfer.sent", transfer_id=result.transfer_id, peer=result.peer, bytes=result.bytes, chunks=result.chunks,
@@ -550,6 +593,7 @@ class KVTransferChannel:
         if notify and not out.session.closed:
             out.session.post(Abort(out.wire_id, True, str(exc)[:1024]))
         self._counters["transfers_failed"] += 1
+        self._failures[type(exc).__name__] += 1
         out.finish(None, exc)
         log.warning("transfer.failed", transfer_id=out.plan.transfer_id, peer=out.session.peer, error=str(exc))
 
@@ -606,6 +650,7 @@ class KVTransferChannel:
             ack_every=msg.ack_every,
             peer=session.peer,
         )
+        self.telemetry.comm_begin()
         if msg.deadline_s:
             # the sender's own timer fires first and aborts; this one covers a sender that went silent
             grace = max(0.5, 0.1 * msg.deadline_s)
@@ -631,7 +676,8 @@ class KVTransferChannel:
             self._recent.popitem(last=False)
 
     def _incoming_complete(self, session: PeerSession, inc: Incoming) -> None:
-        session.incoming.pop(inc.wire_id, None)
+        if session.incoming.pop(inc.wire_id, None) is not None:
+            self.telemetry.comm_end()
         if inc.deadline_timer is not None:
             inc.deadline_timer.cancel()
         wall = time.perf_counter() - inc.expectation.started_at
@@ -647,6 +693,8 @@ class KVTransferChannel:
             phases={"transfer_s": wall},
         )
         self._counters["transfers_received"] += 1
+        if self._measure:
+            self._transfer_seconds["received"].observe(wall)
         self._finish_expectation(inc.expectation, result, None)
         log.info(
             "transfer.received", transfer_id=inc.transfer_id, peer=session.peer, bytes=result.bytes,
@@ -656,11 +704,13 @@ class KVTransferChannel:
     def _fail_incoming(self, session: PeerSession, inc: Incoming, exc: BaseException, *, notify: bool) -> None:
         if session.incoming.pop(inc.wire_id, None) is None:
             return
+        self.telemetry.comm_end()
         if inc.deadline_timer is not None:
             inc.deadline_timer.cancel()
         if notify and not session.closed:
             session.post(Abort(inc.wire_id, False, str(exc)[:1024]))
         self._counters["transfers_failed"] += 1
+        self._failures[type(exc).__name__] += 1
         self._finish_expectation(inc.expectation, None, exc)
         log.warning("transfer.failed", transfer_id=inc.transfer_id, peer=session.peer, error=str(exc))
 
@@ -742,4 +792,52 @@ class KVTransferChannel:
             transfers_refused=c["transfers_refused"],
             chunks_placed=c["chunks_placed"],
             placement_failures=c["placement_failures"],
+            inflight_bytes=sum(max(0, out.bytes_sent - out.bytes_verified) for out in self._outgoing.values()),
+            failures_by_kind=dict(self._failures),
         )
+
+    def peer_statistics(self) -> list[PeerStatistics]:
+        """Per connected peer: chunks and bytes each way, transfers in progress, placement and transport."""
+        out = []
+        for peer, session in self._sessions.items():
+            c = session.counters
+            out.append(
+                PeerStatistics(
+                    peer=peer, chunks_sent=c["chunks_sent"], bytes_sent=c["bytes_sent"], chunks_received=c["chunks_received"],
+                    bytes_received=c["bytes_received"], transfers_sending=len(session.outgoing),
+                    transfers_receiving=len(session.incoming), placement=session.placement_kind, transport=self.transport.name,
+                )
+            )  # fmt: skip
+        return out
+
+    def histograms(self) -> dict[str, HistogramSnapshot]:
+        """``chunk_latency_seconds`` (send start to acknowledgement) and transfer durations (``sent``,
+        ``received``), kept while ``config.telemetry`` is on."""
+        return {
+            "chunk_latency_seconds": self._chunk_latency.snapshot(),
+            "transfer_sent_seconds": self._transfer_seconds["sent"].snapshot(),
+            "transfer_received_seconds": self._transfer_seconds["received"].snapshot(),
+        }
+
+    # ---- control --------------------------------------------------------------------------------------
+
+    #: Settings :meth:`reconfigure` changes on a live channel.
+    LIVE_SETTINGS = ("chunk_size", "prefetch_depth", "max_inflight", "overlap_streams", "ack_timeout_s", "telemetry")
+
+    def reconfigure(self, **changes: Any) -> KVTransportConfig:
+        """Change settings of a live channel (validated like any configuration; unknown or not-live keys are a
+        ``ConfigError``). The window (``prefetch_depth``), ``max_inflight`` and ``overlap_streams`` apply at once,
+        also to transfers in flight; ``chunk_size`` applies to transfers submitted from now on (a transfer in flight
+        keeps the chunk table both sides agreed on)."""
+        for key in changes:
+            if key not in self.LIVE_SETTINGS:
+                raise ConfigError(f"{key!r} cannot change on a live channel; live settings: {', '.join(self.LIVE_SETTINGS)}")
+        config = self.config.replace(**changes)
+        self.config = config
+        self._scheduler.set_limits(window=config.prefetch_depth, max_inflight=config.max_inflight)
+        self._measure = config.telemetry
+        for session in self._sessions.values():
+            session.set_overlap(config.overlap_streams)
+            session.wake.set()
+        log.info("channel.reconfigured", channel=self.name, **{k: getattr(config, k) for k in changes})
+        return config

@@ -101,7 +101,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     devices, ``ucx_rndv_threshold`` UCX's eager→rendezvous switch (None: UCX decides); ``ucx_endpoint``
     picks the endpoint kind: ``local`` (worker address, no peer error handling: shared memory and CMA
     usable), ``remote`` (peer error handling, network transports only) or ``auto`` (local for a peer with
-    this host's boot id). ``kv_dtype`` is accepted as another name of ``target_dtype``.
+    this host's boot id). ``kv_dtype`` is accepted as another name of ``target_dtype``. ``telemetry`` keeps
+    chunk-latency and transfer-duration histograms (counters are always kept); ``metrics_host``/``metrics_port``
+    are where a :class:`~sage_transport.telemetry.TelemetryServer` listens (port 0: any free one).
     """
 
     backend: str = "ucx"
@@ -130,6 +132,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     listen_port: int = 0
     heartbeat_interval_s: float = 1.0
     peer_timeout_s: float = 10.0
+    telemetry: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -157,6 +162,10 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             )
         for name, kind in (("integrity", Integrity), ("compression", Compression), ("progress_mode", ProgressMode)):
             msgspec.structs.force_setattr(self, name, _enum(kind)(getattr(self, name), name))
+        if self.metrics_port is not None and (
+            isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535
+        ):
+            raise ConfigError(f"metrics_port={self.metrics_port!r} must be an integer in 0..65535")
         if self.ucx_endpoint not in ("auto", "local", "remote"):
             raise ConfigError(f"ucx_endpoint={self.ucx_endpoint!r} is not valid; choose one of auto, local, remote")
         if self.ucx_rndv_threshold is not None and (
@@ -289,4 +298,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "listen_port": _int,
     "heartbeat_interval_s": parse_duration,
     "peer_timeout_s": parse_duration,
+    "telemetry": parse_bool,
+    "metrics_host": _str,
+    "metrics_port": _optional(_int),
 }

@@ -109,6 +109,13 @@ class Scheduler:
         self._peer_inflight: collections.Counter[str] = collections.Counter()
         self._inflight = 0
 
+    def set_limits(self, *, window: int, max_inflight: int) -> None:
+        """Change the per-peer window and the in-flight limit (live: the next ``next_chunk`` follows them)."""
+        if window < 1 or max_inflight < 1:
+            raise ValueError(f"window={window} and max_inflight={max_inflight} must be at least 1")
+        self.window = window
+        self.max_inflight = max_inflight
+
     def add(
         self,
         key: Hashable,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
@@ -55,6 +56,7 @@ class PeerSession:
         self._placement_pool: concurrent.futures.Executor | None = None
         self._placing = 0
         self._place_limit = channel.config.overlap_streams
+        self.counters: collections.Counter[str] = collections.Counter()  # chunks and bytes, this peer only
 
     @property
     def placement_kind(self) -> str:
@@ -62,6 +64,10 @@ class PeerSession:
         if self.placer is None:
             return "none"
         return "shm" if isinstance(self.placer, ShmWriter) else "cma"
+
+    def set_overlap(self, overlap_streams: int) -> None:
+        """Chunk sends (and direct writes) in flight at once for this peer, from now on."""
+        self._send_limit = self._place_limit = overlap_streams
 
     def enable_placement(self, placer: CmaWriter | ShmWriter, pool: concurrent.futures.Executor) -> None:
         """Write chunks of accepted transfers straight into the peer's memory from now on."""
@@ -168,12 +174,25 @@ class PeerSession:
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING
+        sent_at = out.sent_at
+        tracer = self.channel.tracer
+        if sent_at is not None or tracer is not None:
+            started = time.perf_counter()
+            if sent_at is not None:
+                sent_at[seq] = started
         await self.conn.send(header, payload)
         if staging is not None:  # only after a completed send: a cancelled one may still be reading it
             self._staging_free.append(staging)
+        if tracer is not None:
+            tracer.sent(self.peer, out.plan.transfer_id, seq, started, time.perf_counter())
+        nbytes = payload.nbytes
+        out.bytes_sent += nbytes
         counters = self.channel._counters
         counters["chunks_sent"] += 1
-        counters["bytes_sent"] += payload.nbytes
+        counters["bytes_sent"] += nbytes
+        mine = self.counters
+        mine["chunks_sent"] += 1
+        mine["bytes_sent"] += nbytes
 
     def _start_placement(self, out: Outgoing, seq: int) -> None:
         table = out.table
@@ -185,6 +204,12 @@ class PeerSession:
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING
+        if out.sent_at is not None or self.channel.tracer is not None:
+            started = time.perf_counter()
+            if out.sent_at is not None:
+                out.sent_at[seq] = started
+            if self.channel.tracer is not None:
+                self.channel.tracer.sent(self.peer, out.plan.transfer_id, seq, started, started)
         assert self._placement_pool is not None and self.placer is not None
         future = asyncio.get_running_loop().run_in_executor(
             self._placement_pool,
@@ -212,10 +237,15 @@ class PeerSession:
                 self.wake.set()
             return
         self.post(Placed(out.wire_id, seq, attempt, future.result()))
+        nbytes = out.lists["chunk_nbytes"][seq]
+        out.bytes_sent += nbytes
         counters = self.channel._counters
         counters["chunks_sent"] += 1
         counters["chunks_placed"] += 1
-        counters["bytes_sent"] += out.lists["chunk_nbytes"][seq]
+        counters["bytes_sent"] += nbytes
+        mine = self.counters
+        mine["chunks_sent"] += 1
+        mine["bytes_sent"] += nbytes
 
     # ---- reader -------------------------------------------------------------------------------------
 
@@ -278,6 +308,11 @@ class PeerSession:
             return
         counters["chunks_received"] += 1
         counters["bytes_received"] += payload.nbytes
+        mine = self.counters
+        mine["chunks_received"] += 1
+        mine["bytes_received"] += payload.nbytes
+        tracer = self.channel.tracer
+        arrived = time.perf_counter() if tracer is not None else 0.0
         if inc.checksum is not None and inc.checksum(payload) != msg.checksum:
             counters["checksum_failures"] += 1
             inc.bad_chunks += 1
@@ -296,6 +331,8 @@ class PeerSession:
                 n, offset = piece_len[k], dst_off[k]
                 views[dst_seg[k]][offset : offset + n] = payload[pos : pos + n]
                 pos += n
+        if tracer is not None:
+            tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())
         self._accept(inc, seq)
 
     def _on_placed(self, msg: Placed) -> None:
@@ -316,6 +353,11 @@ class PeerSession:
         lists = inc.lists
         counters["chunks_received"] += 1
         counters["bytes_received"] += lists["chunk_nbytes"][seq]
+        mine = self.counters
+        mine["chunks_received"] += 1
+        mine["bytes_received"] += lists["chunk_nbytes"][seq]
+        tracer = self.channel.tracer
+        arrived = time.perf_counter() if tracer is not None else 0.0
         if inc.checksum_pieces is not None:
             views, dst_seg, dst_off, piece_len = (
                 self.channel._memory_views,
@@ -332,6 +374,8 @@ class PeerSession:
                 inc.bad_chunks += 1
                 self.post(Nack(inc.wire_id, seq, msg.attempt, "checksum mismatch (placed)"))
                 return
+        if tracer is not None:
+            tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())
         self._accept(inc, seq)
 
     def _accept(self, inc: Incoming, seq: int) -> None:

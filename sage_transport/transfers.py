@@ -58,8 +58,10 @@ class Outgoing:
     __slots__ = (
         "accepted",
         "attempts",
+        "bytes_sent",
         "bytes_verified",
         "chunks_verified",
+        "counted",
         "deadline_timer",
         "first_send_at",
         "future",
@@ -67,6 +69,7 @@ class Outgoing:
         "plan",
         "planned_at",
         "retries",
+        "sent_at",
         "session",
         "status",
         "submitted_at",
@@ -91,6 +94,9 @@ class Outgoing:
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.status = TransferStatus.QUEUED
         self.accepted = False  # the receiver acknowledged a chunk, so it took the announcement
+        self.bytes_sent = 0
+        self.sent_at: list[float] | None = None  # per chunk, when telemetry measures chunk latency
+        self.counted = False  # counted as communication in flight by the channel's Telemetry
 
     def finish(self, result: TransferResult | None, exc: BaseException | None) -> None:
         if self.deadline_timer is not None:
