@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--repeat", type=int, default=3, help="transfers to time (median reported, default 3)")
     m.add_argument("--seed", type=int, default=0, help="seed of the fill pattern and the shuffled block tables")
     m.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
+    m.add_argument(
+        "--metrics-port", type=int, default=None, metavar="P",
+        help="serve /metrics, /summary and /control on P during the job (0: any free port, printed)",
+    )  # fmt: skip
+    m.add_argument("--linger", type=float, default=0.0, metavar="S", help="keep serving metrics S seconds after the job")
+    m.add_argument("--trace", type=Path, default=None, metavar="PATH", help="write a Chrome/Perfetto trace of every chunk")
     m.add_argument("--log-json", action="store_true", help="logs as JSON lines")
     m.add_argument("-v", "--verbose", action="store_true", help="log one line per transfer")
     p = sub.add_parser("probe", help="print this host's topology, the recommended preset and the transport profile")
@@ -127,9 +133,19 @@ def run_async(coro: Any) -> Any:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .migrate import progress_bar, run_migration, summary_lines
+    from .migrate import Observe, progress_bar, run_migration, summary_lines
 
     config = _resolve_config(args)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise SageTransportError(f"--metrics-port={args.metrics_port} must be in 0..65535")
+    if args.linger < 0:
+        raise SageTransportError(f"--linger={args.linger} must not be negative")
+    observe = Observe(
+        metrics_port=args.metrics_port if args.metrics_port is not None else config.metrics_port,
+        linger_s=args.linger,
+        trace_path=args.trace,
+        announce=lambda url: print(f"sage-transport migrate: metrics on {url}/metrics", file=sys.stderr, flush=True),
+    )
     for name in ("tokens", "repeat", "receivers", "block_size"):
         if getattr(args, name) <= 0:
             raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
@@ -148,6 +164,7 @@ def _migrate(args: argparse.Namespace) -> int:
             peers=args.peer,
             reference=not args.no_reference,
             progress=progress_bar() if show else None,
+            observe=observe,
         )
     )
     print("\n".join(summary_lines(record)))

@@ -19,6 +19,8 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -40,6 +42,7 @@ from .serve import (
     read_job_message,
     send_job_message,
 )
+from .telemetry.trace import ChunkTracer, chrome_trace
 
 __all__ = ["MigrationRecord", "run_migration", "summary_lines"]
 
@@ -127,9 +130,12 @@ async def run_migration(
     reference: bool = True,
     progress: Callable[[int, int, float, bool], None] | None = None,
     pause_s: float = 0.0,
+    observe: Observe | None = None,
 ) -> MigrationRecord:
     """Run the migration ``repeats`` times and return the record (see the module docstring). ``pause_s``
-    idles between transfers (untimed), as an engine does between decode steps."""
+    idles between transfers (untimed), as an engine does between decode steps; ``observe`` serves metrics
+    during the job and records a chunk trace."""
+    observe = observe or Observe()
     config = config or KVTransportConfig()
     if receivers < 1:
         raise SageTransportError(f"receivers={receivers} must be at least 1")
@@ -139,10 +145,12 @@ async def run_migration(
     _fill_pattern(src, seed)
     rng = np.random.default_rng(seed)
     if transport == "mock" and not peers:
-        return await _migrate_in_process(model, tokens, schema, blocks, src, config, shuffle, repeats, rng, progress, pause_s)
+        return await _migrate_in_process(
+            model, tokens, schema, blocks, src, config, shuffle, repeats, rng, progress, pause_s, observe
+        )  # fmt: skip
     return await _migrate_to_receivers(
         model, tokens, schema, blocks, src, transport, config, shuffle, repeats, rng, receivers, list(peers), reference, progress,
-        pause_s,
+        pause_s, observe,
     )  # fmt: skip
 
 
@@ -158,8 +166,11 @@ async def _migrate_in_process(
     rng: np.random.Generator,
     progress: Callable[[int, int, float, bool], None] | None,
     pause_s: float = 0.0,
+    observe: Observe | None = None,
 ) -> MigrationRecord:
     from .transports.mock import MockNetwork, MockTransport
+
+    observe = observe or Observe()
 
     dst = KVMemory.allocate(schema, blocks, fill=0)
     dst_of_src = rng.permutation(blocks) if shuffle else np.arange(blocks)
@@ -175,6 +186,9 @@ async def _migrate_in_process(
         receiver.register(dst)
         sender.register(src)
         peer = await sender.connect(await receiver.listen())
+        if observe.trace_path is not None:
+            sender.tracer, receiver.tracer = ChunkTracer("sender (prefill)"), ChunkTracer("receiver (decode)")
+        server = await _start_metrics(observe, [sender, receiver], config)
         for i in range(repeats):
             if pause_s and i:
                 await asyncio.sleep(pause_s)
@@ -191,6 +205,9 @@ async def _migrate_in_process(
             chunks, retries = result.chunks, retries + result.retries
             if config.integrity.value != "none":  # with integrity off only the byte compare below speaks
                 verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity is IntegrityStatus.VERIFIED
+        await _stop_metrics(server, observe)
+        if observe.trace_path is not None:
+            write_trace(observe.trace_path, [t.export() for t in (sender.tracer, receiver.tracer) if t is not None])
     cpu = cpu_seconds() - cpu_start
     verified = verified and _verify(src, dst, schema, dst_of_src)
     nbytes = blocks * schema.bytes_per_block
@@ -200,6 +217,48 @@ async def _migrate_in_process(
         cpu_seconds={"both_sides": cpu},
         cpu_per_gib={"both_sides": cpu / moved},
     )  # fmt: skip
+
+
+@dataclass
+class Observe:
+    """What to observe during a migration: serve metrics on ``metrics_port`` (0: any free port) and keep serving
+    ``linger_s`` after the job; write a Chrome/Perfetto chunk trace to ``trace_path``. ``announce`` receives the
+    metrics URL once the server listens."""
+
+    metrics_port: int | None = None
+    linger_s: float = 0.0
+    trace_path: Path | None = None
+    announce: Callable[[str], None] | None = None
+
+
+async def _start_metrics(observe: Observe, channels: list[KVTransferChannel], config: KVTransportConfig) -> Any:
+    if observe.metrics_port is None:
+        return None
+    from .telemetry.prometheus import SageCollector
+    from .telemetry.server import TelemetryServer
+
+    server = TelemetryServer(
+        SageCollector(channels), host=config.metrics_host, port=observe.metrics_port, auth_token=config.auth_token
+    )
+    await server.__aenter__()
+    if observe.announce is not None:
+        observe.announce(server.url)
+    return server
+
+
+async def _stop_metrics(server: Any, observe: Observe) -> None:
+    if server is None:
+        return
+    try:
+        if observe.linger_s > 0:
+            await asyncio.sleep(observe.linger_s)
+    finally:
+        await server.__aexit__(None, None, None)
+
+
+def write_trace(path: Path, processes: list[dict[str, Any]]) -> None:
+    """Write the chunk events of ``processes`` as one Chrome/Perfetto trace (JSON)."""
+    path.write_bytes(msgspec.json.encode(chrome_trace(processes)))
 
 
 class _Receiver:
@@ -248,8 +307,12 @@ async def _migrate_to_receivers(
     reference: bool,
     progress: Callable[[int, int, float, bool], None] | None,
     pause_s: float = 0.0,
+    observe: Observe | None = None,
 ) -> MigrationRecord:
     from .transports.link import parse_host_port
+
+    observe = observe or Observe()
+    traces: list[dict[str, Any]] = []
 
     settings = {k: v for k, v in msgspec.to_builtins(config).items() if k not in ("listen_host", "listen_port")}
 
@@ -265,12 +328,12 @@ async def _migrate_to_receivers(
         for k, node in enumerate(nodes):
             host, port = parse_host_port(node.address, "--peer")
             try:
-                node.reader, node.writer = await asyncio.open_connection(host, port)
+                node.reader, node.writer = await asyncio.open_connection(host, port, limit=64 << 20)
             except OSError as exc:
                 raise PeerDeadError(f"no sage-transport serve answers at {node.address}: {exc}") from exc
             spec = JobSpec(
                 model=model, tokens=tokens, block_size=schema.block_size, transport=transport, config=settings,
-                transfer_ids=[transfer_id(i, k) for i in range(repeats)],
+                transfer_ids=[transfer_id(i, k) for i in range(repeats)], trace=observe.trace_path is not None,
             )  # fmt: skip
             await send_job_message(node.writer, spec)
         for node in nodes:
@@ -285,6 +348,9 @@ async def _migrate_to_receivers(
             for node in nodes:
                 assert node.ready is not None
                 node.peer = await channel.connect(node.ready.channel_address)
+            if observe.trace_path is not None:
+                channel.tracer = ChunkTracer("sender (prefill)")
+            server = await _start_metrics(observe, [channel], config)
             seconds: list[float] = []
             chunks = retries = 0
             verified = True
@@ -321,6 +387,9 @@ async def _migrate_to_receivers(
                     chunks, retries = result.chunks, retries + result.retries
             links = channel.links()
             placed = channel.statistics().chunks_placed
+            await _stop_metrics(server, observe)
+            if channel.tracer is not None:
+                traces.append(channel.tracer.export())
         cpu_receivers = 0.0
         for node in nodes:
             assert node.writer is not None and node.reader is not None
@@ -328,6 +397,10 @@ async def _migrate_to_receivers(
             bye = await read_job_message(node.reader, 60)
             if isinstance(bye, JobBye):
                 cpu_receivers += bye.cpu_seconds
+                if bye.trace is not None:
+                    traces.append(bye.trace)
+        if observe.trace_path is not None:
+            write_trace(observe.trace_path, traces)
     finally:
         for node in nodes:
             if node.writer is not None:

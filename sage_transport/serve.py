@@ -23,6 +23,7 @@ from .config import KVTransportConfig
 from .errors import ProtocolError, SageTransportError
 from .memory import KVMemory
 from .schema import KVCacheSchema, Layout
+from .telemetry.trace import ChunkTracer
 
 __all__ = ["JobDone", "JobReady", "JobReceived", "JobSpec", "cache_digest", "cpu_seconds", "serve"]
 
@@ -42,6 +43,7 @@ class JobSpec(msgspec.Struct, frozen=True, tag="job", kw_only=True):
     transport: str
     config: dict[str, Any]
     transfer_ids: list[str]
+    trace: bool = False  # record chunk events and return them in JobBye
 
 
 class JobReady(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
@@ -70,6 +72,7 @@ class JobBye(msgspec.Struct, frozen=True, tag="bye", kw_only=True):
 
     cpu_seconds: float
     ucx_transports: dict[str, list[str]]
+    trace: dict[str, Any] | None = None  # ChunkTracer.export() when the job asked for a trace
 
 
 class JobFailed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
@@ -133,6 +136,8 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
     async with KVTransferChannel(spec.transport, config, name=f"decode-{id(writer):x}") as channel:
         channel.register(memory)
         address = await channel.listen()
+        if spec.trace:
+            channel.tracer = ChunkTracer(f"receiver {address}")
         await send_job_message(writer, JobReady(channel_address=address, blocks=blocks, bytes=blocks * schema.bytes_per_block))
         busy = 0.0
         for transfer_id in spec.transfer_ids:
@@ -152,7 +157,8 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
         transports: dict[str, list[str]] = {}
         for info in channel.links().values():
             transports.update(info.get("ucx_transports", {}))
-        await send_job_message(writer, JobBye(cpu_seconds=busy, ucx_transports=transports))
+        trace = channel.tracer.export() if channel.tracer is not None else None
+        await send_job_message(writer, JobBye(cpu_seconds=busy, ucx_transports=transports, trace=trace))
 
 
 async def serve(host: str = "127.0.0.1", port: int = 0, *, once: bool = False, ready: Any = None) -> None:

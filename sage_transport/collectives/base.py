@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from ..errors import CollectiveError, CollectiveTimeoutError, ConfigError, GroupPoisonedError
+from ..telemetry.core import Telemetry
 from .fusion import CommFusion, FusionEngine, FusionStatistics
 from .overlap import OverlapStatistics, OverlapWindow
 
@@ -80,6 +81,7 @@ class CommBackend(abc.ABC):
         timeout_s: float = 30.0,
         fusion: CommFusion | None = None,
         overlap: int = 4,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank!r} must be in 0..{world_size - 1} (world_size={world_size!r})")
@@ -87,6 +89,7 @@ class CommBackend(abc.ABC):
             raise ConfigError(f"timeout_s={timeout_s!r} must be positive")
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.generation = 0
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._window = OverlapWindow(overlap)
         self._fusion = FusionEngine(self._issue, fusion or CommFusion(), ReduceOp.MIN)
         self._poisoned: str | None = None
@@ -182,6 +185,11 @@ class CommBackend(abc.ABC):
 
     # ---- policy, stats, lifecycle ----------------------------------------------------------------------
 
+    @property
+    def fusion_policy(self) -> CommFusion:
+        """The fusion policy in force."""
+        return self._fusion.policy
+
     def set_policy(self, *, fusion: CommFusion | bool | None = None, overlap: int | None = None) -> None:
         """Change fusion (a ``CommFusion``, or True/False to switch it) and the overlap window at run time."""
         if isinstance(fusion, bool):
@@ -260,7 +268,11 @@ class CommBackend(abc.ABC):
             async with asyncio.timeout(deadline):
                 async with self._window:
                     self._op_deadline_s = deadline
-                    result = await self._dispatch(op, tensor, arg)
+                    self.telemetry.comm_begin()
+                    try:
+                        result = await self._dispatch(op, tensor, arg)
+                    finally:
+                        self.telemetry.comm_end()
         except TimeoutError:
             raise self._poison_timeout(op, deadline, start) from None
         except asyncio.CancelledError:

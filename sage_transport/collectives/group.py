@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError, UnsupportedError
 from ..ports import free_port, port_from_env
+from ..telemetry.core import Telemetry
 from .base import CommBackend
 from .fusion import CommFusion
 
@@ -81,12 +82,13 @@ async def create_comm_backend(
     overlap: int = 4,
     group: Any = None,
     env: Mapping[str, str] | None = None,
+    telemetry: Telemetry | None = None,
 ) -> CommBackend:
     """A ready backend. ``mock`` needs ``group`` (a ``MockCommGroup``); ``gloo``/``nccl`` use ``store`` if
     given, else a ``TCPStore`` at ``master_addr:master_port`` (defaults from ``env://`` variables)."""
     if name not in COMM_BACKENDS:
         raise ConfigError(f"backend={name!r} is not a collective backend; choose one of {', '.join(COMM_BACKENDS)}")
-    options: dict[str, Any] = {"timeout_s": timeout_s, "fusion": fusion, "overlap": overlap}
+    options: dict[str, Any] = {"timeout_s": timeout_s, "fusion": fusion, "overlap": overlap, "telemetry": telemetry}
     if name == "mock":
         if group is None:
             raise ConfigError("backend='mock' needs group=MockCommGroup(world_size)")

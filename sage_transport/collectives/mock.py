@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import CollectiveError, ConfigError
+from ..telemetry.core import Telemetry
 from .base import CommBackend, ReduceOp
 from .fusion import CommFusion
 
@@ -162,8 +163,8 @@ class MockCommBackend(CommBackend):
     name: ClassVar[str] = "mock"
 
     def __init__(self, group: MockCommGroup, rank: int, *, timeout_s: float = 30.0, fusion: CommFusion | None = None,
-                 overlap: int = 4) -> None:  # fmt: skip
-        super().__init__(rank, group.world_size, timeout_s=timeout_s, fusion=fusion, overlap=overlap)
+                 overlap: int = 4, telemetry: Telemetry | None = None) -> None:  # fmt: skip
+        super().__init__(rank, group.world_size, timeout_s=timeout_s, fusion=fusion, overlap=overlap, telemetry=telemetry)
         self.group = group
 
     async def _do_all_reduce(self, tensor: Any, op: ReduceOp) -> Any:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..errors import UnsupportedError
+from ..telemetry.core import Telemetry
 from .base import ReduceOp
 from .fusion import CommFusion
 from .torch_backend import TorchProcessGroupBackend, poll_until
@@ -33,12 +34,12 @@ class NcclBackend(TorchProcessGroupBackend):
     abort_in_place: ClassVar[bool] = True
 
     def __init__(self, rank: int, world_size: int, store: Any, *, timeout_s: float = 30.0, fusion: CommFusion | None = None,
-                 overlap: int = 4, device: int | None = None) -> None:  # fmt: skip
+                 overlap: int = 4, device: int | None = None, telemetry: Telemetry | None = None) -> None:  # fmt: skip
         import torch
 
         if not torch.cuda.is_available():
             raise UnsupportedError("the nccl backend needs a CUDA device; none is visible")
-        super().__init__(rank, world_size, store, timeout_s=timeout_s, fusion=fusion, overlap=overlap)
+        super().__init__(rank, world_size, store, timeout_s=timeout_s, fusion=fusion, overlap=overlap, telemetry=telemetry)
         if device is None:
             device = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
         self.device = torch.device("cuda", device)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..errors import CollectiveError, ConfigError
+from ..telemetry.core import Telemetry
 from .base import CommBackend, ReduceOp
 from .fusion import CommFusion
 
@@ -61,8 +62,8 @@ class TorchProcessGroupBackend(CommBackend):
     abort_in_place: ClassVar[bool] = False
 
     def __init__(self, rank: int, world_size: int, store: Any, *, timeout_s: float = 30.0, fusion: CommFusion | None = None,
-                 overlap: int = 4) -> None:  # fmt: skip
-        super().__init__(rank, world_size, timeout_s=timeout_s, fusion=fusion, overlap=overlap)
+                 overlap: int = 4, telemetry: Telemetry | None = None) -> None:  # fmt: skip
+        super().__init__(rank, world_size, timeout_s=timeout_s, fusion=fusion, overlap=overlap, telemetry=telemetry)
         self.store = store
         self.pg: Any = None
         self._waiter_pool: concurrent.futures.ThreadPoolExecutor | None = None
