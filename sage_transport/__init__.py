@@ -38,6 +38,7 @@ from .planner import ChunkTable, plan_chunks
 from .presets import load_presets
 from .scheduler import Scheduler
 from .schema import MODEL_SPECS, DType, KVCacheSchema, Layout
+from .telemetry import ChunkTracer, Telemetry
 from .transfers import LayerArrival, TransferHandle, TransferProgress, TransferStatus
 from .transports import Transport, available_transports, create_transport, register_transport
 
@@ -49,6 +50,7 @@ __all__ = [
     "ChannelStatistics",
     "ChecksumError",
     "ChunkTable",
+    "ChunkTracer",
     "Compression",
     "ConfigError",
     "ConnectionClosedError",
@@ -73,6 +75,7 @@ __all__ = [
     "ProtocolError",
     "SageTransportError",
     "Scheduler",
+    "Telemetry",
     "TopologyInfo",
     "TopologyManager",
     "TransportProfile",
