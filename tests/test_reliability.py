@@ -1,0 +1,161 @@
+"""Reliability between real processes (issue 7, in progress): a peer that dies at any phase of a transfer is
+reported to the other side as a typed error naming the peer and the transfer within 50 ms, and resources are back
+at their baseline once the channel closes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from sage_transport import KVMemory, KVTransferChannel, KVTransportConfig, TransferPlan
+from sage_transport.errors import PeerDeadError, TransportError
+from sage_transport.testing.peer import PEER_SCHEMA
+
+BLOCKS = 32
+CONFIG = "chunk_size=8KiB,direct_placement=false,prefetch_depth=4"
+
+
+def resources() -> dict[str, int]:
+    gc.collect()
+    return {
+        "threads": threading.active_count(),
+        "fds": len(os.listdir("/proc/self/fd")),
+        "tasks": len(asyncio.all_tasks()),
+    }
+
+
+async def settled(baseline: dict[str, int]) -> dict[str, int]:
+    """Resources once thread pools and sockets have wound down (up to 3 s)."""
+    now = resources()
+    for _ in range(60):
+        if all(now[k] <= baseline[k] for k in baseline):
+            break
+        await asyncio.sleep(0.05)
+        now = resources()
+    return now
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_ucx() -> None:
+    """UCX sets up process-wide state (an async thread, descriptors) on first use: pay it before baselines."""
+
+    async def warm() -> None:
+        async with KVTransferChannel("ucx", CONFIG, name="warm") as channel:
+            await channel.listen()
+
+    asyncio.run(warm())
+
+
+@contextlib.asynccontextmanager
+async def child(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, Any], asyncio.Queue[dict[str, Any]]]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sage_transport.testing.peer", *args, stdout=asyncio.subprocess.PIPE
+    )
+    lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def pump() -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            with contextlib.suppress(ValueError):
+                await lines.put(json.loads(line))
+
+    reader = asyncio.create_task(pump())
+    try:
+        first = await asyncio.wait_for(lines.get(), 30)
+        yield proc, first, lines
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+        await proc.wait()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+def ucx_pending(channel: KVTransferChannel) -> int:
+    progress = getattr(channel.transport, "_progress", None)
+    return 0 if progress is None else len(progress._pending) - progress._idle
+
+
+# ---- 1: a peer killed at any phase -------------------------------------------------------------------------
+
+UCX_DEAD_RECEIVER_LEAK = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known gap: sends already handed to UCX for a dead same-host receiver (worker-address endpoint, no peer error "
+        "handling) never complete, and the UCX worker with its descriptors outlives the channel's close; death is "
+        "detected in time, the leak is what fails"
+    ),
+)
+DEATHS = [
+    pytest.param("ucx", "payload", "kill", marks=UCX_DEAD_RECEIVER_LEAK),
+    *[("tcp", phase, how) for phase in ("announce", "payload", "ack") for how in ("kill",)],
+    ("tcp", "payload", "term"),
+    ("tcp", "payload", "exit"),
+]
+
+
+@pytest.mark.parametrize(("transport", "phase", "how"), DEATHS)
+async def test_a_receiver_dying_at_any_phase_fails_the_sender_within_50ms(transport: str, phase: str, how: str) -> None:
+    baseline = resources()
+    config = KVTransportConfig.resolve(CONFIG, env={})
+    async with (
+        child("--role", "receiver", "--transport", transport, "--config", CONFIG, "--die-at", phase, "--how", how) as (
+            _,
+            hello,
+            lines,
+        ),
+        KVTransferChannel(transport, config, name="parent") as channel,
+    ):
+        channel.register(KVMemory.allocate(PEER_SCHEMA, BLOCKS, fill=3))
+        peer = await channel.connect(hello["address"])
+        handle = channel.submit(TransferPlan.for_blocks(peer, PEER_SCHEMA, range(BLOCKS), range(BLOCKS), transfer_id="t"))
+        with pytest.raises(TransportError) as caught:
+            await asyncio.wait_for(handle.wait(), 10)
+        noticed = time.monotonic()
+        dying = (await asyncio.wait_for(lines.get(), 5))["dying"]
+        message = str(caught.value)
+        assert "transfer t" in message and hello["name"] in message, message
+        assert isinstance(caught.value, PeerDeadError) or "closed" in message, repr(caught.value)
+        assert noticed - dying < 0.05, f"noticed {1e3 * (noticed - dying):.1f} ms after the death"
+        assert channel.peers == [] and channel.statistics().inflight_bytes == 0
+        # a same-host UCX endpoint has no peer error handling: sends already handed to UCX for the dead peer stay
+        # with UCX (their buffers kept alive by the progress tracker) until the transport closes; at most one per lane
+        assert ucx_pending(channel) <= config.overlap_streams
+    after = await settled(baseline)
+    assert after == baseline, (baseline, after)
+
+
+@pytest.mark.parametrize(("transport", "phase"), [("ucx", "header"), ("ucx", "payload"), ("ucx", "ack"), ("tcp", "payload")])
+async def test_a_sender_dying_at_any_phase_fails_the_receiver_within_50ms(transport: str, phase: str) -> None:
+    baseline = resources()
+    config = KVTransportConfig.resolve(CONFIG, env={})
+    async with KVTransferChannel(transport, config, name="parent") as channel:
+        channel.register(KVMemory.allocate(PEER_SCHEMA, BLOCKS, fill=0))
+        address = await channel.listen()
+        waiting = asyncio.ensure_future(channel.wait_received("t"))
+        args = ("--role", "sender", "--transport", transport, "--config", CONFIG, "--die-at", phase, "--connect", address)
+        async with child(*args) as (_, hello, lines):
+            with pytest.raises(TransportError) as caught:
+                await asyncio.wait_for(waiting, 10)
+            noticed = time.monotonic()
+            dying = (await asyncio.wait_for(lines.get(), 5))["dying"]
+        message = str(caught.value)
+        assert "transfer t" in message and hello["name"] in message, message
+        assert noticed - dying < 0.05, f"noticed {1e3 * (noticed - dying):.1f} ms after the death"
+        assert channel.statistics().transfers_receiving == 0
+    after = await settled(baseline)
+    assert after == baseline, (baseline, after)
