@@ -1,8 +1,10 @@
 """The connection handshake: version check, names, regions and an HMAC challenge on a shared token.
 
 No transfer message is accepted and no memory is described to the peer before the handshake succeeds.
-Client ``Hello`` → server ``Welcome`` (server proof + server region) → client ``Proof`` (client proof +
-client region) → server ``Ready``; a failure anywhere is a ``Reject`` with a reason and a closed connection.
+Client ``Hello`` → server ``Welcome`` (server proof) → client ``Proof`` (client proof + client region, sent only
+once the server proved the token) → server ``Ready`` (server region, sent only once the client proved it); a
+failure anywhere is a ``Reject`` with a reason and a closed connection. Neither side describes its memory to a
+peer that has not proven the token.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ async def client_handshake(
         raise AuthError(f"peer {welcome.name} at {conn.peer_address} {what}")
     proof = handshake_proof(token, b"client", welcome.nonce, nonce, (name, welcome.name))
     await conn.send(encode_message(Proof(proof, region)))
-    await _expect(conn, Ready, "handshake")
-    return HandshakeOutcome(welcome.name, welcome.region)
+    ready = await _expect(conn, Ready, "handshake")
+    return HandshakeOutcome(welcome.name, ready.region if ready.region is not None else welcome.region)
 
 
 async def server_handshake(
@@ -100,11 +102,12 @@ async def server_handshake(
         raise HandshakeError(f"duplicate peer name {hello.name!r} from {conn.peer_address}")
     nonce = os.urandom(32)
     proof = handshake_proof(token, b"server", hello.nonce, nonce, (hello.name, name))
-    await conn.send(encode_message(Welcome(PROTOCOL_VERSION, name, nonce, proof, region)))
+    # nothing about our memory goes out before the client has proven the token: the region rides on Ready
+    await conn.send(encode_message(Welcome(PROTOCOL_VERSION, name, nonce, proof, None)))
     reply = await _expect(conn, Proof, "handshake")
     expected = handshake_proof(token, b"client", nonce, hello.nonce, (hello.name, name))
     if not hmac.compare_digest(expected, reply.proof):
         await _reject(conn, "auth failed: the client's proof does not match our token")
         raise AuthError(f"peer {hello.name!r} at {conn.peer_address} failed the token challenge")
-    await conn.send(encode_message(Ready()))
+    await conn.send(encode_message(Ready(region)))
     return HandshakeOutcome(hello.name, reply.region)

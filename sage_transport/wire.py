@@ -98,7 +98,9 @@ class RegionUpdate(msgspec.Struct, frozen=True, array_like=True, tag="region"):
 
 
 class Ready(msgspec.Struct, frozen=True, array_like=True, tag="ready"):
-    pass
+    """The server accepted the client's proof; only now does it describe its KV memory (``region``)."""
+
+    region: Region | None = None
 
 
 class Reject(msgspec.Struct, frozen=True, array_like=True, tag="reject"):
