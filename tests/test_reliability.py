@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from sage_transport import KVMemory, KVTransferChannel, KVTransportConfig, TransferPlan
-from sage_transport.errors import PeerDeadError, TransportError
+from sage_transport.errors import PeerDeadError, SageTransportError, TransportError
 from sage_transport.testing.peer import PEER_SCHEMA
 
 BLOCKS = 32
@@ -159,3 +159,81 @@ async def test_a_sender_dying_at_any_phase_fails_the_receiver_within_50ms(transp
         assert channel.statistics().transfers_receiving == 0
     after = await settled(baseline)
     assert after == baseline, (baseline, after)
+
+
+# ---- 2: a stalled peer -------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("transport", ["ucx", "tcp"])
+async def test_a_stalled_receiver_holds_the_window_and_resumes(transport: str) -> None:
+    """SIGSTOP at the first payload: bytes in flight stay within the window, the sender does not grow, the
+    stopped peer is not declared dead (slow is not dead), and after SIGCONT the transfer completes."""
+    config = KVTransportConfig.resolve(CONFIG, env={})
+    args = ("--role", "receiver", "--transport", transport, "--config", CONFIG, "--die-at", "payload", "--how", "stop")
+    async with child(*args) as (proc, hello, lines), KVTransferChannel(transport, config, name="parent") as channel:
+        channel.register(KVMemory.allocate(PEER_SCHEMA, BLOCKS, fill=3))
+        peer = await channel.connect(hello["address"])
+        rss = _rss()
+        handle = channel.submit(TransferPlan.for_blocks(peer, PEER_SCHEMA, range(BLOCKS), range(BLOCKS), transfer_id="t"))
+        await asyncio.wait_for(lines.get(), 10)  # the child stopped itself
+        peak = 0
+        for _ in range(20):  # 0.5 s stopped
+            peak = max(peak, channel.statistics().inflight_chunks)
+            await asyncio.sleep(0.025)
+        assert 0 < peak <= config.prefetch_depth, (peak, config.prefetch_depth)  # never more than the window
+        assert not handle.done() and channel.peers == [peer]
+        assert _rss() - rss < 16 << 20
+        proc.send_signal(signal.SIGCONT)
+        result = await asyncio.wait_for(handle.wait(), 20)
+        assert result.chunks == BLOCKS * PEER_SCHEMA.num_layers * 2 // (config.chunk_size // PEER_SCHEMA.page_bytes)
+
+
+async def test_a_stalled_receiver_is_bounded_by_the_transfer_deadline() -> None:
+    config = KVTransportConfig.resolve(CONFIG, env={})
+    args = ("--role", "receiver", "--transport", "tcp", "--config", CONFIG, "--die-at", "payload", "--how", "stop")
+    async with child(*args) as (_, hello, lines), KVTransferChannel("tcp", config, name="parent") as channel:
+        channel.register(KVMemory.allocate(PEER_SCHEMA, BLOCKS, fill=3))
+        peer = await channel.connect(hello["address"])
+        plan = TransferPlan.for_blocks(peer, PEER_SCHEMA, range(BLOCKS), range(BLOCKS), transfer_id="t", deadline_s=1.0)
+        start = time.monotonic()
+        with pytest.raises(SageTransportError, match="deadline|1s"):
+            await asyncio.wait_for(channel.transfer(plan), 10)
+        assert time.monotonic() - start < 3.0
+        await asyncio.wait_for(lines.get(), 5)
+
+
+# ---- 10: close returns in time with live, dead and stopped peers ----------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+async def test_close_returns_with_live_dead_and_stopped_peers(transport: str) -> None:
+    config = KVTransportConfig.resolve(CONFIG, env={})
+    plans = {"live": ("never", "kill"), "dead": ("payload", "kill"), "stopped": ("payload", "stop")}
+    async with contextlib.AsyncExitStack() as stack:
+        children = {}
+        for role, (phase, how) in plans.items():
+            args = ("--role", "receiver", "--transport", transport, "--config", CONFIG, "--die-at", phase, "--how", how)
+            children[role] = await stack.enter_async_context(child(*args))
+        channel = KVTransferChannel(transport, config, name="parent")
+        await channel.__aenter__()
+        channel.register(KVMemory.allocate(PEER_SCHEMA, BLOCKS, fill=3))
+        handles = {}
+        for role, (_, hello, _) in children.items():
+            peer = await channel.connect(hello["address"])
+            handles[role] = channel.submit(
+                TransferPlan.for_blocks(peer, PEER_SCHEMA, range(BLOCKS), range(BLOCKS), transfer_id=role)
+            )
+        await asyncio.wait_for(children["stopped"][2].get(), 10)
+        await asyncio.wait_for(children["dead"][2].get(), 10)
+        start = time.monotonic()
+        await asyncio.wait_for(channel.aclose(), 10)
+        assert time.monotonic() - start < 5.0
+        for handle in handles.values():
+            assert handle.done()
+        with pytest.raises(SageTransportError):
+            await handles["stopped"].wait()

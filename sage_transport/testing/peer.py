@@ -119,7 +119,7 @@ async def _run(args: argparse.Namespace) -> None:
     config = KVTransportConfig.resolve(args.config, env={})
     memory = KVMemory.allocate(PEER_SCHEMA, args.blocks, fill=0 if args.role == "receiver" else 7)
     _arm(args.die_at, args.how, args.role, args.blocks * 2)
-    async with KVTransferChannel(args.transport, config, name=f"child-{args.role}") as channel:
+    async with KVTransferChannel(args.transport, config, name=f"child-{args.role}-{os.getpid()}") as channel:
         channel.register(memory)
         if args.role == "receiver":
             _say({"address": await channel.listen(), "name": channel.name})
