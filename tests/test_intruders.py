@@ -26,7 +26,7 @@ from sage_transport.wire import (
     encode_message,
 )
 
-from .conftest import SMALL, filled
+from .conftest import SMALL, filled, rss_bytes
 
 #: Inputs the decoder gets in CI; SAGE_FUZZ_N raises it for longer runs (documented in bench/RELIABILITY.md).
 FUZZ_N = int(os.environ.get("SAGE_FUZZ_N", "100000"))
@@ -78,11 +78,6 @@ def test_the_decoder_survives_a_hundred_thousand_hostile_inputs() -> None:
         decode_message(b"\x00" * (MAX_CONTROL_BYTES + 1))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 async def _raw(address: str, payload: bytes, *, wait_s: float = 5.0) -> bytes:
     """Connect, send ``payload``, and return what the server sends until it closes (it must close)."""
     host, port = address.rsplit(":", 1)
@@ -113,7 +108,7 @@ async def test_garbage_on_a_live_listener_closes_that_connection_only(transport:
         friend.register(filled(SMALL, 16))
         address = await victim.listen()
         peer = await friend.connect(address)
-        rss = _rss_bytes()
+        rss = rss_bytes()
         rng = random.Random(7)
         attacks = [
             rng.randbytes(4096),  # noise
@@ -126,7 +121,7 @@ async def test_garbage_on_a_live_listener_closes_that_connection_only(transport:
         for attack in attacks:
             await _raw(address, attack)
         assert victim.peers == ["friend"]
-        assert _rss_bytes() - rss < 64 << 20, "garbage made the process grow"
+        assert rss_bytes() - rss < 64 << 20, "garbage made the process grow"
         result = await friend.transfer(TransferPlan.for_blocks(peer, SMALL, range(16), range(16), transfer_id="after"))
         assert result.chunks > 0 and victim.peers == ["friend"]
 

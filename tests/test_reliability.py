@@ -23,6 +23,8 @@ from sage_transport import KVMemory, KVTransferChannel, KVTransportConfig, Trans
 from sage_transport.errors import PeerDeadError, SageTransportError, TransportError
 from sage_transport.testing.peer import PEER_SCHEMA
 
+from .conftest import rss_bytes
+
 BLOCKS = 32
 CONFIG = "chunk_size=8KiB,direct_placement=false,prefetch_depth=4"
 
@@ -165,11 +167,6 @@ async def test_a_sender_dying_at_any_phase_fails_the_receiver_within_50ms(transp
 # ---- 2: a stalled peer -------------------------------------------------------------------------------------
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.parametrize("transport", ["ucx", "tcp"])
 async def test_a_stalled_receiver_holds_the_window_and_resumes(transport: str) -> None:
     """SIGSTOP at the first payload: bytes in flight stay within the window, the sender does not grow, the
@@ -179,7 +176,7 @@ async def test_a_stalled_receiver_holds_the_window_and_resumes(transport: str) -
     async with child(*args) as (proc, hello, lines), KVTransferChannel(transport, config, name="parent") as channel:
         channel.register(KVMemory.allocate(PEER_SCHEMA, BLOCKS, fill=3))
         peer = await channel.connect(hello["address"])
-        rss = _rss()
+        rss = rss_bytes()
         handle = channel.submit(TransferPlan.for_blocks(peer, PEER_SCHEMA, range(BLOCKS), range(BLOCKS), transfer_id="t"))
         await asyncio.wait_for(lines.get(), 10)  # the child stopped itself
         peak = 0
@@ -188,7 +185,7 @@ async def test_a_stalled_receiver_holds_the_window_and_resumes(transport: str) -
             await asyncio.sleep(0.025)
         assert 0 < peak <= config.prefetch_depth, (peak, config.prefetch_depth)  # never more than the window
         assert not handle.done() and channel.peers == [peer]
-        assert _rss() - rss < 16 << 20
+        assert rss_bytes() - rss < 16 << 20
         proc.send_signal(signal.SIGCONT)
         result = await asyncio.wait_for(handle.wait(), 20)
         assert result.chunks == BLOCKS * PEER_SCHEMA.num_layers * 2 // (config.chunk_size // PEER_SCHEMA.page_bytes)
