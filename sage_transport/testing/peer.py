@@ -4,10 +4,11 @@
 
 Receiver role: listens, prints ``{"address": ...}``, and dies at ``announce`` (the announcement arrived, no chunk
 yet), ``payload`` (a chunk's header arrived, its payload not yet) or ``ack`` (a chunk verified, its
-acknowledgement not yet sent). Sender role (``--connect ADDR``): sends one transfer ``t`` and dies at ``header``
-(announced, no chunk frame sent yet), ``payload`` (after half the chunks) or ``ack`` (the first acknowledgement
-arrived). Just before dying it prints ``{"dying": time.monotonic()}`` (CLOCK_MONOTONIC, comparable across the
-processes of one host), so the parent measures how long its side took to notice.
+acknowledgement not yet sent). Sender role (``--connect ADDR``): sends one transfer (``--transfer-id``, default
+``t``) and dies at ``header`` (announced, no chunk frame sent yet), ``payload`` (after half the chunks)
+or ``ack`` (the first acknowledgement arrived). Just before dying it prints ``{"dying": time.monotonic()}``
+(CLOCK_MONOTONIC, comparable across the processes of one host), so the parent measures how long its side
+took to notice.
 ``--how``: ``kill`` (SIGKILL), ``term`` (SIGTERM), ``exit`` (``os._exit``), ``stop`` (SIGSTOP; the parent sends
 SIGCONT or SIGKILL).
 """
@@ -127,7 +128,9 @@ async def _run(args: argparse.Namespace) -> None:
         else:
             peer = await channel.connect(args.connect)
             _say({"connected": peer, "name": channel.name})
-            plan = TransferPlan.for_blocks(peer, PEER_SCHEMA, range(args.blocks), range(args.blocks), transfer_id="t")
+            plan = TransferPlan.for_blocks(
+                peer, PEER_SCHEMA, range(args.blocks), range(args.blocks), transfer_id=args.transfer_id
+            )
             await channel.transfer(plan)
             _say({"done": True})
             await asyncio.sleep(3600)
@@ -142,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--how", choices=("kill", "term", "exit", "stop"), default="kill")
     parser.add_argument("--connect", default=None, help="the parent's channel address (sender role)")
     parser.add_argument("--blocks", type=int, default=32)
+    parser.add_argument("--transfer-id", default="t", help="the sender's transfer id")
     from ..cli import run_async
 
     run_async(_run(parser.parse_args(argv)))

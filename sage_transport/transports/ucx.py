@@ -4,10 +4,12 @@ Peers reach each other by ``host:port``: that is a small TCP *link* (:mod:`.link
 worker addresses and then carries heartbeats. Data never touches it. Endpoints are made from worker
 addresses, and their kind is chosen per peer:
 
-* **same host** (same boot id and host name): no UCX peer error handling, which is what lets UCX pick
-  shared memory and CMA (with error handling, same-host traffic silently runs on TCP). UCX then cannot
-  report a dead peer, so the link does: a killed process's socket closes at once, a hung one stops beating.
-* **remote**: peer error handling on (UCX's keepalive) and the link's heartbeats as well.
+* **same host** (same boot id and host name): shared memory (sysv/posix, made to accept peer error handling
+  with ``MM_ERROR_HANDLING=y``), never TCP. Every endpoint has peer error handling: without it UCX aborts the
+  whole process when a same-host sender dies in the middle of a rendezvous (its CMA read fails), and can
+  neither cancel a send to a dead receiver nor close that endpoint. UCX's shared memory cannot detect a
+  dead peer by itself, so the link does: a killed process's socket closes at once, a hung one stops beating.
+* **remote**: UCX's keepalive and the link's heartbeats as well.
 
 The transports UCX really selected for each peer are read from UCX's protocol table at endpoint creation
 (:attr:`UcxConnection.ucx_transports`) and a warning is logged when a same-host peer runs over TCP.
@@ -73,6 +75,7 @@ class _Intro(msgspec.Struct, frozen=True):
     worker_address: bytes
     host: str
     recv_tag: int
+    pid: int = 0  # 0: unknown (an older peer)
 
 
 _intro_decoder = msgspec.msgpack.Decoder(_Intro)
@@ -126,12 +129,21 @@ class UcxConnection(Connection):
     """One UCX endpoint plus its liveness link."""
 
     def __init__(
-        self, transport: UcxTransport, endpoint: Any, link: Link, send_tag: int, recv_tag: int, local: bool, peer: str
+        self,
+        transport: UcxTransport,
+        endpoint: Any,
+        link: Link,
+        send_tag: int,
+        recv_tag: int,
+        local: bool,
+        peer: str,
+        error_handling: bool = True,
     ) -> None:
         self.transport = transport
         self.local_address = link.local_address
         self.peer_address = peer
         self.same_host = local
+        self._error_handling = error_handling
         self.ucx_transports: dict[str, list[str]] = {}
         self._ep = endpoint
         self._link = link
@@ -159,7 +171,10 @@ class UcxConnection(Connection):
         if self._dead or self._closed:
             return
         self._dead = reason
-        self._progress.fail(self._waiting, PeerDeadError(f"peer {self.peer_address} is dead: {reason}"))
+        error = PeerDeadError(f"peer {self.peer_address} is dead: {reason}")
+        self._progress.fail(self._waiting, error)
+        if self.same_host:  # UCX cannot tell a dead same-host peer: it would hold these (and our buffers) forever
+            self._progress.abandon(self, error)
         self._close_endpoint()
 
     def _on_goodbye(self) -> None:
@@ -169,12 +184,18 @@ class UcxConnection(Connection):
         ep, self._ep = self._ep, None
         if ep is not None:
             with contextlib.suppress(Exception):
-                ep.close()
+                if self._error_handling:  # a forced close: UCX cancels what is in flight at once
+                    head = self._head_pending
+                    if self._progress.holds(self) or (head is not None and not head.completed):
+                        self._progress.wedged += 1  # ucxx keeps cancelled requests, and so the worker, for good
+                    ep.close_blocking(0, 1)
+                else:  # a peer in this process: it never dies alone, its requests finish
+                    ep.close()
         self._head_pending = None  # the progress tracker keeps it (and its buffer) until UCX is done
 
     # ---- waiting ------------------------------------------------------------------------------------
 
-    async def _wait(self, request: Any, keepalive: Any, idle: bool = False) -> None:
+    async def _wait(self, request: Any, keepalive: Any, idle: bool = False, sending: bool = False) -> None:
         if not request.completed:
             # drive the worker from the waiting task itself for a while (no future, no second task hop):
             # a control message arrives in ~6 us instead of ~9; blocking mode spins briefly, polling longer
@@ -186,7 +207,7 @@ class UcxConnection(Connection):
                         break
                     await asyncio.sleep(0)
             except asyncio.CancelledError:
-                self._progress.track(request, keepalive, idle)  # UCX still owns the buffer: keep it alive
+                self._progress.track(request, keepalive, idle, self, sending)  # UCX still owns the buffer: keep it alive
                 raise
         if request.completed:
             try:
@@ -194,7 +215,13 @@ class UcxConnection(Connection):
             except Exception as exc:
                 raise _map_error(exc, self) from exc
             return
-        future = self._progress.track(request, keepalive, idle)
+        if self._dead or self._closed:  # it broke while we spun: no one would ever resolve a new future
+            if self._dead and self.same_host and sending:  # UCX never finishes it (see WorkerProgress.abandon)
+                self._progress.wedged += 1
+            else:  # UCX finishes or cancels it: keep the buffer until then
+                self._progress.track(request, keepalive, idle, self, sending)
+            raise _map_error(ConnectionError("connection broken"), self)
+        future = self._progress.track(request, keepalive, idle, self, sending)
         self._waiting.add(future)
         try:
             await future
@@ -243,11 +270,11 @@ class UcxConnection(Connection):
         self._counts[2] += 0 if view is None else view.nbytes
         try:
             for request, keepalive in requests:
-                await self._wait(request, keepalive)
+                await self._wait(request, keepalive, sending=True)
         except asyncio.CancelledError:  # the frame still goes whole: keep every buffer alive until UCX is done
             for request, keepalive in requests:
                 if not request.completed:
-                    self._progress.track(request, keepalive)
+                    self._progress.track(request, keepalive, False, self, True)
             raise
 
     # ---- receive ------------------------------------------------------------------------------------
@@ -342,6 +369,34 @@ class UcxConnection(Connection):
         self.transport._connections.discard(self)
 
 
+class _WorkerSlot:
+    """A UCX context and worker, with what must outlive any one transport on it: the tag counter (tags stay
+    unique for the worker's whole life) and the protocol tables UCX prints only once per worker."""
+
+    __slots__ = ("context", "tables", "tags", "worker")
+
+    def __init__(self, context: Any, worker: Any) -> None:
+        self.context, self.worker = context, worker
+        self.tags = itertools.count(1)
+        self.tables: dict[bool, dict[str, list[str]]] = {}  # UCX's protocol table per endpoint locality
+
+
+# Workers that UCX cannot release: a same-host peer died with sends in flight, and an endpoint without peer
+# error handling never finishes them (nor lets ucxx free the worker). Such a worker is still healthy for
+# everyone else, so the next transport with the same UCX options adopts it instead of opening another:
+# deaths cost at most one parked worker per option set, not one worker (~16 descriptors) per death.
+_PARKED: dict[tuple[tuple[str, str], ...], list[_WorkerSlot]] = {}
+
+
+def _env_default(name: str, value: str) -> dict[str, str]:
+    return {} if f"UCX_{name}" in os.environ else {name: value}
+
+
+def parked_workers() -> int:
+    """UCX workers parked in this process after a same-host peer died with sends in flight (see above)."""
+    return sum(len(slots) for slots in _PARKED.values())
+
+
 class UcxTransport(Transport):
     """UCX transport. ``tls`` sets ``UCX_TLS`` for this transport's context (``None``: the environment or
     UCX's default); ``locality`` forces the endpoint kind (``auto``, ``local`` or ``remote``)."""
@@ -375,13 +430,11 @@ class UcxTransport(Transport):
         self.options = dict(options or {})
         self.profile: TransportProfile | None = None  # set by from_config
         self.host_id = host_identity()
-        self._context: Any = None
+        self._slot: _WorkerSlot | None = None
         self._worker: Any = None
         self._progress: WorkerProgress | None = None
-        self._tags = itertools.count(1)
         self._connections: set[UcxConnection] = set()
         self._listeners: list[ServerListener] = []
-        self._tables: dict[bool, dict[str, list[str]]] = {}
 
     @classmethod
     def from_config(cls, config: KVTransportConfig) -> UcxTransport:
@@ -414,23 +467,37 @@ class UcxTransport(Transport):
 
     def _progress_driver(self) -> WorkerProgress:
         if self._progress is None:
-            options = {"PROTO_INFO": "y", **self.options}
-            if self.tls:
-                options["TLS"] = self.tls
-            try:
-                self._context = _ucx.UCXContext(options, feature_flags=(_ucx.Feature.TAG, _ucx.Feature.WAKEUP))
-                self._worker = _ucx.UCXWorker(self._context, enable_delayed_submission=False, enable_python_future=False)
-            except _ucx.UCXError as exc:
-                raise UnsupportedError(f"UCX could not start with TLS={self.tls!r}: {exc}") from exc
+            parked = _PARKED.get(self._slot_key())
+            if parked:
+                self._slot = parked.pop()
+            else:
+                # shared memory with peer error handling (see the module docstring); UCX_MM_ERROR_HANDLING wins.
+                # Not for forced remote endpoints: error handling is what keeps those off shared memory
+                shared = _env_default("MM_ERROR_HANDLING", "y") if self.locality != "remote" else {}
+                options = {"PROTO_INFO": "y", **shared, **self.options}
+                if self.tls:
+                    options["TLS"] = self.tls
+                try:
+                    context = _ucx.UCXContext(options, feature_flags=(_ucx.Feature.TAG, _ucx.Feature.WAKEUP))
+                    worker = _ucx.UCXWorker(context, enable_delayed_submission=False, enable_python_future=False)
+                except _ucx.UCXError as exc:
+                    raise UnsupportedError(f"UCX could not start with TLS={self.tls!r}: {exc}") from exc
+                self._slot = _WorkerSlot(context, worker)
+            self._worker = self._slot.worker
             self._progress = WorkerProgress(self._worker, self.progress_mode is ProgressMode.POLLING)
         return self._progress
 
+    def _slot_key(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted({**self.options, "TLS": self.tls or ""}.items()))
+
     def _intro(self, recv_tag: int) -> bytes:
         self._progress_driver()
-        return msgspec.msgpack.encode(_Intro(_INTRO_VERSION, self._worker.address.tobytes(), self.host_id, recv_tag))
+        return msgspec.msgpack.encode(_Intro(_INTRO_VERSION, self._worker.address.tobytes(), self.host_id, recv_tag, os.getpid()))
 
     def _new_recv_tag(self) -> int:
-        return next(self._tags) << 1
+        self._progress_driver()
+        assert self._slot is not None
+        return next(self._slot.tags) << 1
 
     def _endpoint(self, intro: _Intro, link: Link, recv_tag: int, peer: str) -> UcxConnection:
         if intro.version != _INTRO_VERSION:
@@ -438,12 +505,17 @@ class UcxTransport(Transport):
         local = self.locality == "local" or (self.locality == "auto" and intro.host == self.host_id)
         address = _ucx.UCXAddress.create_from_buffer(intro.worker_address)
         with _capture_stdout_fd() as printed:
-            endpoint = _ucx.UCXEndpoint.create_from_worker_address(self._worker, address, not local)
-        conn = UcxConnection(self, endpoint, link, intro.recv_tag, recv_tag, local, peer)
+            # a peer in this very process cannot die alone: it keeps UCX's zero-copy CMA rendezvous, which
+            # peer error handling rules out (and which stalls between two workers of one process without it)
+            same_process = local and intro.host == self.host_id and intro.pid == os.getpid()
+            endpoint = _ucx.UCXEndpoint.create_from_worker_address(self._worker, address, not same_process)
+        conn = UcxConnection(self, endpoint, link, intro.recv_tag, recv_tag, local, peer, not same_process)
         table = parse_protocol_table(printed[0]) if printed else {}
-        conn.ucx_transports = table or self._tables.get(local, {})
+        assert self._slot is not None
+        tables = self._slot.tables  # UCX prints a table once per worker and endpoint configuration
+        conn.ucx_transports = table or tables.get(local, {})
         if table:
-            self._tables[local] = table
+            tables[local] = table
         self._check_transports(conn)
         link.watch(self.heartbeat_interval_s, self.peer_timeout_s, conn._on_dead, conn._on_goodbye)
         self._connections.add(conn)
@@ -508,9 +580,11 @@ class UcxTransport(Transport):
             await conn.aclose()
         if self._progress is not None:
             await self._progress.drain(1.0)
-            self._progress.close()
+            if self._progress.close() and self._slot is not None:
+                _PARKED.setdefault(self._slot_key(), []).append(self._slot)
+                log.info("ucx_worker_parked", reason="a same-host peer died with sends in flight", parked=parked_workers())
             self._progress = None
-        self._worker = self._context = None
+        self._worker = self._slot = None
 
 
 def _decode_intro(data: bytes, peer: str) -> _Intro:

@@ -28,20 +28,24 @@ class WorkerProgress:
         self.spin_s = spin_s
         self._active_at = 0.0
         self._loop = asyncio.get_running_loop()
-        self._pending: list[tuple[Any, asyncio.Future[None], bool, Any]] = []
+        self._pending: list[tuple[Any, asyncio.Future[None], bool, Any, object, bool]] = []
         self._idle = 0  # pending receives that may wait forever (a connection's next-frame receive)
+        self.wedged = 0  # requests UCX will never release (given up with a dead peer, or cancelled by a forced close)
         self._wake = asyncio.Event()
         worker.init_blocking_progress_mode()
         self._fd = worker.epoll_file_descriptor
         self._loop.add_reader(self._fd, self._wake.set)
         self._task = self._loop.create_task(self._run(), name="sage-ucx-progress")
 
-    def track(self, request: Any, keepalive: Any, idle: bool = False) -> asyncio.Future[None]:
+    def track(
+        self, request: Any, keepalive: Any, idle: bool = False, owner: object = None, sending: bool = False
+    ) -> asyncio.Future[None]:
         """A future resolved when ``request`` completes (its error as the exception). ``keepalive`` (the
-        buffer) stays referenced until UCX is done with it, even if the waiter is cancelled."""
+        buffer) stays referenced until UCX is done with it, even if the waiter is cancelled; ``owner`` (the
+        connection) lets :meth:`abandon` drop a dead peer's sends."""
         future = self._loop.create_future()
         self._active_at = time.perf_counter()
-        self._pending.append((request, future, idle, keepalive))
+        self._pending.append((request, future, idle, keepalive, owner, sending))
         if idle:
             self._idle += 1
         self._wake.set()
@@ -54,7 +58,7 @@ class WorkerProgress:
         self._active_at = time.perf_counter()
         still = []
         for entry in pending:
-            request, future, idle, _ = entry
+            request, future, idle, _, _, _ = entry
             if not request.completed:
                 still.append(entry)
                 continue
@@ -94,6 +98,32 @@ class WorkerProgress:
                 future.set_exception(exc)
                 future.exception()
 
+    def holds(self, owner: object) -> bool:
+        """Whether any of ``owner``'s requests is unfinished."""
+        return any(entry[4] is owner and not entry[0].completed for entry in self._pending)
+
+    def abandon(self, owner: object, exc: BaseException) -> int:
+        """Give up ``owner``'s unfinished sends: their waiters get ``exc`` and their buffers are released.
+
+        For a dead same-host peer only: its endpoint has no peer error handling, so UCX never completes a send
+        the peer had not taken, and nothing can touch the buffer any more (the reader was the dead process).
+        The worker then holds those requests for good (see :meth:`close`)."""
+        keep, dropped = [], 0
+        for entry in self._pending:
+            request, future, idle, _, who, sending = entry
+            if who is not owner or not sending or request.completed:
+                keep.append(entry)
+                continue
+            dropped += 1
+            if idle:
+                self._idle -= 1
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()
+        self._pending[:] = keep
+        self.wedged += dropped
+        return dropped
+
     async def drain(self, timeout_s: float) -> None:
         """Progress until no request but idle receives is pending, or ``timeout_s`` passes."""
         with contextlib.suppress(TimeoutError):
@@ -102,9 +132,12 @@ class WorkerProgress:
                     self._wake.set()
                     await asyncio.sleep(0)
 
-    def close(self) -> None:
+    def close(self) -> bool:
         """Stop progressing, cancel what UCX still holds and drop every request before the worker goes:
-        a request outliving its worker aborts the process when the garbage collector reaches it."""
+        a request outliving its worker aborts the process when the garbage collector reaches it.
+
+        Returns whether the worker is *wedged*: UCX still holds requests it will never finish (sends to a
+        dead same-host peer), so the worker must be kept alive rather than destroyed."""
         self._task.cancel()
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._fd)
@@ -115,8 +148,11 @@ class WorkerProgress:
                 self.worker.progress()
                 if all(entry[0].completed for entry in self._pending):
                     break
-        for _, future, _, _ in self._pending:
+        wedged = self.wedged > 0
+        for request, future, idle, _, _, _ in self._pending:
+            wedged = wedged or (not idle and not request.completed)
             if not future.done():
                 future.cancel()
         self._pending.clear()
         self._idle = 0
+        return wedged
