@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from .config import Integrity, KVTransportConfig
+from .config import Integrity, KVTransportConfig, require_token_off_loopback
 from .errors import (
     ChecksumError,
     ConfigError,
@@ -280,8 +280,12 @@ class KVTransferChannel:
         }
 
     async def listen(self, address: str | None = None) -> str:
-        """Accept peers at ``address`` (``None``: a free one). Returns the address peers connect to."""
+        """Accept peers at ``address`` (``None``: the transport's host, a free port). Returns the address peers
+        connect to. An address other than loopback requires ``auth_token`` (:class:`ConfigError` otherwise)."""
         self._check_open()
+        host = address.rsplit(":", 1)[0] if address and ":" in address else getattr(self.transport, "host", None)
+        if isinstance(host, str):
+            require_token_off_loopback(host, self.config.auth_token, "listen address" if address else "listen_host")
         listener = await self.transport.listen(address)
         self._listeners.append(listener)
         self._spawn(self._accept_loop(listener), f"sage-accept-{listener.address}")

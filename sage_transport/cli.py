@@ -274,7 +274,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise SageTransportError(f"--port={args.port} must be in 0..65535")
     try:
-        run_async(serve(args.host, args.port, once=args.once))
+        from .config import KVTransportConfig
+
+        token = KVTransportConfig.resolve(None).auth_token  # SAGE_TRANSPORT_AUTH_TOKEN
+        run_async(serve(args.host, args.port, once=args.once, auth_token=token))
     except KeyboardInterrupt:
         pass
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -302,3 +303,22 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "metrics_host": _str,
     "metrics_port": _optional(_int),
 }
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only accepts connections from this machine."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def require_token_off_loopback(host: str, auth_token: str | None, what: str = "listen_host") -> None:
+    """Refuse to accept connections beyond this machine without a shared token: every peer must prove it."""
+    if auth_token is None and not is_loopback(host):
+        raise ConfigError(
+            f"{what}={host!r} is not a loopback address: set auth_token (SAGE_TRANSPORT_AUTH_TOKEN) so that every "
+            "peer must prove the shared token before anything is exchanged"
+        )

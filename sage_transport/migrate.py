@@ -33,12 +33,15 @@ from .memory import KVMemory
 from .plan import IntegrityStatus, Priority, TransferPlan
 from .schema import KVCacheSchema, Layout
 from .serve import (
+    JOB_PROTOCOL,
     JobBye,
+    JobChallenge,
     JobDone,
     JobReady,
     JobReceived,
     JobSpec,
     cpu_seconds,
+    job_proof,
     read_job_message,
     send_job_message,
 )
@@ -314,7 +317,9 @@ async def _migrate_to_receivers(
     observe = observe or Observe()
     traces: list[dict[str, Any]] = []
 
-    settings = {k: v for k, v in msgspec.to_builtins(config).items() if k not in ("listen_host", "listen_port")}
+    # the token never travels: the receiver has its own, and the job and channel handshakes prove it
+    local_only = ("listen_host", "listen_port", "auth_token")
+    settings = {k: v for k, v in msgspec.to_builtins(config).items() if k not in local_only}
 
     def transfer_id(repeat: int, receiver: int) -> str:  # ids are unique per channel, so per receiver too
         return f"migrate-{repeat}-r{receiver}"
@@ -331,9 +336,13 @@ async def _migrate_to_receivers(
                 node.reader, node.writer = await asyncio.open_connection(host, port, limit=64 << 20)
             except OSError as exc:
                 raise PeerDeadError(f"no sage-transport serve answers at {node.address}: {exc}") from exc
+            challenge = await read_job_message(node.reader, 30)
+            if not isinstance(challenge, JobChallenge) or challenge.protocol != JOB_PROTOCOL:
+                raise ProtocolError(f"{node.address} speaks another job protocol (expected {JOB_PROTOCOL})")
             spec = JobSpec(
                 model=model, tokens=tokens, block_size=schema.block_size, transport=transport, config=settings,
                 transfer_ids=[transfer_id(i, k) for i in range(repeats)], trace=observe.trace_path is not None,
+                proof=job_proof(config.auth_token, challenge.nonce),
             )  # fmt: skip
             await send_job_message(node.writer, spec)
         for node in nodes:

@@ -1,7 +1,11 @@
 """The receiving side of the main job (``sage-transport serve``).
 
-A serve process listens on a *job* port. A migrating sender connects there and sends a :class:`JobSpec`
-(model shape, tokens, transport, settings, transfer ids); the receiver allocates and pre-touches the
+A serve process listens on a *job* port. It opens each job connection with a :class:`JobChallenge` (a
+nonce); a migrating sender answers with a :class:`JobSpec` carrying ``proof``, an HMAC of the nonce under the
+shared ``auth_token`` (``SAGE_TRANSPORT_AUTH_TOKEN`` on both sides; the token itself never travels). A serve
+bound to anything but loopback refuses to start without a token, and the channel it opens uses its own token,
+never one a client sends. The :class:`JobSpec` holds
+the model shape, tokens, transport, settings and transfer ids; the receiver allocates and pre-touches the
 destination KV cache, opens a channel on that transport and answers :class:`JobReady` with the channel's
 address. After each transfer it reports a digest of its whole cache (:class:`JobReceived`), so the
 sender checks end to end what per-chunk checksums already checked piece by piece. The same code runs
@@ -12,24 +16,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import resource
+import secrets
 from typing import Any
 
 import msgspec
 import structlog
 
 from .channel import KVTransferChannel
-from .config import KVTransportConfig
-from .errors import ProtocolError, SageTransportError
+from .config import KVTransportConfig, require_token_off_loopback
+from .errors import AuthError, ProtocolError, SageTransportError
 from .memory import KVMemory
 from .schema import KVCacheSchema, Layout
 from .telemetry.trace import ChunkTracer
 
-__all__ = ["JobDone", "JobReady", "JobReceived", "JobSpec", "cache_digest", "cpu_seconds", "serve"]
+__all__ = ["JobChallenge", "JobDone", "JobReady", "JobReceived", "JobSpec", "cache_digest", "cpu_seconds", "job_proof", "serve"]
 
 log = structlog.get_logger("sage_transport.serve")
 
-JOB_PROTOCOL = 1
+JOB_PROTOCOL = 2
+
+
+class JobChallenge(msgspec.Struct, frozen=True, tag="challenge", kw_only=True):
+    """Receiver → sender, first: the nonce the sender proves the shared token on."""
+
+    protocol: int = JOB_PROTOCOL
+    nonce: str
+
+
+def job_proof(auth_token: str | None, nonce: str) -> str:
+    """The sender's answer to a :class:`JobChallenge` (empty without a token)."""
+    if auth_token is None:
+        return ""
+    return hmac.new(auth_token.encode(), b"sage-transport job\0" + nonce.encode(), hashlib.sha256).hexdigest()
 
 
 class JobSpec(msgspec.Struct, frozen=True, tag="job", kw_only=True):
@@ -44,6 +65,7 @@ class JobSpec(msgspec.Struct, frozen=True, tag="job", kw_only=True):
     config: dict[str, Any]
     transfer_ids: list[str]
     trace: bool = False  # record chunk events and return them in JobBye
+    proof: str = ""  # job_proof(auth_token, the challenge's nonce)
 
 
 class JobReady(msgspec.Struct, frozen=True, tag="ready", kw_only=True):
@@ -81,7 +103,7 @@ class JobFailed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
     reason: str
 
 
-JobMessage = JobSpec | JobReady | JobReceived | JobDone | JobBye | JobFailed
+JobMessage = JobChallenge | JobSpec | JobReady | JobReceived | JobDone | JobBye | JobFailed
 _decoder = msgspec.json.Decoder(JobMessage)
 
 
@@ -124,13 +146,18 @@ def job_schema(spec: JobSpec) -> KVCacheSchema:
     return KVCacheSchema.for_model(spec.model, block_size=spec.block_size, layout=Layout.LAYER_KV_BLOCK)
 
 
-async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, auth_token: str | None) -> None:
+    nonce = secrets.token_hex(16)
+    await send_job_message(writer, JobChallenge(nonce=nonce))
     spec = await read_job_message(reader, 30)
     if not isinstance(spec, JobSpec) or spec.protocol != JOB_PROTOCOL:
-        raise ProtocolError(f"expected a job spec of protocol {JOB_PROTOCOL}, got {spec!r}")
+        raise ProtocolError(f"expected a job spec of protocol {JOB_PROTOCOL}, got {type(spec).__name__}")
+    if auth_token is not None and not hmac.compare_digest(spec.proof, job_proof(auth_token, nonce)):
+        raise AuthError("job rejected: the sender did not prove the shared auth_token")
     schema = job_schema(spec)
     blocks = schema.blocks_for_tokens(spec.tokens)
-    config = KVTransportConfig.resolve({**spec.config, "listen_host": host}, env={})
+    settings = {k: v for k, v in spec.config.items() if k != "auth_token"}  # never a client's token
+    config = KVTransportConfig.resolve({**settings, "listen_host": host, "auth_token": auth_token}, env={})
     # touched (a live KV cache has its pages) and shared, so a same-host sender can place chunks by memory copy
     memory = KVMemory.allocate(schema, blocks, fill=0x5A, shared=True)
     async with KVTransferChannel(spec.transport, config, name=f"decode-{id(writer):x}") as channel:
@@ -161,13 +188,17 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
         await send_job_message(writer, JobBye(cpu_seconds=busy, ucx_transports=transports, trace=trace))
 
 
-async def serve(host: str = "127.0.0.1", port: int = 0, *, once: bool = False, ready: Any = None) -> None:
-    """Serve migration jobs on ``host:port`` until cancelled (``once``: after the first job)."""
+async def serve(
+    host: str = "127.0.0.1", port: int = 0, *, once: bool = False, ready: Any = None, auth_token: str | None = None
+) -> None:
+    """Serve migration jobs on ``host:port`` until cancelled (``once``: after the first job). Senders must prove
+    ``auth_token``; a ``host`` other than loopback requires one (:class:`~sage_transport.errors.ConfigError`)."""
+    require_token_off_loopback(host, auth_token, "serve --host")
     finished = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await _run_job(reader, writer, host)
+            await _run_job(reader, writer, host, auth_token)
         except Exception as exc:
             log.warning("job_failed", error=str(exc))
             with contextlib.suppress(Exception):

@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from sage_transport import KVMemory, KVTransferChannel, KVTransportConfig, TransferPlan
-from sage_transport.errors import AuthError, FrameTooLargeError, ProtocolError
+from sage_transport.errors import AuthError, ConfigError, FrameTooLargeError, ProtocolError
 from sage_transport.handshake import PROTOCOL_VERSION
 from sage_transport.wire import (
     MAX_CONTROL_BYTES,
@@ -265,3 +265,17 @@ async def test_a_bit_flipping_relay_is_caught_chunk_by_chunk_and_the_data_arrive
     a = np.frombuffer(src.buffers[0], np.uint8).reshape(s.num_layers, s.kv_planes, 64, -1)
     b = np.frombuffer(dst.buffers[0], np.uint8).reshape(s.num_layers, s.kv_planes, 64, -1)
     assert np.array_equal(b[:, :, order], a)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+async def test_listening_beyond_loopback_requires_a_token(transport: str) -> None:
+    """Default bind is 127.0.0.1; any other address without auth_token is refused naming the field and value."""
+    async with KVTransferChannel(transport, KVTransportConfig(listen_host="0.0.0.0"), name="open") as channel:
+        with pytest.raises(ConfigError, match=r"listen_host='0.0.0.0' is not a loopback address: set auth_token"):
+            await channel.listen()
+        with pytest.raises(ConfigError, match=r"listen address='0.0.0.0' is not a loopback"):
+            await channel.listen("0.0.0.0:0")
+    async with KVTransferChannel(transport, KVTransportConfig(), name="local") as channel:
+        assert (await channel.listen()).startswith("127.0.0.1:")
+    async with KVTransferChannel(transport, KVTransportConfig(listen_host="0.0.0.0", auth_token=TOKEN), name="t") as channel:
+        assert (await channel.listen()).rsplit(":", 1)[1].isdigit()

@@ -65,7 +65,7 @@ def test_migrate_to_a_dead_peer_is_a_clear_error() -> None:
 async def test_a_bad_job_is_refused_with_the_field_and_value() -> None:
     import asyncio
 
-    from sage_transport.serve import JobFailed, JobSpec, serve
+    from sage_transport.serve import JobChallenge, JobFailed, JobSpec, serve
 
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(serve("127.0.0.1", 0, once=True, ready=ready.set_result))
@@ -73,6 +73,8 @@ async def test_a_bad_job_is_refused_with_the_field_and_value() -> None:
     reader, writer = await asyncio.open_connection(host, int(port))
     spec = JobSpec(model="gpt-9", tokens=64, block_size=16, transport="ucx", config={}, transfer_ids=["t"])
     import msgspec
+
+    assert msgspec.json.decode(await reader.readline(), type=JobChallenge).nonce  # a loopback serve needs no proof
 
     writer.write(msgspec.json.encode(spec) + b"\n")
     reply = msgspec.json.decode(await reader.readline(), type=JobFailed)

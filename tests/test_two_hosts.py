@@ -53,15 +53,48 @@ def two_namespaces() -> Iterator[tuple[str, str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+TOKEN = "two-hosts-shared-secret"
+#: a serve bound beyond loopback requires a token, and so does everyone who talks to it
+ENV = {**os.environ, "SAGE_TRANSPORT_AUTH_TOKEN": TOKEN}
+
+
 def _cli(ns: str, *args: str) -> list[str]:
     return ["ip", "netns", "exec", ns, sys.executable, "-m", "sage_transport.cli", *args]
+
+
+def test_serve_beyond_loopback_needs_a_token_and_a_sender_must_prove_it(tmp_path: Path) -> None:
+    with two_namespaces() as (sender_ns, receiver_ns, receiver_ip):
+        bare = {k: v for k, v in os.environ.items() if k != "SAGE_TRANSPORT_AUTH_TOKEN"}
+        refused = subprocess.run(
+            _cli(receiver_ns, "serve", "--host", receiver_ip, "--port", "0", "--once"),
+            capture_output=True, text=True, timeout=60, env=bare,
+        )  # fmt: skip
+        assert refused.returncode != 0 and f"serve --host='{receiver_ip}' is not a loopback address" in refused.stderr
+        server = subprocess.Popen(
+            _cli(receiver_ns, "serve", "--host", receiver_ip, "--port", "0"), stdout=subprocess.PIPE, text=True, env=ENV
+        )
+        try:
+            assert server.stdout is not None
+            address = server.stdout.readline().rsplit("listening on ", 1)[1].strip()
+            for env in (bare, {**bare, "SAGE_TRANSPORT_AUTH_TOKEN": "a-wrong-token-value"}):
+                proc = subprocess.run(
+                    _cli(sender_ns, "migrate", "--peer", address, "--transport", "tcp", "--tokens", "256"),
+                    capture_output=True, text=True, timeout=60, env=env,
+                )  # fmt: skip
+                assert proc.returncode != 0 and "did not prove the shared auth_token" in proc.stderr, proc.stderr[-800:]
+            assert server.poll() is None  # rejected senders do not hurt the serve
+        finally:
+            server.kill()
+            server.wait()
+            if server.stdout is not None:
+                server.stdout.close()
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
 def test_migrate_between_two_namespaces(transport: str, tmp_path: Path) -> None:
     with two_namespaces() as (sender_ns, receiver_ns, receiver_ip):
         server = subprocess.Popen(
-            _cli(receiver_ns, "serve", "--host", receiver_ip, "--port", "0", "--once"), stdout=subprocess.PIPE, text=True
+            _cli(receiver_ns, "serve", "--host", receiver_ip, "--port", "0", "--once"), stdout=subprocess.PIPE, text=True, env=ENV
         )
         try:
             assert server.stdout is not None
@@ -73,7 +106,7 @@ def test_migrate_between_two_namespaces(transport: str, tmp_path: Path) -> None:
             proc = subprocess.run(
                 _cli(sender_ns, "migrate", "--peer", address, "--transport", transport, "--config", config,
                      "--tokens", "2048", "--repeat", "2", "--json", str(out)),
-                capture_output=True, text=True, timeout=120,
+                capture_output=True, text=True, timeout=120, env=ENV,
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr[-2000:]
             record = json.loads(out.read_text())
@@ -94,13 +127,15 @@ def test_probe_peer_across_namespaces_uses_the_profile_s_network_transport() -> 
     has only virtual NICs), and a forced remote endpoint must report TCP lanes, not shared memory."""
     with two_namespaces() as (sender_ns, receiver_ns, receiver_ip):
         server = subprocess.Popen(
-            _cli(receiver_ns, "serve", "--host", receiver_ip, "--port", "0"), stdout=subprocess.PIPE, text=True
+            _cli(receiver_ns, "serve", "--host", receiver_ip, "--port", "0"), stdout=subprocess.PIPE, text=True, env=ENV
         )
         try:
             assert server.stdout is not None
             address = server.stdout.readline().rsplit("listening on ", 1)[1].strip()
             probe = _cli(sender_ns, "probe", "--no-vendors", "--json", "--peer", address, "--samples", "20")
-            proc = subprocess.run([*probe, "--config", "ucx_endpoint=remote"], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [*probe, "--config", "ucx_endpoint=remote"], capture_output=True, text=True, timeout=120, env=ENV
+            )
             assert proc.returncode == 0, proc.stderr[-2000:]
             record = json.loads(proc.stdout)
         finally:

@@ -4,8 +4,8 @@ a configuration (preset). The UCX transport applies :meth:`TransportProfile.ucx_
 Rules, each recorded in ``reasons``:
 
 - Processes of one host talk through shared memory and CMA (plus CUDA/ROCm IPC where GPUs are); TCP is
-  only ever in the list for remote peers (same-host UCX endpoints are made without peer error handling,
-  which is what lets UCX pick shared memory; the transport warns if it still lands on TCP).
+  only ever in the list for remote peers (same-host UCX endpoints keep peer error handling on shared memory
+  through ``UCX_MM_ERROR_HANDLING=y``; the transport warns if one still lands on TCP).
 - Remote peers use RDMA (``rc``, ``ud``; ``dc`` on Mellanox) where an active port exists, else TCP.
 - Rails are the active RDMA ports nearest the buffer's device (same NUMA node, then fewest PCIe hops),
   fastest first, at most four; the NIC is chosen the same way.
