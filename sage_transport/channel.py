@@ -81,6 +81,7 @@ class ChannelStatistics(msgspec.Struct, frozen=True):
     placement_failures: int = 0
     inflight_bytes: int = 0  # sent and not yet acknowledged
     failures_by_kind: dict[str, int] = {}  # failed transfers by exception type
+    stale_messages: int = 0  # ignored: a NACK about an attempt already superseded, or one never sent
 
 
 class PeerStatistics(msgspec.Struct, frozen=True):
@@ -535,14 +536,26 @@ class KVTransferChannel:
                 other.wake.set()
 
     def _on_nack(self, session: PeerSession, out: Outgoing, seq: int, attempt: int) -> None:
+        if not 0 <= seq < len(out.attempts) or min(attempt + 1, 255) != out.attempts[seq]:
+            # stale: about an attempt we already sent again (its ack was late), or one never sent. Acting on it
+            # would free the window slot of the copy still in flight and count a retry twice
+            self._counters["stale_messages"] += 1
+            return
+        bad = out.bad_copies = out.bad_copies or {}
+        failures, last = bad.get(seq, (0, -1))
+        if last == attempt:  # the same copy NACKed twice (it arrived twice): one failure, one resend
+            self._counters["stale_messages"] += 1
+            return
         out.retries += 1
         self._counters["retries"] += 1
-        if out.attempts[seq] > self.config.max_retries:
+        failures += 1  # copies resent only because an ack was late do not count
+        bad[seq] = (failures, attempt)
+        if failures > self.config.max_retries:
             self._fail_outgoing(
                 out,
                 ChecksumError(
                     f"chunk {seq} of transfer {out.plan.transfer_id} to {session.peer} failed its checksum "
-                    f"{out.attempts[seq]} times (max_retries={self.config.max_retries})"
+                    f"{failures} times (max_retries={self.config.max_retries})"
                 ),
                 notify=True,
             )
@@ -790,6 +803,7 @@ class KVTransferChannel:
             retries=c["retries"] + c["resends_after_timeout"],
             checksum_failures=c["checksum_failures"],
             duplicates=c["duplicates"],
+            stale_messages=c["stale_messages"],
             inflight_chunks=sched.inflight,
             queued_chunks=sched.queued_chunks,
             handshake_failures=c["handshake_failures"],

@@ -58,6 +58,7 @@ class Outgoing:
     __slots__ = (
         "accepted",
         "attempts",
+        "bad_copies",
         "bytes_sent",
         "bytes_verified",
         "chunks_verified",
@@ -84,7 +85,8 @@ class Outgoing:
         self.wire_id = wire_id
         self.future: asyncio.Future[TransferResult] = asyncio.get_running_loop().create_future()
         self.lists = table.lists()
-        self.attempts = bytearray(len(table))
+        self.attempts = bytearray(len(table))  # copies sent per chunk (resends after a late ack included)
+        self.bad_copies: dict[int, tuple[int, int]] | None = None  # per chunk: copies NACKed, the last one's attempt
         self.retries = 0
         self.bytes_verified = 0
         self.chunks_verified = 0
