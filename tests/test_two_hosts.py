@@ -4,6 +4,7 @@ namespaces) and skips otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -53,6 +54,7 @@ def two_namespaces() -> Iterator[tuple[str, str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN = "two-hosts-shared-secret"
 #: a serve bound beyond loopback requires a token, and so does everyone who talks to it
 ENV = {**os.environ, "SAGE_TRANSPORT_AUTH_TOKEN": TOKEN}
@@ -148,3 +150,98 @@ def test_probe_peer_across_namespaces_uses_the_profile_s_network_transport() -> 
     assert path["verified"] is True and path["peer"] == address and path["placement"] == "none"
     lanes = {lane for lanes in path["ucx_transports"].values() for lane in lanes}
     assert lanes and all(lane.startswith("tcp/") for lane in lanes), lanes
+
+
+@contextlib.contextmanager
+def namespace_behind_veth() -> Iterator[tuple[str, str, str]]:
+    """One namespace joined to this one by a veth pair. Yields (namespace, our end's device, its IP)."""
+    tag = uuid.uuid4().hex[:6]
+    ns, ours, theirs = f"sgP{tag}", f"vp{tag}", f"vq{tag}"
+    subnet = 10 + int(tag[:2], 16) % 200
+    try:
+        _ip("netns", "add", ns)
+        _ip("link", "add", ours, "type", "veth", "peer", "name", theirs)
+        _ip("link", "set", theirs, "netns", ns)
+        _ip("addr", "add", f"10.{subnet}.9.1/24", "dev", ours)
+        _ip("-n", ns, "addr", "add", f"10.{subnet}.9.2/24", "dev", theirs)
+        _ip("link", "set", ours, "up")
+        _ip("-n", ns, "link", "set", theirs, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, OSError) as exc:
+        subprocess.run(["ip", "link", "del", ours], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        pytest.skip(f"cannot create a network namespace here: {exc}")
+    try:
+        yield ns, ours, f"10.{subnet}.9.2"
+    finally:
+        subprocess.run(["ip", "link", "del", ours], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+async def test_a_partition_is_detected_in_time_and_a_fresh_connection_works_after_it(transport: str) -> None:
+    """Promise 7 (the scenario below). UCX runs it in a fresh process: UCX lists network devices once per
+    process, so a veth pair made after this process first used UCX would be invisible to it."""
+    if transport == "tcp":
+        await partition_scenario(transport)
+        return
+    code = "import asyncio, tests.test_two_hosts as t; asyncio.run(t.partition_scenario('ucx'))"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out = (await asyncio.wait_for(proc.communicate(), 120))[0].decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert "partition scenario passed" in out
+
+
+async def partition_scenario(transport: str) -> None:
+    """Promise 7: the veth link to the peer's namespace goes down while a transfer runs. Within heartbeat ×
+    misses (`peer_timeout_s`, 1 s here; UCX's link beats every 0.1 s, TCP's socket gives up on bytes
+    unacknowledged that long) the transfer fails with a typed error naming the peer; once the link is back, a
+    new connection carries a verified transfer, and the old handle stays failed."""
+    import asyncio
+    import time
+
+    from sage_transport import KVMemory, KVTransferChannel, KVTransportConfig, TransferPlan
+    from sage_transport.errors import TransportError
+    from sage_transport.testing.peer import PEER_SCHEMA
+
+    timeout_s = 1.0
+    settings = f"chunk_size=8KiB,direct_placement=false,heartbeat_interval_s=0.1,peer_timeout_s={timeout_s},auth_token={TOKEN}"
+    if transport == "ucx":  # a namespace shares this host's boot id, name and IPC: make UCX treat it as the other
+        settings += ",ucx_endpoint=remote"  # host it stands for (shared memory across namespaces stalls, see README)
+    with namespace_behind_veth() as (ns, ours, their_ip):
+        child = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns, sys.executable, "-m", "sage_transport.testing.peer", "--role", "receiver",
+            "--transport", transport, "--config", f"{settings},listen_host={their_ip}", "--blocks", "256",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert child.stdout is not None
+            hello = json.loads(await asyncio.wait_for(child.stdout.readline(), 30))
+            config = KVTransportConfig.resolve(settings, env={})
+            async with KVTransferChannel(transport, config, name="parent") as channel:
+                channel.register(KVMemory.allocate(PEER_SCHEMA, 256, fill=3))
+                peer = await channel.connect(hello["address"])
+                await asyncio.wait_for(channel.transfer(TransferPlan.for_blocks(peer, PEER_SCHEMA, range(8), range(8))), 20)
+                _ip("link", "set", ours, "down")
+                cut = time.monotonic()
+                old = channel.submit(TransferPlan.for_blocks(peer, PEER_SCHEMA, range(256), range(256), transfer_id="cut"))
+                with pytest.raises(TransportError) as caught:
+                    await asyncio.wait_for(old.wait(), 10 * timeout_s)
+                noticed = time.monotonic() - cut
+                assert "transfer cut" in str(caught.value) and hello["name"] in str(caught.value), caught.value
+                assert noticed < 2 * timeout_s, f"partition noticed after {noticed:.2f} s"
+                assert channel.peers == []
+                _ip("link", "set", ours, "up")
+                await asyncio.sleep(0.2)
+                fresh = await channel.connect(hello["address"])
+                plan = TransferPlan.for_blocks(fresh, PEER_SCHEMA, range(64), range(64), transfer_id="after")
+                result = await asyncio.wait_for(channel.transfer(plan), 20)
+                assert result.chunks > 0 and channel.peers == [fresh]
+                with pytest.raises(TransportError):
+                    await old.wait()  # the old handle stays failed
+                print(f"partition scenario passed: noticed after {noticed:.3f} s", flush=True)
+        finally:
+            child.kill()
+            await child.wait()

@@ -6,7 +6,8 @@ copy). The send side sends from the caller's buffer on a duplicate of the socket
 buffer, so no copy): a frame goes at once when the socket takes it, else behind a FIFO lock, shielded so
 that a cancelled caller never leaves half a frame; ``send`` returns once the payload is in the kernel.
 Run the loop on uvloop for full speed (``sage-transport`` does). Peer death is end-of-stream without the
-goodbye frame or a reset; TCP keepalive, tuned from ``peer_timeout_s``, covers a silent host.
+goodbye frame or a reset; TCP keepalive and ``TCP_USER_TIMEOUT``, both from ``peer_timeout_s``, cover a silent host
+and a partition (unacknowledged bytes).
 
 Frame on the stream: ``<IQ`` (header length, payload length + 1, 0 for none, 2**64-1 for goodbye), the
 header, the payload.
@@ -69,6 +70,9 @@ def _tune(sock: socket.socket | None, peer_timeout_s: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        # bytes unacknowledged this long (a partition while sending: keepalive is silent then, and the kernel
+        # would retransmit for ~15 minutes) or unanswered keepalives end the connection with ETIMEDOUT
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(peer_timeout_s * 1000)))
 
 
 class TcpConnection(asyncio.BufferedProtocol, Connection):

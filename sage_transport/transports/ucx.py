@@ -388,6 +388,13 @@ class _WorkerSlot:
 _PARKED: dict[tuple[tuple[str, str], ...], list[_WorkerSlot]] = {}
 
 
+def _slot_key(options: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Workers are interchangeable only between transports whose UCX contexts have the same options (given, and
+    ``UCX_*`` variables of the environment they were made in)."""
+    environment = {f"env:{k}": v for k, v in os.environ.items() if k.startswith("UCX_")}
+    return tuple(sorted({**options, **environment}.items()))
+
+
 def _env_default(name: str, value: str) -> dict[str, str]:
     return {} if f"UCX_{name}" in os.environ else {name: value}
 
@@ -467,16 +474,11 @@ class UcxTransport(Transport):
 
     def _progress_driver(self) -> WorkerProgress:
         if self._progress is None:
-            parked = _PARKED.get(self._slot_key())
+            options = self._context_options()
+            parked = _PARKED.get(_slot_key(options))
             if parked:
                 self._slot = parked.pop()
             else:
-                # shared memory with peer error handling (see the module docstring); UCX_MM_ERROR_HANDLING wins.
-                # Not for forced remote endpoints: error handling is what keeps those off shared memory
-                shared = _env_default("MM_ERROR_HANDLING", "y") if self.locality != "remote" else {}
-                options = {"PROTO_INFO": "y", **shared, **self.options}
-                if self.tls:
-                    options["TLS"] = self.tls
                 try:
                     context = _ucx.UCXContext(options, feature_flags=(_ucx.Feature.TAG, _ucx.Feature.WAKEUP))
                     worker = _ucx.UCXWorker(context, enable_delayed_submission=False, enable_python_future=False)
@@ -487,8 +489,14 @@ class UcxTransport(Transport):
             self._progress = WorkerProgress(self._worker, self.progress_mode is ProgressMode.POLLING)
         return self._progress
 
-    def _slot_key(self) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted({**self.options, "TLS": self.tls or ""}.items()))
+    def _context_options(self) -> dict[str, str]:
+        # shared memory with peer error handling (see the module docstring); UCX_MM_ERROR_HANDLING wins.
+        # Not for forced remote endpoints: error handling is what keeps those off shared memory
+        shared = _env_default("MM_ERROR_HANDLING", "y") if self.locality != "remote" else {}
+        options = {"PROTO_INFO": "y", **shared, **self.options}
+        if self.tls:
+            options["TLS"] = self.tls
+        return options
 
     def _intro(self, recv_tag: int) -> bytes:
         self._progress_driver()
@@ -581,7 +589,7 @@ class UcxTransport(Transport):
         if self._progress is not None:
             await self._progress.drain(1.0)
             if self._progress.close() and self._slot is not None:
-                _PARKED.setdefault(self._slot_key(), []).append(self._slot)
+                _PARKED.setdefault(_slot_key(self._context_options()), []).append(self._slot)
                 log.info("ucx_worker_parked", reason="a same-host peer died with sends in flight", parked=parked_workers())
             self._progress = None
         self._worker = self._slot = None
