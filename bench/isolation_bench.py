@@ -104,9 +104,10 @@ async def main(args: argparse.Namespace) -> None:
         "|---|---|---|---|",
     ]
     for row in rows:
+        alone, fault = row["baseline_spread"], row["fault_spread"]
         lines.append(
-            f"| {row['transport']} | {row['baseline_median']:.2f} ({row['baseline_spread'][0]:.2f}–{row['baseline_spread'][1]:.2f}) "
-            f"| {row['fault_median']:.2f} ({row['fault_spread'][0]:.2f}–{row['fault_spread'][1]:.2f}) | {row['ratio']:.2f} |"
+            f"| {row['transport']} | {row['baseline_median']:.2f} ({alone[0]:.2f}–{alone[1]:.2f}) "
+            f"| {row['fault_median']:.2f} ({fault[0]:.2f}–{fault[1]:.2f}) | {row['ratio']:.2f} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
