@@ -307,10 +307,11 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) only accepts connections from this machine."""
-    if host.strip("[]").lower() == "localhost":
+    bare = host.strip("[]").split("%", 1)[0]  # [::1], fe80::1%eth0
+    if bare.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(bare).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to any interface
 

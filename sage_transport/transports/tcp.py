@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import os
 import socket
 import struct
 from typing import Any, ClassVar
 
-from ..config import KVTransportConfig
+from ..config import KVTransportConfig, is_loopback
 from ..errors import ConnectionClosedError, FrameTooLargeError, PeerDeadError, ProtocolError
 from ..memory import as_byte_view
 from ..wire import MAX_CONTROL_BYTES
@@ -51,13 +50,6 @@ class _Early:
 
     def __init__(self, header: bytes, payload: memoryview) -> None:
         self.header, self.payload = header, payload
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _tune(sock: socket.socket | None, peer_timeout_s: float) -> None:
@@ -123,7 +115,7 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         self.peer_address = f"{peer[0]}:{peer[1]}" if peer else "?"
         # a peer reached at one of our own addresses runs on this host (and in this network namespace); the
         # channel may then offer it direct placement, which still checks the boot id and process access
-        self.same_host = bool(local and peer) and (local[0] == peer[0] or _is_loopback(peer[0]))
+        self.same_host = bool(local and peer) and (local[0] == peer[0] or is_loopback(peer[0]))
         if self._on_made is not None:
             self._on_made(self)
 
