@@ -193,7 +193,10 @@ async def one_fault(channel: KVTransferChannel, address: str, transport: str, rn
             except TimeoutError:
                 raise AssertionError(f"{kind}: no typed error within 10 s") from None
         assert hello["name"] in str(caught.value), (kind, caught.value)
-        await asyncio.wait_for(lines.get(), 5)  # it did die
+        try:
+            await asyncio.wait_for(lines.get(), 5)  # it did die
+        except TimeoutError:
+            raise AssertionError(f"{kind}: the child never reached its death; this side failed with {caught.value!r}") from None
     for _ in range(200):  # the peer is dropped once both its directions have failed
         if hello["name"] not in channel.peers:
             break
