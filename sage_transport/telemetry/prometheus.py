@@ -28,6 +28,8 @@ METRIC_NAMES = (
     "sage_transport_chunks_placed_total",
     "sage_transport_retries_total",
     "sage_transport_checksum_failures_total",
+    "sage_transport_duplicate_chunks_total",
+    "sage_transport_stale_messages_total",
     "sage_transport_failures_total",
     "sage_transport_inflight_chunks",
     "sage_transport_inflight_bytes",
@@ -105,6 +107,12 @@ class SageCollector:
         )
         retries = CounterMetricFamily("sage_transport_retries", "Chunks sent again (checksum or timeout)", labels=["channel"])
         bad = CounterMetricFamily("sage_transport_checksum_failures", "Chunks that failed their checksum", labels=["channel"])
+        dups = CounterMetricFamily(
+            "sage_transport_duplicate_chunks", "Copies of chunks already verified, dropped", labels=["channel"]
+        )
+        stale = CounterMetricFamily(
+            "sage_transport_stale_messages", "NACKs about a superseded copy or the same copy twice, ignored", labels=["channel"]
+        )
         failures = CounterMetricFamily("sage_transport_failures", "Failed transfers by kind", labels=["channel", "kind"])
         inflight = GaugeMetricFamily("sage_transport_inflight_chunks", "Chunks sent and not yet acknowledged", labels=["channel"])
         inflight_b = GaugeMetricFamily("sage_transport_inflight_bytes", "Bytes sent and not yet acknowledged", labels=["channel"])
@@ -144,6 +152,8 @@ class SageCollector:
             placed.add_metric([name], stats.chunks_placed)
             retries.add_metric([name], stats.retries)
             bad.add_metric([name], stats.checksum_failures)
+            dups.add_metric([name], stats.duplicates)
+            stale.add_metric([name], stats.stale_messages)
             for kind, n in stats.failures_by_kind.items():
                 failures.add_metric([name, kind], n)
             inflight.add_metric([name], stats.inflight_chunks)
@@ -158,7 +168,22 @@ class SageCollector:
             window.add_metric([name], config.prefetch_depth)
             max_inflight.add_metric([name], config.max_inflight)
             lanes.add_metric([name], config.overlap_streams)
-        yield from (transfers, chunks, data, placed, retries, bad, failures, inflight, inflight_b, queued, latency, duration)
+        yield from (
+            transfers,
+            chunks,
+            data,
+            placed,
+            retries,
+            bad,
+            dups,
+            stale,
+            failures,
+            inflight,
+            inflight_b,
+            queued,
+            latency,
+            duration,
+        )
         yield from (chunk_size, window, max_inflight, lanes, info)
 
     # ---- collectives ------------------------------------------------------------------------------------
