@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from .config import Integrity, KVTransportConfig, require_token_off_loopback
+from .config import Compression, Integrity, KVTransportConfig, require_token_off_loopback
 from .errors import (
     ChecksumError,
     ConfigError,
@@ -41,7 +41,7 @@ from .placement import CmaWriter, ShmWriter, buffer_address, cma_available, host
 from .plan import IntegrityStatus, TransferPlan, TransferResult
 from .planner import plan_chunks
 from .scheduler import AckOutcome, Scheduler
-from .schema import KVCacheSchema
+from .schema import DType, KVCacheSchema
 from .session import PeerSession
 from .telemetry.core import Histogram, HistogramSnapshot, Telemetry
 from .telemetry.trace import ChunkTracer
@@ -49,6 +49,7 @@ from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHa
 from .transports.base import Connection, Listener, Transport
 from .transports.registry import get_transport_class
 from .wire import Abort, Announce, Region, RegionUpdate, Window
+from .wire_codec import QUANTISED, ChunkCodec, codec_throughput, local_codecs, require_codec
 
 __all__ = ["ChannelStatistics", "KVTransferChannel"]
 
@@ -121,8 +122,11 @@ class KVTransferChannel:
         if isinstance(config, str):
             config = KVTransportConfig.from_string(config)
         self.config = config if config is not None else KVTransportConfig()
-        if self.config.compression.value != "none":
-            raise UnsupportedError(f"compression={self.config.compression.value!r} is not available in this build; use none")
+        if self.config.codec_policy == "always":  # auto uses a codec only where it can (and where it pays)
+            if self.config.compression is not Compression.NONE:
+                require_codec(self.config.compression.value, "compression")
+            if self.config.target_dtype in QUANTISED:
+                require_codec(self.config.target_dtype.value, "target_dtype")  # type: ignore[union-attr]
         self._owns_transport = not isinstance(transport, Transport)
         self.transport: Transport = (
             transport
@@ -234,7 +238,7 @@ class KVTransferChannel:
     def _worker_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._placement_pool is None:
             self._placement_pool = concurrent.futures.ThreadPoolExecutor(
-                self.config.overlap_streams, thread_name_prefix=f"sage-place-{self.name}"
+                max(2, self.config.overlap_streams), thread_name_prefix=f"sage-work-{self.name}"
             )
         return self._placement_pool
 
@@ -268,7 +272,16 @@ class KVTransferChannel:
             integrity=[m.value for m in Integrity],
             memory_kinds=sorted(self.transport.capabilities.memory_kinds),
             max_chunk=self.transport.capabilities.max_message_size,
+            codecs=self.accepted_codecs(),
         )
+
+    def accepted_codecs(self) -> list[str]:
+        """Wire dtypes and compressions this side decodes and accepts (``accept_codecs`` ∩ what is installed)."""
+        accept = self.config.accept_codecs
+        if accept == "none":
+            return []
+        local = local_codecs()
+        return sorted(local if accept == "all" else local.intersection(accept.split("+")))
 
     @property
     def peers(self) -> list[str]:
@@ -304,14 +317,15 @@ class KVTransferChannel:
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 outcome = await server_handshake(
-                    conn, name=self.name, token=self.config.auth_token, region=self._region(), known_peers=set(self._sessions)
-                )
+                    conn, name=self.name, token=self.config.auth_token, region=self._region(), known_peers=set(self._sessions),
+                    codecs=self.accepted_codecs(),
+                )  # fmt: skip
         except (SageTransportError, TimeoutError) as exc:
             self._counters["handshake_failures"] += 1
             log.warning("peer.refused", address=conn.peer_address, error=str(exc) or type(exc).__name__)
             await conn.aclose()
             return
-        self._start_session(conn, outcome.peer_name, outcome.peer_region)
+        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs)
 
     async def connect(self, address: str) -> str:
         """Connect and authenticate to the channel listening at ``address``; returns the peer's name."""
@@ -334,12 +348,13 @@ class KVTransferChannel:
         if outcome.peer_name in self._sessions:
             await conn.aclose()
             raise ConfigError(f"already connected to a peer named {outcome.peer_name!r}")
-        self._start_session(conn, outcome.peer_name, outcome.peer_region)
+        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs)
         log.info("peer.connected", peer=outcome.peer_name, address=address)
         return outcome.peer_name
 
-    def _start_session(self, conn: Connection, peer: str, region: Region | None) -> None:
+    def _start_session(self, conn: Connection, peer: str, region: Region | None, codecs: frozenset[str]) -> None:
         session = PeerSession(self, conn, peer, region)
+        session.peer_codecs = codecs
         self._sessions[peer] = session
         session.start()
         self._offer_window(session)
@@ -393,15 +408,12 @@ class KVTransferChannel:
         for side, schema in (("local", self._memory.schema), (f"peer {plan.peer!r}", session.region.schema)):
             if not _same_shape(plan.schema, schema):
                 raise PlanError(f"transfer {tid}: plan schema {plan.schema} does not match the {side} KV memory {schema}")
-        wire_dtype = plan.target_dtype or self.config.target_dtype
-        if wire_dtype is not None and wire_dtype != plan.schema.dtype:
-            raise UnsupportedError(
-                f"transfer {tid}: target_dtype={wire_dtype.value} differs from the stored {plan.schema.dtype.value}; "
-                "this build moves KV in its stored dtype"
-            )
+        codec = self._codec_for(plan, session)
         submitted = time.perf_counter()
         chunk_size = plan.chunk_size or self.config.chunk_size
         chunk_size = min(chunk_size, self.transport.capabilities.max_message_size)
+        if codec is not None and chunk_size < plan.schema.page_bytes:  # pages split into chunks: at whole groups
+            chunk_size = max(codec.group_bytes, chunk_size // codec.group_bytes * codec.group_bytes)
         table = plan_chunks(
             plan.schema,
             plan.mappings,
@@ -412,6 +424,8 @@ class KVTransferChannel:
             progressive=plan.progressive,
         )
         out = Outgoing(plan, table, session, session.new_wire_id(), submitted)
+        if codec is not None:
+            out.codec, out.wire_bytes = codec, [0] * len(table)
         session.outgoing[out.wire_id] = out
         self._outgoing[tid] = out
         if self._measure:
@@ -437,6 +451,9 @@ class KVTransferChannel:
                 total_bytes=table.total_bytes,
                 digest=table.digest,
                 ack_every=max(1, min(self.config.prefetch_depth // 2, 256)),
+                wire_dtype=codec.wire_dtype.value if codec is not None and codec.wire_dtype is not None else "",
+                group_size=codec.group_size if codec is not None else 0,
+                compression=codec.compression.value if codec is not None else "none",
             )
         )
         self._scheduler.add(
@@ -447,6 +464,53 @@ class KVTransferChannel:
         if deadline:
             out.deadline_timer = asyncio.get_running_loop().call_later(deadline, self._on_deadline, out, deadline)
         return TransferHandle(out)
+
+    def _codec_for(self, plan: TransferPlan, session: PeerSession) -> ChunkCodec | None:
+        """The wire codec of a new transfer (``None``: chunks go as stored), checked against what the peer accepts."""
+        tid, stored = plan.transfer_id, plan.schema.dtype
+        wire = plan.target_dtype or self.config.target_dtype
+        if wire == stored:
+            wire = None
+        if wire is not None and wire not in QUANTISED:
+            choices = ", ".join(d.value for d in QUANTISED)
+            raise UnsupportedError(
+                f"transfer {tid}: target_dtype={wire.value} is neither the stored {stored.value} nor a quantised wire dtype "
+                f"({choices})"
+            )
+        compression = self.config.compression
+        if wire is None and compression is Compression.NONE:
+            return None
+        wanted = [n for n in (wire.value if wire else "", "" if compression is Compression.NONE else compression.value) if n]
+        missing = [n for n in wanted if n not in session.peer_codecs]
+        if self.config.codec_policy == "auto":  # only where both ends can run it and the link is slower than the codec
+            if missing or not local_codecs().issuperset(wanted) or not self._codec_pays(session, wire, compression):
+                return None
+        if missing:
+            accepts = ", ".join(sorted(session.peer_codecs)) or "only KV as stored"
+            raise UnsupportedError(
+                f"transfer {tid}: peer {session.peer!r} does not decode {' and '.join(missing)} (it accepts: {accepts}); "
+                "send as stored (target_dtype=none, compression=none) or install the codec there"
+            )
+        try:
+            return ChunkCodec(stored, wire, self.config.codec_group_size, compression)
+        except ConfigError as exc:
+            raise UnsupportedError(f"transfer {tid}: {exc}") from None
+
+    def _codec_pays(self, session: PeerSession, wire: DType | None, compression: Compression) -> bool:
+        """``codec_policy=auto``: a codec only where the link is slower than the codec. Same-host peers (shared
+        memory, CMA, loopback) and RDMA / NVLink links are faster than any CPU codec; for other links the last
+        transfer sent as stored tells the link's rate."""
+        link = session.conn.link_info()
+        if link.get("same_host"):
+            return False
+        lanes = {lane.split("/")[0] for lanes in (link.get("ucx_transports") or {}).values() for lane in lanes}
+        if any(lane.startswith(("rc", "dc", "ud", "cuda", "gdr")) for lane in lanes):
+            return False
+        if session.raw_rate is None:
+            return True
+        return session.raw_rate < codec_throughput(wire, compression) * max(
+            1, min(self.config.overlap_streams, os.cpu_count() or 1)
+        )
 
     async def transfer(self, plan: TransferPlan) -> TransferResult:
         """Send ``plan`` and return once the receiver verified every chunk. Cancelling this call aborts the
@@ -578,11 +642,17 @@ class KVTransferChannel:
         loop_now = asyncio.get_running_loop().time()
         wall = now - out.submitted_at
         sent_for = loop_now - out.first_send_at if out.first_send_at else 0.0
+        codec = out.codec
+        total = out.table.total_bytes
+        if codec is None and total >= 8 << 20 and sent_for > 0:
+            out.session.raw_rate = total / sent_for
         result = TransferResult(
             transfer_id=out.plan.transfer_id,
             peer=out.session.peer,
-            bytes=out.table.total_bytes,
-            wire_bytes=out.table.total_bytes,
+            bytes=total,
+            wire_bytes=sum(out.wire_bytes) if out.wire_bytes is not None else total,
+            kv_dtype=(codec.wire_dtype or codec.stored).value if codec is not None else out.plan.schema.dtype.value,
+            compression=codec.compression.value if codec is not None else "none",
             chunks=len(out.table),
             wall_s=wall,
             retries=out.retries,
@@ -639,6 +709,19 @@ class KVTransferChannel:
         exp = self._expect.get(tid)
         if exp is not None and exp.announced:
             return refuse(f"transfer id {tid} is already being received")
+        codec = None
+        if msg.wire_dtype or msg.compression != Compression.NONE.value:
+            accepted = self.accepted_codecs()
+            for name in (msg.wire_dtype, "" if msg.compression == Compression.NONE.value else msg.compression):
+                if name and name not in accepted:
+                    return refuse(
+                        f"{name} on the wire is not accepted here (accepts: {', '.join(accepted) or 'only KV as stored'})"
+                    )
+            try:
+                wire = DType.parse(msg.wire_dtype, "wire_dtype") if msg.wire_dtype else None
+                codec = ChunkCodec(msg.schema.dtype, wire, msg.group_size or 128, Compression(msg.compression))
+            except (ConfigError, ValueError) as exc:
+                return refuse(str(exc))
         try:
             table = plan_chunks(
                 msg.schema, msg.mappings, msg.src_geometry, self._memory.geometry, msg.chunk_size,
@@ -667,6 +750,7 @@ class KVTransferChannel:
             ack_every=msg.ack_every,
             peer=session.peer,
         )
+        inc.codec = codec
         self.telemetry.comm_begin()
         if msg.deadline_s:
             # the sender's own timer fires first and aborts; this one covers a sender that went silent
@@ -698,11 +782,14 @@ class KVTransferChannel:
         if inc.deadline_timer is not None:
             inc.deadline_timer.cancel()
         wall = time.perf_counter() - inc.expectation.started_at
+        codec = inc.codec
         result = TransferResult(
             transfer_id=inc.transfer_id,
             peer=session.peer,
             bytes=inc.table.total_bytes,
-            wire_bytes=inc.table.total_bytes,
+            wire_bytes=inc.wire_bytes if codec is not None else inc.table.total_bytes,
+            kv_dtype=(codec.wire_dtype or codec.stored).value if codec is not None else inc.table.schema.dtype.value,
+            compression=codec.compression.value if codec is not None else "none",
             chunks=len(inc.table),
             wall_s=wall,
             retries=inc.bad_chunks,

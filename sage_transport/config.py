@@ -102,7 +102,11 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     devices, ``ucx_rndv_threshold`` UCX's eager→rendezvous switch (None: UCX decides); ``ucx_endpoint``
     picks the endpoint kind: ``local`` (worker address, no peer error handling: shared memory and CMA
     usable), ``remote`` (peer error handling, network transports only) or ``auto`` (local for a peer with
-    this host's boot id). ``kv_dtype`` is accepted as another name of ``target_dtype``. ``telemetry`` keeps
+    this host's boot id). ``target_dtype`` quantises KV on the wire (``fp8_e4m3``, ``fp8_e5m2``, ``int8``, ``int4``;
+    one scale per ``codec_group_size`` elements) and ``compression`` compresses it (``lz4``, ``zstd``);
+    ``codec_policy=auto`` applies them only on links slower than the codec (never to a same-host peer),
+    ``always`` on every link; ``accept_codecs`` is what this side accepts from senders (``all``, ``none`` or names
+    joined by ``+``). ``kv_dtype`` is accepted as another name of ``target_dtype``. ``telemetry`` keeps
     chunk-latency and transfer-duration histograms (counters are always kept); ``metrics_host``/``metrics_port``
     are where a :class:`~sage_transport.telemetry.TelemetryServer` listens (port 0: any free one).
     """
@@ -117,6 +121,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     max_inflight: int = 64
     zero_copy: bool = True
     compression: Compression = Compression.NONE
+    codec_policy: str = "always"
+    codec_group_size: int = 128
+    accept_codecs: str = "all"
     integrity: Integrity = Integrity.XXH3
     max_retries: int = 3
     connect_timeout_s: float = 10.0
@@ -145,6 +152,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             ("max_inflight", 1, 1 << 16),
             ("max_retries", 0, 100),
             ("listen_port", 0, 65535),
+            ("codec_group_size", 2, 1 << 20),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -167,6 +175,11 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or not 0 <= self.metrics_port <= 65535
         ):
             raise ConfigError(f"metrics_port={self.metrics_port!r} must be an integer in 0..65535")
+        if self.codec_policy not in ("always", "auto"):
+            raise ConfigError(f"codec_policy={self.codec_policy!r} is not valid; choose one of always, auto")
+        if self.codec_group_size % 2:
+            raise ConfigError(f"codec_group_size={self.codec_group_size!r} must be even (int4 packs two per byte)")
+        msgspec.structs.force_setattr(self, "accept_codecs", _codec_list(self.accept_codecs, "accept_codecs"))
         if self.ucx_endpoint not in ("auto", "local", "remote"):
             raise ConfigError(f"ucx_endpoint={self.ucx_endpoint!r} is not valid; choose one of auto, local, remote")
         if self.ucx_rndv_threshold is not None and (
@@ -283,6 +296,9 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "max_inflight": _int,
     "zero_copy": parse_bool,
     "compression": _enum(Compression),
+    "codec_policy": lambda v, f: _str(v, f).lower(),
+    "codec_group_size": _int,
+    "accept_codecs": lambda v, f: _codec_list(v, f),
     "integrity": _enum(Integrity),
     "max_retries": _int,
     "connect_timeout_s": parse_duration,
@@ -303,6 +319,22 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "metrics_host": _str,
     "metrics_port": _optional(_int),
 }
+
+
+#: Codecs a receiver may accept (``accept_codecs``): quantised wire dtypes and lossless compressions.
+CODEC_NAMES = ("fp8_e4m3", "fp8_e5m2", "int8", "int4", "lz4", "zstd")
+
+
+def _codec_list(value: Any, field: str) -> str:
+    """``all``, ``none`` or a ``+``/space-separated subset of :data:`CODEC_NAMES` (normalised, sorted)."""
+    text = str(value).strip().lower()
+    if text in ("all", "none"):
+        return text
+    names = sorted({n for n in text.replace("+", " ").replace(";", " ").split() if n})
+    unknown = [n for n in names if n not in CODEC_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"{field}={value!r} is not valid; use all, none or names from {', '.join(CODEC_NAMES)} joined by +")
+    return "+".join(names)
 
 
 def is_loopback(host: str) -> bool:

@@ -39,11 +39,13 @@ class Capabilities(msgspec.Struct, frozen=True):
     integrity: list[str]
     memory_kinds: list[str]
     max_chunk: int
+    codecs: list[str] = []
 
 
 class HandshakeOutcome(msgspec.Struct, frozen=True):
     peer_name: str
     peer_region: Region | None
+    peer_codecs: frozenset[str] = frozenset()  # what the peer decodes
 
 
 async def _expect(conn: Connection, kind: type[_M], stage: str) -> _M:
@@ -70,7 +72,9 @@ async def client_handshake(
     conn: Connection, *, name: str, token: str | None, caps: Capabilities, region: Region | None
 ) -> HandshakeOutcome:
     nonce = os.urandom(32)
-    await conn.send(encode_message(Hello(PROTOCOL_VERSION, name, nonce, caps.integrity, caps.memory_kinds, caps.max_chunk)))
+    await conn.send(
+        encode_message(Hello(PROTOCOL_VERSION, name, nonce, caps.integrity, caps.memory_kinds, caps.max_chunk, caps.codecs))
+    )
     welcome = await _expect(conn, Welcome, "handshake")
     if welcome.version != PROTOCOL_VERSION:
         raise VersionMismatchError(f"{conn.peer_address} speaks protocol {welcome.version}, we speak {PROTOCOL_VERSION}")
@@ -82,7 +86,8 @@ async def client_handshake(
     proof = handshake_proof(token, b"client", welcome.nonce, nonce, (name, welcome.name))
     await conn.send(encode_message(Proof(proof, region)))
     ready = await _expect(conn, Ready, "handshake")
-    return HandshakeOutcome(welcome.name, ready.region if ready.region is not None else welcome.region)
+    region = ready.region if ready.region is not None else welcome.region
+    return HandshakeOutcome(welcome.name, region, frozenset(ready.codecs))
 
 
 async def server_handshake(
@@ -92,6 +97,7 @@ async def server_handshake(
     token: str | None,
     region: Region | None,
     known_peers: set[str],
+    codecs: list[str] | None = None,
 ) -> HandshakeOutcome:
     hello = await _expect(conn, Hello, "handshake")
     if hello.version != PROTOCOL_VERSION:
@@ -109,5 +115,5 @@ async def server_handshake(
     if not hmac.compare_digest(expected, reply.proof):
         await _reject(conn, "auth failed: the client's proof does not match our token")
         raise AuthError(f"peer {hello.name!r} at {conn.peer_address} failed the token challenge")
-    await conn.send(encode_message(Ready(region)))
-    return HandshakeOutcome(hello.name, reply.region)
+    await conn.send(encode_message(Ready(region, codecs or [])))
+    return HandshakeOutcome(hello.name, reply.region, frozenset(hello.codecs))

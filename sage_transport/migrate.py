@@ -83,6 +83,76 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     cpu_seconds_per_gib: dict[str, float] = {}
     chunks_placed: int = 0
     placement: str = "none"  # how chunks were placed directly: shm (memory copy), cma (process_vm_writev), none
+    kv_dtype: str = ""  # the KV dtype on the wire (the stored one unless target_dtype quantised it)
+    compression: str = "none"
+    wire_bytes: int = 0  # what the chunks took on the wire, per repeat, all receivers together
+    compression_ratio: float = 1.0  # bytes / wire_bytes
+    max_abs_error: float = 0.0  # of the received cache against the source (0: moved exactly)
+    mean_abs_error: float = 0.0
+    kv_data: str = "pattern"  # "pattern" (unique per 8-byte word) or "synthetic" (finite KV-like bf16 values)
+
+
+@dataclass
+class _Expectation:
+    """What every receiver must hold after a transfer in the wire codec: the source through the codec's round
+    trip, and the error that leaves."""
+
+    memory: KVMemory
+    max_abs: float
+    mean_abs: float
+
+
+def _quantised(config: KVTransportConfig, schema: KVCacheSchema) -> bool:
+    from .wire_codec import QUANTISED
+
+    return config.target_dtype in QUANTISED and config.target_dtype != schema.dtype
+
+
+def _fill_kv_like(memory: KVMemory, seed: int) -> None:
+    """Finite bf16/fp16 values shaped like KV (a quantising codec needs numbers, not bit patterns): Gaussian
+    with one outlier channel per head, 20x larger, as real keys have. Synthetic, and the record says so."""
+    import torch
+
+    from .codec import torch_dtype
+
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = memory.schema.head_dim
+    for buf in memory.buffers:
+        values = torch.frombuffer(buf, dtype=torch_dtype(memory.schema.dtype))
+        step = (1 << 24) // head_dim * head_dim
+        for start in range(0, values.numel(), step):
+            part = torch.randn(min(step, values.numel() - start), generator=gen) * 0.5
+            part.view(-1, head_dim)[:, 7] *= 20
+            values[start : start + part.numel()].copy_(part)
+
+
+def _codec_expectation(src: KVMemory, config: KVTransportConfig) -> _Expectation:
+    """The source through the codec, a page-aligned slice at a time (chunks start at pages, and a page holds whole
+    groups, so this is exactly what the receiver decodes), with the error against the source."""
+    import torch
+
+    from .codec import CodecSpec, decode, encode, torch_dtype
+
+    schema = src.schema
+    elements = schema.page_bytes // (schema.dtype.bits // 8)
+    if elements % config.codec_group_size:
+        raise SageTransportError(
+            f"codec_group_size={config.codec_group_size} does not divide a page's {elements} elements: "
+            "migrate cannot predict the receiver's cache"
+        )
+    spec = CodecSpec(config.target_dtype, config.codec_group_size)  # type: ignore[arg-type]
+    dtype = torch_dtype(schema.dtype)
+    expected = KVMemory.allocate(schema, src.num_blocks)
+    worst, total, count = 0.0, 0.0, 0
+    for buf_in, buf_out in zip(src.buffers, expected.buffers):
+        a, b = torch.frombuffer(buf_in, dtype=dtype), torch.frombuffer(buf_out, dtype=dtype)
+        step = max(1, (1 << 24) // elements) * elements
+        for start in range(0, a.numel(), step):
+            x, y = a[start : start + step], b[start : start + step]
+            decode(encode(x, spec), spec, y)
+            err = (x.float() - y.float()).abs_()
+            worst, total, count = max(worst, err.max().item()), total + err.sum().item(), count + err.numel()
+    return _Expectation(expected, worst, total / max(count, 1))
 
 
 def _fill_pattern(memory: KVMemory, seed: int) -> None:
@@ -145,16 +215,29 @@ async def run_migration(
     schema = _schema(model, block_size)
     blocks = schema.blocks_for_tokens(tokens)
     src = KVMemory.allocate(schema, blocks)
-    _fill_pattern(src, seed)
+    expectation = None
+    if _quantised(config, schema):
+        _fill_kv_like(src, seed)
+        expectation = _codec_expectation(src, config)
+    else:
+        _fill_pattern(src, seed)
     rng = np.random.default_rng(seed)
     if transport == "mock" and not peers:
-        return await _migrate_in_process(
-            model, tokens, schema, blocks, src, config, shuffle, repeats, rng, progress, pause_s, observe
+        record = await _migrate_in_process(
+            model, tokens, schema, blocks, src, config, shuffle, repeats, rng, progress, pause_s, observe, expectation
         )  # fmt: skip
-    return await _migrate_to_receivers(
-        model, tokens, schema, blocks, src, transport, config, shuffle, repeats, rng, receivers, list(peers), reference, progress,
-        pause_s, observe,
-    )  # fmt: skip
+    else:
+        record = await _migrate_to_receivers(
+            model, tokens, schema, blocks, src, transport, config, shuffle, repeats, rng, receivers, list(peers), reference,
+            progress, pause_s, observe, expectation,
+        )  # fmt: skip
+    if expectation is not None and record.kv_dtype == config.target_dtype.value:  # type: ignore[union-attr]
+        record = msgspec.structs.replace(
+            record, max_abs_error=expectation.max_abs, mean_abs_error=expectation.mean_abs, kv_data="synthetic"
+        )
+    elif expectation is not None:
+        record = msgspec.structs.replace(record, kv_data="synthetic")
+    return record
 
 
 async def _migrate_in_process(
@@ -170,6 +253,7 @@ async def _migrate_in_process(
     progress: Callable[[int, int, float, bool], None] | None,
     pause_s: float = 0.0,
     observe: Observe | None = None,
+    expectation: _Expectation | None = None,
 ) -> MigrationRecord:
     from .transports.mock import MockNetwork, MockTransport
 
@@ -206,20 +290,23 @@ async def _migrate_in_process(
             seconds.append(time.perf_counter() - start)
             received = await arrived
             chunks, retries = result.chunks, retries + result.retries
+            wire = result
             if config.integrity.value != "none":  # with integrity off only the byte compare below speaks
                 verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity is IntegrityStatus.VERIFIED
         await _stop_metrics(server, observe)
         if observe.trace_path is not None:
             write_trace(observe.trace_path, [t.export() for t in (sender.tracer, receiver.tracer) if t is not None])
     cpu = cpu_seconds() - cpu_start
-    verified = verified and _verify(src, dst, schema, dst_of_src)
+    coded = expectation is not None and wire.kv_dtype != schema.dtype.value
+    verified = verified and _verify(expectation.memory if coded else src, dst, schema, dst_of_src)  # type: ignore[union-attr]
     nbytes = blocks * schema.bytes_per_block
     moved = nbytes * repeats / GIB
-    return _record(
+    record = _record(
         model, tokens, blocks, nbytes, seconds, chunks, "mock", config, verified, shuffle, retries, 1, [],
         cpu_seconds={"both_sides": cpu},
         cpu_per_gib={"both_sides": cpu / moved},
     )  # fmt: skip
+    return _with_wire(record, [wire])
 
 
 @dataclass
@@ -274,6 +361,7 @@ class _Receiver:
         self.peer = ""
         self.dst_of_src = np.arange(0)
         self.digest = 0
+        self.coded_digest = 0
 
 
 async def _start_local_receiver(host: str) -> _Receiver:
@@ -311,6 +399,7 @@ async def _migrate_to_receivers(
     progress: Callable[[int, int, float, bool], None] | None,
     pause_s: float = 0.0,
     observe: Observe | None = None,
+    expectation: _Expectation | None = None,
 ) -> MigrationRecord:
     from .transports.link import parse_host_port
 
@@ -352,6 +441,8 @@ async def _migrate_to_receivers(
                 raise ProtocolError(f"receiver {node.address} answered {node.ready!r}")
             node.dst_of_src = rng.permutation(blocks) if shuffle else np.arange(blocks)
             node.digest = expected_digest(src, schema, node.dst_of_src)
+            if expectation is not None:  # the cache a receiver holds when the codec ran (auto may skip it)
+                node.coded_digest = expected_digest(expectation.memory, schema, node.dst_of_src)
         async with KVTransferChannel(transport, config, name="prefill") as channel:
             channel.register(src)
             for node in nodes:
@@ -364,6 +455,7 @@ async def _migrate_to_receivers(
             chunks = retries = 0
             verified = True
             cpu_sender = 0.0
+            last_results: list[Any] = []
             for i in range(repeats):
                 if pause_s and i:
                     await asyncio.sleep(pause_s)
@@ -390,10 +482,12 @@ async def _migrate_to_receivers(
                     received = await read_job_message(node.reader, 120)
                     if not isinstance(received, JobReceived) or received.transfer_id != result.transfer_id:
                         raise ProtocolError(f"receiver {node.address} answered {received!r}")
-                    verified &= received.digest == node.digest
+                    coded = expectation is not None and result.kv_dtype != schema.dtype.value
+                    verified &= received.digest == (node.coded_digest if coded else node.digest)
                     if config.integrity.value != "none":
                         verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity == "verified"
                     chunks, retries = result.chunks, retries + result.retries
+                last_results = list(results)
             links = channel.links()
             placed = channel.statistics().chunks_placed
             await _stop_metrics(server, observe)
@@ -436,9 +530,22 @@ async def _migrate_to_receivers(
     )  # fmt: skip
     kinds = sorted({str(info.get("placement", "none")) for info in links.values()} - {"none"})
     record = msgspec.structs.replace(record, chunks_placed=placed, placement="+".join(kinds) or "none")
+    record = _with_wire(record, last_results)
     if reference and ucx_transports and not peers:
         record = await _with_reference(record, ucx_transports)
     return record
+
+
+def _with_wire(record: MigrationRecord, results: Sequence[Any]) -> MigrationRecord:
+    """The wire form of the last repeat's transfers: dtype, compression, bytes on the wire."""
+    wire = sum(r.wire_bytes for r in results)
+    return msgspec.structs.replace(
+        record,
+        kv_dtype=results[0].kv_dtype,
+        compression=results[0].compression,
+        wire_bytes=wire,
+        compression_ratio=record.bytes / wire if wire else 1.0,
+    )
 
 
 async def _with_reference(record: MigrationRecord, ucx_transports: dict[str, list[str]]) -> MigrationRecord:
@@ -578,6 +685,12 @@ def summary_lines(record: MigrationRecord) -> list[str]:
         )
     if record.cpu_seconds_per_gib:
         rows.append(("cpu s/GiB", ", ".join(f"{k} {v:.3f}" for k, v in record.cpu_seconds_per_gib.items())))
+    if record.kv_dtype:
+        wire = f"{record.kv_dtype}" + (f" + {record.compression}" if record.compression != "none" else "")
+        wire += f": {record.wire_bytes} bytes ({format_size(record.wire_bytes)}), {record.compression_ratio:.2f}x smaller"
+        if record.max_abs_error:
+            wire += f"; error vs source max {record.max_abs_error:.4g}, mean {record.mean_abs_error:.4g} ({record.kv_data} KV)"
+        rows.append(("wire", wire))
     rows += [
         ("retries", record.retries),
         ("verified", f"{record.verified} (per-chunk {record.integrity} + {how})"),

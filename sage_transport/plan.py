@@ -217,7 +217,11 @@ class IntegrityStatus(str, enum.Enum):
 
 
 class TransferResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Outcome of a transfer, on either side. ``phases`` holds seconds per phase (plan, queue, transfer)."""
+    """Outcome of a transfer, on either side. ``phases`` holds seconds per phase (plan, queue, transfer).
+
+    ``bytes`` is the KV moved as stored; ``wire_bytes`` what its chunks took on the wire (quantised and
+    compressed, acknowledged copies only); ``kv_dtype`` the KV dtype on the wire and ``compression`` its
+    lossless compression (``none``)."""
 
     transfer_id: str
     peer: str
@@ -228,6 +232,13 @@ class TransferResult(msgspec.Struct, frozen=True, kw_only=True):
     retries: int = 0
     integrity: IntegrityStatus = IntegrityStatus.VERIFIED
     phases: dict[str, float] = msgspec.field(default_factory=dict)
+    kv_dtype: str = ""
+    compression: str = "none"
+
+    @property
+    def wire_ratio(self) -> float:
+        """Wire bytes per stored byte (1.0 unquantised and uncompressed)."""
+        return self.wire_bytes / self.bytes if self.bytes else 1.0
 
     @property
     def gbps(self) -> float:

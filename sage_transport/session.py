@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from .channel import KVTransferChannel
     from .placement import CmaWriter
+    from .wire_codec import ChunkCodec
 
 __all__ = ["PeerSession"]
 
@@ -45,7 +46,16 @@ class PeerSession:
         self._send_limit = channel.config.overlap_streams
         self._staging_in = memoryview(bytearray(0))
         self._decoded: Any = None
-        self._target_kind = 0  # 0: in place, 1: staging, 2: discard
+        self._target_kind = 0  # 0: in place, 1: staging, 2: discard (re-ack), 3: codec staging, 4: discard (decoding)
+        self.peer_codecs: frozenset[str] = frozenset()  # what the peer decodes (from the handshake)
+        self.raw_rate: float | None = None  # bytes/s of the last large transfer sent as stored (codec_policy=auto)
+        # wire codecs: (stored bytes, wire form) buffer pairs for encodes and decodes in worker threads
+        self._encode_free: list[tuple[memoryview, memoryview]] = []
+        self._decode_free: list[tuple[memoryview, memoryview]] = []
+        self._decode_in: tuple[memoryview, memoryview] | None = None
+        self._decoding = 0
+        self._encoding = 0
+        self._decode_done = asyncio.Event()
         self._ack_flush_scheduled = False
         # zero_copy off: payloads land in staging and reach the KV cache only once verified
         self._zero_copy = channel.config.zero_copy
@@ -110,11 +120,13 @@ class PeerSession:
         while True:
             while outbox:
                 await conn.send(outbox.popleft())
-            busy = self._placing >= self._place_limit or len(self._sends) >= self._send_limit
+            # a codec chunk is encoded before it is sent: two at least, so one encodes while another is on the wire
+            limit = max(2, self._send_limit) if self._encoding else self._send_limit
+            busy = self._placing >= self._place_limit or len(self._sends) >= limit
             pick = None if busy else scheduler.next_for(self.peer)
             if pick is not None:
                 out, seq = pick
-                if self.placer is not None and out.accepted:  # type: ignore[attr-defined]
+                if self.placer is not None and out.accepted and out.codec is None:  # type: ignore[attr-defined]
                     self._start_placement(out, seq)  # type: ignore[arg-type]
                 else:  # several chunks in flight: the next one goes while the transport still moves this one
                     task = asyncio.ensure_future(self._send_chunk(out, seq))  # type: ignore[arg-type]
@@ -152,7 +164,24 @@ class PeerSession:
         views = self.channel._memory_views
         first, last = ptr[seq], ptr[seq + 1]
         staging = None
-        if last - first == 1:
+        codec_buffers = None
+        checksum = self.channel._checksum
+        if out.codec is not None:  # quantise / compress in a worker thread while the loop keeps other chunks moving
+            codec_buffers = self._encode_buffers(out)
+            self._encoding += 1
+            try:
+                payload, value = await asyncio.get_running_loop().run_in_executor(
+                    self.channel._worker_pool(), _encode, out.codec, views, lists, first, last, codec_buffers, checksum
+                )
+            except ProtocolError as exc:  # this transfer's data cannot take the codec (inf, NaN): fail it, not the peer
+                self._encode_free.append(codec_buffers)
+                err = ProtocolError(f"transfer {out.plan.transfer_id}, chunk {seq}: {exc}")
+                self.channel._fail_outgoing(out, err, notify=True)
+                return
+            finally:
+                self._encoding -= 1
+            out.wire_bytes[seq] = payload.nbytes  # type: ignore[index]
+        elif last - first == 1:
             offset = src_off[first]
             payload = views[src_seg[first]][offset : offset + piece_len[first]]
         else:
@@ -166,11 +195,12 @@ class PeerSession:
                 staging[pos : pos + n] = views[src_seg[k]][offset : offset + n]
                 pos += n
             payload = staging[:pos]
-        checksum = self.channel._checksum
+        if codec_buffers is None:
+            value = checksum(payload) if checksum else 0
         attempt = out.attempts[seq]
         if attempt < 255:
             out.attempts[seq] = attempt + 1
-        header = encode_message(Chunk(out.wire_id, seq, attempt, checksum(payload) if checksum else 0))
+        header = encode_message(Chunk(out.wire_id, seq, attempt, value))
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING
@@ -183,6 +213,8 @@ class PeerSession:
         await self.conn.send(header, payload)
         if staging is not None:  # only after a completed send: a cancelled one may still be reading it
             self._staging_free.append(staging)
+        if codec_buffers is not None:
+            self._encode_free.append(codec_buffers)
         if tracer is not None:
             tracer.sent(self.peer, out.plan.transfer_id, seq, started, time.perf_counter())
         nbytes = payload.nbytes
@@ -193,6 +225,16 @@ class PeerSession:
         mine = self.counters
         mine["chunks_sent"] += 1
         mine["bytes_sent"] += nbytes
+
+    def _encode_buffers(self, out: Outgoing) -> tuple[memoryview, memoryview]:
+        codec, largest = out.codec, out.table.max_chunk_bytes
+        assert codec is not None
+        need = codec.staging_bytes(largest)
+        while self._encode_free:
+            pair = self._encode_free.pop()
+            if pair[0].nbytes >= largest and pair[1].nbytes >= need:
+                return pair
+        return memoryview(bytearray(largest)), memoryview(bytearray(need))
 
     def _start_placement(self, out: Outgoing, seq: int) -> None:
         table = out.table
@@ -263,6 +305,19 @@ class PeerSession:
             return self._staging(nbytes)
         lists = inc.lists
         seq = msg.seq
+        if inc.codec is not None:
+            if seq in inc.decoding:  # a copy is being decoded: its ack follows
+                self._target_kind = 4
+                return self._staging(nbytes)
+            stored = lists["chunk_nbytes"][seq]
+            if not 0 < nbytes <= inc.codec.bound(stored):
+                raise ProtocolError(
+                    f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes on the wire, "
+                    f"more than {inc.codec.name} takes for {stored} bytes"
+                )
+            self._target_kind = 3
+            pair = self._decode_in = self._decode_buffers(inc)
+            return pair[1][:nbytes]
         if lists["chunk_nbytes"][seq] != nbytes:
             raise ProtocolError(
                 f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes, "
@@ -275,6 +330,16 @@ class PeerSession:
             return self.channel._memory_views[lists["dst_seg"][first]][offset : offset + nbytes]
         self._target_kind = 1
         return self._staging(nbytes)
+
+    def _decode_buffers(self, inc: Incoming) -> tuple[memoryview, memoryview]:
+        codec, largest = inc.codec, inc.table.max_chunk_bytes
+        assert codec is not None
+        scratch, wire = largest + codec.wire_nbytes(largest), codec.bound(largest)
+        while self._decode_free:
+            pair = self._decode_free.pop()
+            if pair[0].nbytes >= scratch and pair[1].nbytes >= wire:
+                return pair
+        return memoryview(bytearray(scratch)), memoryview(bytearray(wire))
 
     def _staging(self, nbytes: int) -> memoryview:
         if self._staging_in.nbytes < nbytes:
@@ -294,6 +359,9 @@ class PeerSession:
             count += 1
             if count % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
+            while self._decoding >= max(2, self._send_limit):  # decodes in flight hold staging: take no more frames
+                self._decode_done.clear()
+                await self._decode_done.wait()
 
     def _on_chunk(self, msg: Chunk, payload: memoryview) -> None:
         inc = self.incoming.get(msg.wire_id)
@@ -301,10 +369,12 @@ class PeerSession:
             return  # aborted or unknown: the payload went to scratch
         seq = msg.seq
         counters = self.channel._counters
-        if self._target_kind == 2:
+        kind = self._target_kind
+        if kind == 2 or kind == 4:
             counters["duplicates"] += 1
-            inc.pending_acks.append(seq)  # re-acknowledge: the sender may have resent after a timeout
-            self._schedule_ack_flush(inc)
+            if kind == 2:
+                inc.pending_acks.append(seq)  # re-acknowledge: the sender may have resent after a timeout
+                self._schedule_ack_flush(inc)
             return
         counters["chunks_received"] += 1
         counters["bytes_received"] += payload.nbytes
@@ -313,12 +383,19 @@ class PeerSession:
         mine["bytes_received"] += payload.nbytes
         tracer = self.channel.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
+        decode_buffers, self._decode_in = self._decode_in, None
         if inc.checksum is not None and inc.checksum(payload) != msg.checksum:
             counters["checksum_failures"] += 1
             inc.bad_chunks += 1
+            if decode_buffers is not None:
+                self._decode_free.append(decode_buffers)
             self.post(Nack(inc.wire_id, seq, msg.attempt, "checksum mismatch"))
             return
-        if self._target_kind == 1:
+        if kind == 3:
+            assert decode_buffers is not None
+            self._start_decode(inc, seq, payload, decode_buffers, arrived)
+            return
+        if kind == 1:
             lists = inc.lists
             views, dst_seg, dst_off, piece_len = (
                 self.channel._memory_views,
@@ -331,6 +408,52 @@ class PeerSession:
                 n, offset = piece_len[k], dst_off[k]
                 views[dst_seg[k]][offset : offset + n] = payload[pos : pos + n]
                 pos += n
+        if tracer is not None:
+            tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())
+        self._accept(inc, seq)
+
+    def _start_decode(
+        self, inc: Incoming, seq: int, payload: memoryview, buffers: tuple[memoryview, memoryview], arrived: float
+    ) -> None:
+        """Dequantise / decompress a verified payload into its destination in a worker thread; ack once done."""
+        lists, views = inc.lists, self.channel._memory_views
+        dst_seg, dst_off, piece_len = lists["dst_seg"], lists["dst_off"], lists["piece_len"]
+        targets = [
+            views[dst_seg[k]][dst_off[k] : dst_off[k] + piece_len[k]]
+            for k in range(lists["piece_ptr"][seq], lists["piece_ptr"][seq + 1])
+        ]
+        codec = inc.codec
+        assert codec is not None
+        inc.decoding.add(seq)
+        self._decoding += 1
+        future = asyncio.get_running_loop().run_in_executor(
+            self.channel._worker_pool(), codec.decode, payload, lists["chunk_nbytes"][seq], targets, buffers[0]
+        )
+        future.add_done_callback(lambda f: self._decoded_chunk(inc, seq, payload.nbytes, buffers, arrived, f))
+
+    def _decoded_chunk(
+        self,
+        inc: Incoming,
+        seq: int,
+        size: int,
+        buffers: tuple[memoryview, memoryview],
+        arrived: float,
+        future: asyncio.Future[None],
+    ) -> None:
+        self._decoding -= 1
+        self._decode_free.append(buffers)
+        inc.decoding.discard(seq)
+        self._decode_done.set()
+        if self.closed or future.cancelled() or self.incoming.get(inc.wire_id) is not inc:
+            return
+        exc = future.exception()
+        if exc is not None:
+            name = inc.codec.name if inc.codec is not None else "?"
+            err = ProtocolError(f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} does not decode as {name}: {exc}")
+            self.channel._fail_incoming(self, inc, err, notify=True)
+            return
+        inc.wire_bytes += size
+        tracer = self.channel.tracer
         if tracer is not None:
             tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())
         self._accept(inc, seq)
@@ -450,6 +573,31 @@ class PeerSession:
             await self.conn.aclose()
         except (ConnectionClosedError, PeerDeadError):
             pass
+
+
+def _encode(
+    codec: ChunkCodec,
+    views: list[memoryview],
+    lists: dict[str, list[int]],
+    first: int,
+    last: int,
+    buffers: tuple[memoryview, memoryview],
+    checksum: Any,
+) -> tuple[memoryview, int]:
+    """Worker thread: gather pieces ``first:last`` of a chunk, encode them; returns the payload and its checksum."""
+    src_seg, src_off, piece_len = lists["src_seg"], lists["src_off"], lists["piece_len"]
+    if last - first == 1:
+        offset = src_off[first]
+        source = views[src_seg[first]][offset : offset + piece_len[first]]
+    else:
+        gathered, pos = buffers[0], 0
+        for k in range(first, last):
+            n, offset = piece_len[k], src_off[k]
+            gathered[pos : pos + n] = views[src_seg[k]][offset : offset + n]
+            pos += n
+        source = gathered[:pos]
+    payload = codec.encode(source, buffers[1])
+    return payload, checksum(payload) if checksum else 0
 
 
 def _place(placer: CmaWriter | ShmWriter, table: Any, first: int, last: int, views: list[memoryview], checksum: Any) -> int:

@@ -15,6 +15,7 @@ from .planner import ChunkTable
 
 if TYPE_CHECKING:
     from .session import PeerSession
+    from .wire_codec import ChunkCodec
 
 __all__ = ["LayerArrival", "TransferHandle", "TransferProgress", "TransferStatus"]
 
@@ -62,6 +63,7 @@ class Outgoing:
         "bytes_sent",
         "bytes_verified",
         "chunks_verified",
+        "codec",
         "counted",
         "deadline_timer",
         "first_send_at",
@@ -75,6 +77,7 @@ class Outgoing:
         "status",
         "submitted_at",
         "table",
+        "wire_bytes",
         "wire_id",
     )  # fmt: skip
 
@@ -99,6 +102,8 @@ class Outgoing:
         self.bytes_sent = 0
         self.sent_at: list[float] | None = None  # per chunk, when telemetry measures chunk latency
         self.counted = False  # counted as communication in flight by the channel's Telemetry
+        self.codec: ChunkCodec | None = None  # the chunks' wire form when not as stored
+        self.wire_bytes: list[int] | None = None  # per chunk, payload bytes of its last copy (with a codec)
 
     def finish(self, result: TransferResult | None, exc: BaseException | None) -> None:
         if self.deadline_timer is not None:
@@ -148,7 +153,9 @@ class Incoming:
         "bad_chunks",
         "checksum",
         "checksum_pieces",
+        "codec",
         "deadline_timer",
+        "decoding",
         "expectation",
         "layer_hi",
         "layer_lo",
@@ -160,6 +167,7 @@ class Incoming:
         "table",
         "transfer_id",
         "verified",
+        "wire_bytes",
         "wire_id",
     )  # fmt: skip
 
@@ -192,6 +200,9 @@ class Incoming:
         self.bad_chunks = 0
         self.peer = peer
         self.deadline_timer: asyncio.TimerHandle | None = None
+        self.codec: ChunkCodec | None = None
+        self.decoding: set[int] = set()  # chunks being decoded by a worker thread
+        self.wire_bytes = 0  # payload bytes of the chunks accepted
 
     def mark_verified(self, seq: int) -> bool:
         """Record a verified chunk; True when it was the last."""

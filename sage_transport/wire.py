@@ -7,7 +7,7 @@ worth of objects. No pickle anywhere.
 
 Connection: client ``Hello`` → server ``Welcome`` (proof over the nonces) → client ``Proof`` →
 server ``Ready`` (or ``Reject``). Transfers: sender ``Announce`` then ``Chunk`` headers with
-payloads, or ``Placed`` headers for chunks written straight into a same-host receiver's memory after
+payloads (in the announced wire codec), or ``Placed`` headers for chunks written straight into a same-host receiver's memory after
 its ``Window``; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``.
 """
 
@@ -69,6 +69,7 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag="hello"):
     integrity: Small
     memory_kinds: Small
     max_chunk: U64
+    codecs: Small = []  # wire dtypes and compressions the client decodes (``fp8_e4m3``, ``int4``, ``zstd``...)
 
 
 class Region(msgspec.Struct, frozen=True, array_like=True):
@@ -101,6 +102,7 @@ class Ready(msgspec.Struct, frozen=True, array_like=True, tag="ready"):
     """The server accepted the client's proof; only now does it describe its KV memory (``region``)."""
 
     region: Region | None = None
+    codecs: Small = []  # wire dtypes and compressions the server decodes
 
 
 class Reject(msgspec.Struct, frozen=True, array_like=True, tag="reject"):
@@ -125,6 +127,9 @@ class Announce(msgspec.Struct, frozen=True, array_like=True, tag="announce"):
     total_bytes: U64
     digest: U64
     ack_every: U32
+    wire_dtype: Annotated[str, Meta(max_length=32)] = ""  # quantised on the wire ("": as stored)
+    group_size: U32 = 0  # elements per quantisation scale
+    compression: Annotated[str, Meta(max_length=32)] = "none"
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True, tag="c"):

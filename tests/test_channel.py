@@ -307,8 +307,8 @@ async def test_bad_plans_are_refused_at_submit_with_names() -> None:
         other = KVCacheSchema(num_layers=4, num_kv_heads=2, head_dim=32, block_size=4)
         with pytest.raises(PlanError, match="does not match the local KV memory"):
             pair.sender.submit(TransferPlan.for_blocks(pair.peer, other, [0], [0]))
-        with pytest.raises(UnsupportedError, match="target_dtype=fp8_e4m3"):
-            pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [0], [0], target_dtype="fp8_e4m3"))
+        with pytest.raises(UnsupportedError, match="target_dtype=fp16 is neither the stored bf16 nor a quantised"):
+            pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [0], [0], target_dtype="fp16"))
         handle = pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [0], [0], transfer_id="same"))
         with pytest.raises(PlanError, match="transfer same is already in progress"):
             pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, [1], [1], transfer_id="same"))
