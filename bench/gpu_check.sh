@@ -2,8 +2,9 @@
 # One prepared run for a task that draws a GPU machine (budget: under 5 minutes of its 15).
 #   here:    bash bench/gpu_wheels.sh
 #   device:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=420)   # leaves room for one rerun
-# Runs every GPU test (NCCL collectives on dedicated streams, NVML topology), the NCCL collectives bench against
-# raw torch.distributed, and `probe --json` with the real GPU; results land in $OUT.
+# Runs every GPU test (NCCL collectives on dedicated streams, NVML topology, the CUDA codec path), the wire codecs'
+# speeds on the GPU and the CPU, the NCCL collectives bench against raw torch.distributed, and `probe --json` with
+# the real GPU; results land in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
@@ -16,7 +17,9 @@ fi
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count())" | tee -a "$OUT/gpus.txt"
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_collectives.py tests/test_hw.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_collectives.py tests/test_hw.py tests/test_codec.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+# the wire codecs on the GPU and on this machine's CPU cores (issue 8)
+timeout 90 python3 bench/codec_speed.py --runs 7 --out "$OUT/codec_speed" 2>&1 | tee "$OUT/codec_speed.md" || status=1
 GPUS=$(python3 -c "import torch; print(max(1, min(2, torch.cuda.device_count())))")
 timeout 150 python3 -m sage_transport.cli bench collectives --backend nccl --ranks "$GPUS" --json "$OUT/nccl_bench.json" 2>&1 | tee "$OUT/nccl_bench.md" || status=1
 timeout 30 python3 -m sage_transport.cli probe --json --nccl-xml "$OUT/nccl_topo.xml" > "$OUT/probe.json" 2> "$OUT/probe.err" || status=1

@@ -56,6 +56,13 @@ __all__ = ["ChannelStatistics", "KVTransferChannel"]
 log = structlog.get_logger("sage_transport.channel")
 
 _RECENT_RESULTS = 1024
+_RAW = "as stored"
+_AUTO_MIN_BYTES = 8 << 20  # transfers smaller than this say more about latency than about the link's rate
+_AUTO_REPROBE = 64  # codec_policy=auto re-measures the choice not in use every this many transfers
+
+
+def _choice(wire: DType | None, compression: Compression) -> str:
+    return f"{wire.value if wire is not None else 'stored'}+{compression.value}"
 
 
 class ChannelStatistics(msgspec.Struct, frozen=True):
@@ -410,10 +417,15 @@ class KVTransferChannel:
                 raise PlanError(f"transfer {tid}: plan schema {plan.schema} does not match the {side} KV memory {schema}")
         codec = self._codec_for(plan, session)
         submitted = time.perf_counter()
-        chunk_size = plan.chunk_size or self.config.chunk_size
-        chunk_size = min(chunk_size, self.transport.capabilities.max_message_size)
-        if codec is not None and chunk_size < plan.schema.page_bytes:  # pages split into chunks: at whole groups
-            chunk_size = max(codec.group_bytes, chunk_size // codec.group_bytes * codec.group_bytes)
+        wire_chunk = chunk_size = min(plan.chunk_size or self.config.chunk_size, self.transport.capabilities.max_message_size)
+        if codec is not None:
+            # chunk_size is what a message takes on the wire: a quantised chunk holds more stored bytes (fewer,
+            # larger chunks: the codec's per-chunk cost is paid less often), cut at whole groups
+            if plan.chunk_size is None:
+                stored = int(chunk_size * chunk_size / max(1, codec.wire_nbytes(chunk_size)))
+                chunk_size = min(stored, self.transport.capabilities.max_message_size)
+            if chunk_size < plan.schema.page_bytes:  # pages split into chunks: at whole groups
+                chunk_size = max(codec.group_bytes, chunk_size // codec.group_bytes * codec.group_bytes)
         table = plan_chunks(
             plan.schema,
             plan.mappings,
@@ -456,9 +468,11 @@ class KVTransferChannel:
                 compression=codec.compression.value if codec is not None else "none",
             )
         )
+        # the window counts chunks by their size on the wire against chunk_size: the same bytes stay in flight
+        cost = min(1.0, codec.wire_nbytes(table.max_chunk_bytes) / wire_chunk) if codec is not None else 1.0
         self._scheduler.add(
             out, plan.peer, len(table), priority=plan.priority,
-            layer_ranges=table.layer_chunk_ranges() if plan.progressive else None,
+            layer_ranges=table.layer_chunk_ranges() if plan.progressive else None, cost=max(cost, 1e-3),
         )  # fmt: skip
         deadline = plan.deadline_s or self.config.transfer_timeout_s
         if deadline:
@@ -497,20 +511,29 @@ class KVTransferChannel:
             raise UnsupportedError(f"transfer {tid}: {exc}") from None
 
     def _codec_pays(self, session: PeerSession, wire: DType | None, compression: Compression) -> bool:
-        """``codec_policy=auto``: a codec only where the link is slower than the codec. Same-host peers (shared
-        memory, CMA, loopback) and RDMA / NVLink links are faster than any CPU codec; for other links the last
-        transfer sent as stored tells the link's rate."""
+        """``codec_policy=auto``: the codec only where it makes transfers faster. Same-host peers (shared memory,
+        CMA, loopback) and RDMA / NVLink lanes are faster than any CPU codec. On other links it is measured: each
+        large transfer (8 MiB and more) records its rate with the codec or without; once both are known the faster
+        one is used, and every ``_AUTO_REPROBE``-th choice measures the other again (links and loads change). Before
+        that, the codec goes first where the link (if measured) is slower than the codec encodes, and a link known
+        only with the codec is measured once without it."""
         link = session.conn.link_info()
         if link.get("same_host"):
             return False
         lanes = {lane.split("/")[0] for lanes in (link.get("ucx_transports") or {}).values() for lane in lanes}
         if any(lane.startswith(("rc", "dc", "ud", "cuda", "gdr")) for lane in lanes):
             return False
-        if session.raw_rate is None:
+        raw, coded = session.rates.get(_RAW), session.rates.get(_choice(wire, compression))
+        session.auto_choices += 1
+        if raw is not None and coded is not None:
+            faster = coded > raw
+            return not faster if session.auto_choices % _AUTO_REPROBE == 0 else faster
+        if coded is not None:
+            return False  # measure the link without the codec once
+        if raw is None:
             return True
-        return session.raw_rate < codec_throughput(wire, compression) * max(
-            1, min(self.config.overlap_streams, os.cpu_count() or 1)
-        )
+        threads = max(1, min(self.config.overlap_streams, os.cpu_count() or 1))
+        return raw < codec_throughput(wire, compression) * threads
 
     async def transfer(self, plan: TransferPlan) -> TransferResult:
         """Send ``plan`` and return once the receiver verified every chunk. Cancelling this call aborts the
@@ -644,8 +667,9 @@ class KVTransferChannel:
         sent_for = loop_now - out.first_send_at if out.first_send_at else 0.0
         codec = out.codec
         total = out.table.total_bytes
-        if codec is None and total >= 8 << 20 and sent_for > 0:
-            out.session.raw_rate = total / sent_for
+        if total >= _AUTO_MIN_BYTES and sent_for > 0:  # what codec_policy=auto decides by
+            key = _RAW if codec is None else _choice(codec.wire_dtype, codec.compression)
+            out.session.rates[key] = total / sent_for
         result = TransferResult(
             transfer_id=out.plan.transfer_id,
             peer=out.session.peer,

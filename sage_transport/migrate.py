@@ -90,6 +90,7 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     max_abs_error: float = 0.0  # of the received cache against the source (0: moved exactly)
     mean_abs_error: float = 0.0
     kv_data: str = "pattern"  # "pattern" (unique per 8-byte word) or "synthetic" (finite KV-like bf16 values)
+    kv_dtypes: list[str] = []  # the wire dtype of each repeat (codec_policy=auto may change it)
 
 
 @dataclass
@@ -263,6 +264,7 @@ async def _migrate_in_process(
     dst_of_src = rng.permutation(blocks) if shuffle else np.arange(blocks)
     network = MockNetwork()
     seconds: list[float] = []
+    kv_dtypes: list[str] = []
     chunks = retries = 0
     verified = True
     cpu_start = cpu_seconds()
@@ -291,6 +293,7 @@ async def _migrate_in_process(
             received = await arrived
             chunks, retries = result.chunks, retries + result.retries
             wire = result
+            kv_dtypes.append(result.kv_dtype)
             if config.integrity.value != "none":  # with integrity off only the byte compare below speaks
                 verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity is IntegrityStatus.VERIFIED
         await _stop_metrics(server, observe)
@@ -306,7 +309,7 @@ async def _migrate_in_process(
         cpu_seconds={"both_sides": cpu},
         cpu_per_gib={"both_sides": cpu / moved},
     )  # fmt: skip
-    return _with_wire(record, [wire])
+    return msgspec.structs.replace(_with_wire(record, [wire]), kv_dtypes=kv_dtypes)
 
 
 @dataclass
@@ -456,6 +459,7 @@ async def _migrate_to_receivers(
             verified = True
             cpu_sender = 0.0
             last_results: list[Any] = []
+            kv_dtypes: list[str] = []
             for i in range(repeats):
                 if pause_s and i:
                     await asyncio.sleep(pause_s)
@@ -488,6 +492,7 @@ async def _migrate_to_receivers(
                         verified &= result.integrity is IntegrityStatus.VERIFIED and received.integrity == "verified"
                     chunks, retries = result.chunks, retries + result.retries
                 last_results = list(results)
+                kv_dtypes.append(results[0].kv_dtype)
             links = channel.links()
             placed = channel.statistics().chunks_placed
             await _stop_metrics(server, observe)
@@ -530,7 +535,7 @@ async def _migrate_to_receivers(
     )  # fmt: skip
     kinds = sorted({str(info.get("placement", "none")) for info in links.values()} - {"none"})
     record = msgspec.structs.replace(record, chunks_placed=placed, placement="+".join(kinds) or "none")
-    record = _with_wire(record, last_results)
+    record = msgspec.structs.replace(_with_wire(record, last_results), kv_dtypes=kv_dtypes)
     if reference and ucx_transports and not peers:
         record = await _with_reference(record, ucx_transports)
     return record
@@ -685,11 +690,13 @@ def summary_lines(record: MigrationRecord) -> list[str]:
         )
     if record.cpu_seconds_per_gib:
         rows.append(("cpu s/GiB", ", ".join(f"{k} {v:.3f}" for k, v in record.cpu_seconds_per_gib.items())))
-    if record.kv_dtype:
+    if record.kv_dtype and (record.kv_data != "pattern" or record.compression != "none"):
         wire = f"{record.kv_dtype}" + (f" + {record.compression}" if record.compression != "none" else "")
         wire += f": {record.wire_bytes} bytes ({format_size(record.wire_bytes)}), {record.compression_ratio:.2f}x smaller"
         if record.max_abs_error:
             wire += f"; error vs source max {record.max_abs_error:.4g}, mean {record.mean_abs_error:.4g} ({record.kv_data} KV)"
+        if len(set(record.kv_dtypes)) > 1:  # codec_policy=auto measured both ways
+            wire += f"; per repeat: {', '.join(record.kv_dtypes)}"
         rows.append(("wire", wire))
     rows += [
         ("retries", record.retries),

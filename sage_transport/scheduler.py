@@ -4,8 +4,10 @@ Per peer, transfers wait in three priority classes (decode-critical > normal > b
 served within a class. A transfer offers resends first, then its next eligible chunk: in a progressive
 transfer only chunks of layers marked ready are eligible, the lowest ready layer first. A chunk is
 *in flight* from :meth:`Scheduler.next_for` until :meth:`ack` (or a resend request); each peer may have
-``window`` chunks in flight and the whole scheduler ``max_inflight``. The async channel asks, sends,
-and reports back; tests drive this class directly.
+``window`` chunks in flight and the whole scheduler ``max_inflight``. A transfer whose chunks are smaller on the
+wire than stored (quantised) is added with ``cost`` < 1: each of its chunks takes that share of a window slot,
+so the window keeps the same bytes on the wire in flight (and a decode-critical chunk waits behind no more of
+them). The async channel asks, sends, and reports back; tests drive this class directly.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class _Entry:
     __slots__ = (
         "acked",
         "acked_count",
+        "cost",
         "cursor",
         "inflight",
         "key",
@@ -68,6 +71,7 @@ class _Entry:
         self.acked = bytearray(num_chunks)
         self.acked_count = 0
         self.inflight: set[int] = set()
+        self.cost = _UNIT  # window units one chunk in flight takes
 
     def take(self) -> int | None:
         while self.resend:
@@ -96,6 +100,9 @@ class _Entry:
         return sum(stop - cur for cur, (_, stop) in zip(self.layer_cursor, self.layer_ranges)) + len(self.resend)
 
 
+_UNIT = 1024  # window units per slot: a chunk's cost is a whole number of them, so counting never drifts
+
+
 class Scheduler:
     """Priority queues with a per-peer window and a global in-flight limit."""
 
@@ -107,6 +114,7 @@ class Scheduler:
         self._entries: dict[Hashable, _Entry] = {}
         self._queues: dict[str, tuple[list[_Entry], list[_Entry], list[_Entry]]] = {}
         self._peer_inflight: collections.Counter[str] = collections.Counter()
+        self._peer_load: collections.Counter[str] = collections.Counter()  # window units in flight
         self._inflight = 0
 
     def set_limits(self, *, window: int, max_inflight: int) -> None:
@@ -124,12 +132,17 @@ class Scheduler:
         *,
         priority: Priority = Priority.NORMAL,
         layer_ranges: Sequence[tuple[int, int]] | None = None,
+        cost: float = 1.0,
     ) -> None:
         """Queue a transfer. ``layer_ranges`` (``[start, stop)`` chunks per layer) makes it progressive:
-        nothing is eligible until :meth:`mark_layer_ready`."""
+        nothing is eligible until :meth:`mark_layer_ready`. ``cost`` (0..1]: the window slot share one of its
+        chunks takes (wire bytes / stored bytes)."""
         if key in self._entries:
             raise KeyError(f"transfer {key!r} is already scheduled")
+        if not 0 < cost <= 1:
+            raise ValueError(f"cost={cost} must be in (0, 1]")
         entry = _Entry(key, peer, Priority(priority), num_chunks, layer_ranges)
+        entry.cost = max(1, round(cost * _UNIT))
         self._entries[key] = entry
         self._queues.setdefault(peer, ([], [], []))[entry.priority].append(entry)
 
@@ -146,7 +159,7 @@ class Scheduler:
 
     def next_for(self, peer: str) -> tuple[Hashable, int] | None:
         """The next chunk to send to ``peer`` (now in flight), or None if the window is full or nothing is eligible."""
-        if self._inflight >= self.max_inflight or self._peer_inflight[peer] >= self.window:
+        if self._inflight >= self.max_inflight or self._peer_load[peer] >= self.window * _UNIT:
             return None
         queues = self._queues.get(peer)
         if queues is None:
@@ -157,6 +170,7 @@ class Scheduler:
                 if seq is not None:
                     entry.inflight.add(seq)
                     self._peer_inflight[peer] += 1
+                    self._peer_load[peer] += entry.cost
                     self._inflight += 1
                     return entry.key, seq
         return None
@@ -204,12 +218,14 @@ class Scheduler:
         if not any(queues):
             del self._queues[entry.peer]
             self._peer_inflight.pop(entry.peer, None)
+            self._peer_load.pop(entry.peer, None)
         return freed
 
     def _release(self, entry: _Entry, seq: int) -> None:
         if seq in entry.inflight:
             entry.inflight.discard(seq)
             self._peer_inflight[entry.peer] -= 1
+            self._peer_load[entry.peer] -= entry.cost
             self._inflight -= 1
 
     def inflight(self, peer: str | None = None) -> int:

@@ -31,6 +31,7 @@ from .errors import AuthError, ProtocolError, SageTransportError
 from .memory import KVMemory
 from .schema import KVCacheSchema, Layout
 from .telemetry.trace import ChunkTracer
+from .wire_codec import local_codecs
 
 __all__ = ["JobChallenge", "JobDone", "JobReady", "JobReceived", "JobSpec", "cache_digest", "cpu_seconds", "job_proof", "serve"]
 
@@ -160,6 +161,8 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
     config = KVTransportConfig.resolve({**settings, "listen_host": host, "auth_token": auth_token}, env={})
     # touched (a live KV cache has its pages) and shared, so a same-host sender can place chunks by memory copy
     memory = KVMemory.allocate(schema, blocks, fill=0x5A, shared=True)
+    if config.target_dtype is not None and config.target_dtype != schema.dtype and "int4" in local_codecs():
+        import sage_transport.codec  # noqa: F401  (torch loads now, not inside the first timed transfer)
     async with KVTransferChannel(spec.transport, config, name=f"decode-{id(writer):x}") as channel:
         channel.register(memory)
         address = await channel.listen()

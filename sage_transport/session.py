@@ -48,7 +48,9 @@ class PeerSession:
         self._decoded: Any = None
         self._target_kind = 0  # 0: in place, 1: staging, 2: discard (re-ack), 3: codec staging, 4: discard (decoding)
         self.peer_codecs: frozenset[str] = frozenset()  # what the peer decodes (from the handshake)
-        self.raw_rate: float | None = None  # bytes/s of the last large transfer sent as stored (codec_policy=auto)
+        # codec_policy=auto: stored bytes/s of the last large transfer sent as stored or with each codec
+        self.rates: dict[str, float] = {}
+        self.auto_choices = 0
         # wire codecs: (stored bytes, wire form) buffer pairs for encodes and decodes in worker threads
         self._encode_free: list[tuple[memoryview, memoryview]] = []
         self._decode_free: list[tuple[memoryview, memoryview]] = []

@@ -118,3 +118,21 @@ def test_duplicate_keys_are_refused() -> None:
     s.add("t", "p", 1)
     with pytest.raises(KeyError):
         s.add("t", "p", 1)
+
+
+def test_chunks_smaller_on_the_wire_take_their_share_of_a_window_slot() -> None:
+    """A quantised transfer (int4: 0.28 of its stored bytes) fills the window with ~1/0.28 as many chunks, so the
+    bytes on the wire in flight stay what ``window`` says; a full-size chunk then waits for a whole slot."""
+    s = Scheduler(window=4, max_inflight=100)
+    s.add("int4", "p", 100, cost=0.25)
+    s.add("raw", "p", 10)
+    assert drain(s, "p") == [("int4", i) for i in range(16)]
+    assert s.inflight("p") == 16
+    for seq in range(3):
+        s.ack("int4", seq)
+    assert drain(s, "p") == [("int4", 16), ("int4", 17), ("int4", 18)]
+    s.remove("int4")
+    assert s.inflight("p") == 0
+    assert drain(s, "p") == [("raw", i) for i in range(4)]
+    with pytest.raises(ValueError, match=r"cost=0 must be in \(0, 1\]"):
+        s.add("bad", "p", 1, cost=0)

@@ -82,10 +82,11 @@ def assert_landed(pair: Pair, dst_blocks: list[int], expected: torch.Tensor) -> 
 @pytest.mark.parametrize("wire", WIRE)
 @pytest.mark.parametrize("chunk_size", [700, 4096, 1 << 20])
 async def test_quantised_chunks_land_as_the_codecs_own_round_trip(wire: str, compression: str, chunk_size: int) -> None:
-    config = KVTransportConfig(target_dtype=wire, compression=compression, chunk_size=chunk_size, codec_group_size=128)
+    config = KVTransportConfig(target_dtype=wire, compression=compression, codec_group_size=128)
     async with kv_pair(config) as pair:
         dst = np.random.default_rng(1).permutation(BLOCKS).tolist()
-        plan = TransferPlan.for_blocks(pair.peer, SCHEMA, range(BLOCKS), dst)
+        # a plan's chunk_size is taken as it is (700: pages of 1 KiB split at whole groups, 512 bytes)
+        plan = TransferPlan.for_blocks(pair.peer, SCHEMA, range(BLOCKS), dst, chunk_size=chunk_size)
         waiter = asyncio.ensure_future(pair.receiver.wait_received(plan.transfer_id))
         result = await pair.sender.transfer(plan)
         received = await waiter
@@ -96,6 +97,7 @@ async def test_quantised_chunks_land_as_the_codecs_own_round_trip(wire: str, com
         assert result.wire_bytes == received.wire_bytes
         limit = {8: 0.52, 4: 0.29}[DType(wire).bits]  # 1 or 0.5 byte per element, 8 bytes of scales per 128 at most
         assert result.bytes == plan.total_bytes and result.wire_bytes <= result.bytes * limit
+        assert result.chunks >= plan.total_bytes // max(chunk_size, 1024)  # the plan's chunk_size held
         stats = error_stats(torch.frombuffer(pair.src.buffers[0], dtype=torch.bfloat16)[: expected.numel()], expected)
         assert stats.mean_rel < (0.6 if wire == "int4" else 0.06)  # int4: two outlier channels per group here
 
@@ -114,6 +116,14 @@ async def test_compression_alone_is_lossless_and_shrinks_kv(compression: str) ->
             assert result.wire_bytes < result.bytes * 0.9
         else:
             assert result.wire_bytes <= result.bytes
+
+
+async def test_a_configured_chunk_size_is_the_size_on_the_wire() -> None:
+    """chunk_size=8 KiB with int4: a chunk holds ~3.5x more stored KV, and each message is ~8 KiB on the wire."""
+    async with kv_pair(KVTransportConfig(target_dtype="int4", chunk_size=8192)) as pair:
+        plan = TransferPlan.for_blocks(pair.peer, SCHEMA, range(BLOCKS), range(BLOCKS))
+        result = await pair.sender.transfer(plan)
+        assert result.wire_bytes / result.chunks <= 8192 and result.bytes / result.chunks > 3 * 8192
 
 
 async def test_progressive_layers_arrive_decoded() -> None:
@@ -238,13 +248,31 @@ async def test_auto_policy_sends_as_stored_to_a_peer_that_does_not_accept_the_co
         assert result.kv_dtype == "fp8_e4m3"
 
 
-async def test_auto_policy_stops_the_codec_on_a_link_measured_faster_than_it() -> None:
+async def test_auto_policy_measures_the_link_both_ways_and_keeps_the_faster() -> None:
     config = KVTransportConfig(target_dtype="int4", codec_policy="auto")
-    async with kv_pair(config) as pair:
-        session = pair.sender._sessions[pair.peer]
-        session.raw_rate = 1e15  # as if the last transfer sent as stored ran at 1 PB/s
-        result = await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SCHEMA, range(BLOCKS), range(BLOCKS)))
-        assert result.kv_dtype == "bf16"
-        session.raw_rate = 1e6  # 1 MB/s: far slower than any codec
-        result = await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SCHEMA, range(BLOCKS), range(BLOCKS)))
-        assert result.kv_dtype == "int4"
+    big = KVCacheSchema(num_layers=4, num_kv_heads=2, head_dim=128, block_size=16)  # 64 KiB a block: 8 MiB in 128
+    network = MockNetwork()
+    src, dst = kv_like_memory(big, 128), KVMemory.allocate(big, 128, fill=0)
+    async with (
+        KVTransferChannel(MockTransport(network, name="decode"), config, name="decode") as rx,
+        KVTransferChannel(MockTransport(network, name="prefill"), config, name="prefill") as tx,
+    ):
+        rx.register(dst)
+        tx.register(src)
+        peer = await tx.connect(await rx.listen())
+        session = tx._sessions[peer]
+
+        async def kind() -> str:
+            return (await tx.transfer(TransferPlan.for_blocks(peer, big, range(128), range(128)))).kv_dtype
+
+        assert await kind() == "int4"  # nothing measured: the codec first (the link might be slow)
+        assert set(session.rates) == {"int4+none"}
+        assert await kind() == "bf16"  # the codec measured: the link is measured without it once
+        assert set(session.rates) == {"int4+none", "as stored"}
+        session.rates["as stored"], session.rates["int4+none"] = 1e12, 1e9  # as if raw had been 1000x faster
+        assert [await kind() for _ in range(3)] == ["bf16"] * 3
+        session.rates["as stored"], session.rates["int4+none"] = 1e9, 1e12
+        session.auto_choices = 62
+        assert [await kind() for _ in range(2)] == ["int4", "bf16"]  # every 64th choice re-measures the other one
+        session.rates["as stored"] = 1e9
+        assert torch.equal(pages(dst), pages(src))  # the last transfer went as stored: exact
