@@ -15,8 +15,9 @@ the link with and without the codec. ``tc tbf`` caps what the sender puts on the
 includes encoding on the sender and decoding on the receiver, both on this machine's two cores.
 
 *Shared-memory rows*: ``migrate`` in-host (UCX shared memory for high-bw and low-latency, TCP over loopback for
-low-cost) with each preset, raw and with ``kv_dtype=fp8_e4m3,codec_policy=auto``; the ratio auto/raw must stay
-≥ ~1 (auto keeps same-host KV as stored).
+low-cost) with each preset and ``kv_dtype=fp8_e4m3,codec_policy=auto``, against the same with a receiver that
+accepts no codec (``accept_codecs=none``: raw, with the same synthetic KV and torch loaded on both sides); the
+ratio auto/raw must stay ~1 (auto keeps same-host KV as stored).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def shm_rows(rounds: int, tokens: int, model: str) -> dict[str, Any]:
         kinds: dict[str, str] = {}
         for _ in range(rounds):
             for kind in ("raw", "auto"):
-                extra = ",kv_dtype=fp8_e4m3,codec_policy=auto" if kind == "auto" else ""
+                # both arms fill the same synthetic KV and load torch; in "raw" the receiver accepts no codec
+                extra = ",kv_dtype=fp8_e4m3,codec_policy=auto" + (",accept_codecs=none" if kind == "raw" else "")
                 args = ["--model", model, "--tokens", str(tokens), "--config", f"preset={preset}{extra}", "--repeat", "3"]
                 record = migrate([*args, "--no-reference"], None)
                 runs[kind].append(record["gbps"])
