@@ -104,9 +104,15 @@ class _Expectation:
 
 
 def _quantised(config: KVTransportConfig, schema: KVCacheSchema) -> bool:
-    from .wire_codec import QUANTISED
+    """Whether transfers of this job may be quantised (then the source holds KV-like numbers, not bit patterns).
+    Without torch an ``auto`` codec never runs; an ``always`` one is a :class:`ConfigError` naming the package."""
+    from .wire_codec import QUANTISED, local_codecs, require_codec
 
-    return config.target_dtype in QUANTISED and config.target_dtype != schema.dtype
+    if config.target_dtype not in QUANTISED or config.target_dtype == schema.dtype:
+        return False
+    if config.codec_policy == "always":
+        require_codec(config.target_dtype.value, "target_dtype")  # type: ignore[union-attr]
+    return config.target_dtype.value in local_codecs()  # type: ignore[union-attr]
 
 
 def _fill_kv_like(memory: KVMemory, seed: int) -> None:

@@ -61,3 +61,32 @@ def test_bad_configuration_is_a_clear_error() -> None:
         text=True,
     )
     assert proc.returncode == 2 and "model='gpt-9'" in proc.stderr
+
+
+def test_migrate_with_a_kv_dtype_reports_the_wire_and_the_error(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "m.json"
+    args = ["migrate", "--transport", "mock", "--tokens", "1024", "--repeat", "1", "--kv-dtype", "fp8_e4m3"]
+    assert main([*args, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["verified"] is True and record["kv_dtype"] == "fp8_e4m3" and record["kv_data"] == "synthetic"
+    assert record["wire_bytes"] < record["bytes"] * 0.52 and record["compression_ratio"] > 1.9
+    assert 0 < record["max_abs_error"] < 1 and 0 < record["mean_abs_error"] < record["max_abs_error"]
+    assert "fp8_e4m3: " in capsys.readouterr().out
+    code = main(
+        [
+            "migrate",
+            "--transport",
+            "mock",
+            "--tokens",
+            "1024",
+            "--repeat",
+            "1",
+            "--config",
+            "compression=zstd",
+            "--json",
+            str(out),
+        ]
+    )
+    record = json.loads(out.read_text())
+    assert code == 0 and record["verified"] is True and record["max_abs_error"] == 0  # lossless
+    assert record["kv_dtype"] == "bf16" and record["compression"] == "zstd" and record["wire_bytes"] <= record["bytes"]

@@ -114,3 +114,13 @@ def test_a_receiver_killed_mid_migration_fails_the_job_cleanly() -> None:
         server.wait()
         if server.stdout is not None:
             server.stdout.close()
+
+
+def test_migrate_int4_to_a_receiver_process_verifies_its_whole_cache(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    args = ["migrate", "--tokens", "1024", "--repeat", "2", "--kv-dtype", "int4", "--config", "compression=lz4"]
+    assert main([*args, "--no-reference", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    # the receiver's digest of its whole cache equals the digest of the source through the codec
+    assert record["verified"] is True and record["kv_dtypes"] == ["int4", "int4"]
+    assert record["wire_bytes"] < record["bytes"] * 0.29 and record["max_abs_error"] > 0
