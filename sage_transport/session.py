@@ -182,6 +182,9 @@ class PeerSession:
                 return
             finally:
                 self._encoding -= 1
+            if out.future.done():  # failed or cancelled while this chunk was encoded: nothing to send
+                self._encode_free.append(codec_buffers)
+                return
             out.wire_bytes[seq] = payload.nbytes  # type: ignore[index]
         elif last - first == 1:
             offset = src_off[first]

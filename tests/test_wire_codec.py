@@ -276,3 +276,31 @@ async def test_auto_policy_measures_the_link_both_ways_and_keeps_the_faster() ->
         assert [await kind() for _ in range(2)] == ["int4", "bf16"]  # every 64th choice re-measures the other one
         session.rates["as stored"] = 1e9
         assert torch.equal(pages(dst), pages(src))  # the last transfer went as stored: exact
+
+
+async def test_a_codec_transfer_cancelled_midway_leaves_both_sides_idle() -> None:
+    config = KVTransportConfig(target_dtype="int4", compression="zstd", chunk_size=2048)
+    async with kv_pair(config) as pair:
+        pair.network.faults.add(FaultRule(FaultAction.DELAY, src="mock://prefill", times=None, delay_s=0.002))
+        plan = TransferPlan.for_blocks(pair.peer, SCHEMA, range(BLOCKS), range(BLOCKS))
+        handle = pair.sender.submit(plan)
+        while handle.progress().chunks_verified < 3:
+            await asyncio.sleep(0.001)
+        handle.cancel("test")
+        with pytest.raises(TransferAbortedError):
+            await handle.wait()
+        with pytest.raises(TransferAbortedError):
+            await pair.receiver.wait_received(plan.transfer_id)
+        await asyncio.sleep(0.2)  # encodes and decodes still in worker threads finish and hand their buffers back
+        for channel in (pair.sender, pair.receiver):
+            stats = channel.statistics()
+            assert (stats.transfers_sending, stats.transfers_receiving, stats.inflight_chunks, stats.queued_chunks) == (
+                0,
+                0,
+                0,
+                0,
+            )
+        sender, receiver = pair.sender._sessions[pair.peer], next(iter(pair.receiver._sessions.values()))
+        assert sender._encoding == 0 and receiver._decoding == 0
+        again = await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SCHEMA, range(BLOCKS), range(BLOCKS)))
+        assert again.kv_dtype == "int4"
