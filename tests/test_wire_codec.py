@@ -269,12 +269,15 @@ async def test_auto_policy_measures_the_link_both_ways_and_keeps_the_faster() ->
         assert set(session.rates) == {"int4+none"}
         assert await kind() == "bf16"  # the codec measured: the link is measured without it once
         assert set(session.rates) == {"int4+none", "as stored"}
-        session.rates["as stored"], session.rates["int4+none"] = 1e12, 1e9  # as if raw had been 1000x faster
-        assert [await kind() for _ in range(3)] == ["bf16"] * 3
-        session.rates["as stored"], session.rates["int4+none"] = 1e9, 1e12
+
+        async def kind_given(raw: float, coded: float) -> str:  # each transfer records its real rate: set them anew
+            session.rates["as stored"], session.rates["int4+none"] = raw, coded
+            return await kind()
+
+        assert [await kind_given(1e12, 1e9) for _ in range(3)] == ["bf16"] * 3  # raw measured 1000x faster
         session.auto_choices = 62
-        assert [await kind() for _ in range(2)] == ["int4", "bf16"]  # every 64th choice re-measures the other one
-        session.rates["as stored"] = 1e9
+        # the codec measured faster; every 64th choice re-measures the other one
+        assert [await kind_given(1e9, 1e12) for _ in range(2)] == ["int4", "bf16"]
         assert torch.equal(pages(dst), pages(src))  # the last transfer went as stored: exact
 
 
