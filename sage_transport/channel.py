@@ -38,7 +38,7 @@ from .handshake import Capabilities, client_handshake, server_handshake
 from .integrity import checksum_function, streaming_checksum_function
 from .memory import KVMemory
 from .placement import CmaWriter, ShmWriter, buffer_address, cma_available, host_identity
-from .plan import IntegrityStatus, TransferPlan, TransferResult
+from .plan import IntegrityStatus, Priority, TransferPlan, TransferResult
 from .planner import plan_chunks
 from .scheduler import AckOutcome, Scheduler
 from .schema import DType, KVCacheSchema
@@ -48,7 +48,7 @@ from .telemetry.trace import ChunkTracer
 from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
 from .transports.base import Connection, Listener, Transport
 from .transports.registry import get_transport_class
-from .wire import Abort, Announce, Region, RegionUpdate, Window
+from .wire import Abort, Announce, Pull, PullRefused, Region, RegionUpdate, Window
 from .wire_codec import QUANTISED, ChunkCodec, codec_throughput, local_codecs, require_codec
 
 __all__ = ["ChannelStatistics", "KVTransferChannel"]
@@ -395,6 +395,9 @@ class KVTransferChannel:
                 f"{len(inc.table) - inc.remaining}/{len(inc.table)} chunks received: {cause}"
             )
             self._fail_incoming(session, inc, err, notify=False)
+        for tid, exp in list(session.pulls.items()):
+            self._finish_expectation(exp, None, kind(f"transfer {tid} asked of {session.peer} never started: {cause}"))
+        session.pulls.clear()
         self._spawn(session.close(), f"sage-close-{session.peer}")
 
     # ---- sending ------------------------------------------------------------------------------------
@@ -544,6 +547,80 @@ class KVTransferChannel:
         except asyncio.CancelledError:
             handle.cancel("the awaiting task was cancelled")
             raise
+
+    async def pull(self, plan: TransferPlan) -> TransferResult:
+        """Ask peer ``plan.peer`` to send ``plan`` to us (``src_blocks`` are the peer's, ``dst_blocks`` ours) and
+        return once every chunk arrived here and was verified: the receiver-initiated transfer a decode instance
+        uses to fetch a prefill's KV. The peer must allow it (``allow_pull``); a refusal raises
+        :class:`TransferAbortedError` with the peer's reason, a missed ``deadline_s`` :class:`TransferTimeoutError`.
+        Cancelling this call aborts the transfer at both ends."""
+        self._check_open()
+        tid = plan.transfer_id
+        if self._memory is None:
+            raise PlanError(f"transfer {tid}: register KV memory with the channel before pulling into it")
+        session = self._sessions.get(plan.peer)
+        if session is None:
+            raise PlanError(f"transfer {tid}: peer {plan.peer!r} is not connected (connected: {', '.join(self.peers) or 'none'})")
+        if session.region is None:
+            raise PlanError(f"transfer {tid}: peer {plan.peer!r} has not registered KV memory")
+        for side, schema in (("local", self._memory.schema), (f"peer {plan.peer!r}", session.region.schema)):
+            if not _same_shape(plan.schema, schema):
+                raise PlanError(f"transfer {tid}: plan schema {plan.schema} does not match the {side} KV memory {schema}")
+        exp = self._expect.get(tid)
+        if tid in session.pulls or (exp is not None and exp.announced) or tid in self._recent:
+            raise PlanError(f"transfer {tid} is already being received or was received; pull it under a new id")
+        exp = self._expectation(tid)
+        session.pulls[tid] = exp
+        wire = plan.target_dtype.value if plan.target_dtype is not None else ""
+        session.post(Pull(tid, plan.schema, list(plan.mappings), int(plan.priority), plan.deadline_s, wire))
+        try:
+            async with asyncio.timeout(plan.deadline_s):
+                return await self.wait_received(tid)
+        except TimeoutError:
+            err = TransferTimeoutError(f"transfer {tid} pulled from {plan.peer} missed its {plan.deadline_s:g}s deadline")
+            self._abandon_pull(session, tid, err)
+            raise err from None
+        except asyncio.CancelledError:
+            self._abandon_pull(session, tid, TransferAbortedError(f"transfer {tid} pulled from {plan.peer}: cancelled"))
+            raise
+
+    def _abandon_pull(self, session: PeerSession, tid: str, exc: BaseException) -> None:
+        exp = session.pulls.pop(tid, None)
+        for inc in list(session.incoming.values()):
+            if inc.transfer_id == tid:  # announced: abort it at the sender too
+                self._fail_incoming(session, inc, exc, notify=True)
+                return
+        if exp is not None:
+            self._finish_expectation(exp, None, exc)
+
+    def _on_pull(self, session: PeerSession, msg: Pull) -> None:
+        """A peer asks for a transfer of our KV: submit it to that peer, or refuse with the reason."""
+        if not self.config.allow_pull:
+            reason = "pulls are refused here (allow_pull=false)"
+        else:
+            try:
+                self.submit(
+                    TransferPlan(
+                        transfer_id=msg.transfer_id, peer=session.peer, schema=msg.schema, mappings=tuple(msg.mappings),
+                        priority=Priority.parse(msg.priority), deadline_s=msg.deadline_s,
+                        target_dtype=DType.parse(msg.target_dtype, "target_dtype") if msg.target_dtype else None,
+                    )
+                )  # fmt: skip
+                self._counters["pulls_served"] += 1
+                return
+            except SageTransportError as exc:
+                reason = str(exc)
+        self._counters["transfers_refused"] += 1
+        session.post(PullRefused(msg.transfer_id, f"refused by {self.name}: {reason}"[:1024]))
+        log.warning("pull.refused", transfer_id=msg.transfer_id, peer=session.peer, reason=reason)
+
+    def _on_pull_refused(self, session: PeerSession, msg: PullRefused) -> None:
+        exp = session.pulls.pop(msg.transfer_id, None)
+        if exp is not None:
+            err = TransferAbortedError(f"peer {session.peer} will not send transfer {msg.transfer_id}: {msg.reason}")
+            self._counters["transfers_failed"] += 1
+            self._failures[type(err).__name__] += 1
+            self._finish_expectation(exp, None, err)
 
     def mark_layer_ready(self, transfer_id: str, layers: int | Iterable[int]) -> None:
         """Layers of a progressive transfer are final: their chunks may go."""
@@ -723,6 +800,9 @@ class KVTransferChannel:
             self._counters["transfers_refused"] += 1
             session.post(Abort(msg.wire_id, False, f"refused by {self.name}: {reason}"))
             log.warning("transfer.refused", transfer_id=tid, peer=session.peer, reason=reason)
+            pulled = session.pulls.pop(tid, None)
+            if pulled is not None:  # we asked for it: our own pull fails with the reason
+                self._finish_expectation(pulled, None, TransferAbortedError(f"transfer {tid} from {session.peer}: {reason}"))
 
         if self._memory is None:
             return refuse("no KV memory registered")
@@ -758,6 +838,7 @@ class KVTransferChannel:
                 f"chunk tables differ: ours has {len(table)} chunks / {table.total_bytes} bytes, "
                 f"the sender's {msg.num_chunks} / {msg.total_bytes}"
             )
+        session.pulls.pop(tid, None)
         if exp is None:
             self._recent.pop(tid, None)
             exp = self._expect[tid] = Expectation(tid)

@@ -106,7 +106,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     one scale per ``codec_group_size`` elements) and ``compression`` compresses it (``lz4``, ``zstd``);
     ``codec_policy=auto`` applies them only on links slower than the codec (never to a same-host peer),
     ``always`` on every link; ``accept_codecs`` is what this side accepts from senders (``all``, ``none`` or names
-    joined by ``+``). ``kv_dtype`` is accepted as another name of ``target_dtype``. ``telemetry`` keeps
+    joined by ``+``). ``allow_pull`` lets connected peers ask for transfers of this side's registered KV
+    (:meth:`~sage_transport.channel.KVTransferChannel.pull`, how vLLM and LMDeploy decode sides fetch KV).
+    ``kv_dtype`` is accepted as another name of ``target_dtype``. ``telemetry`` keeps
     chunk-latency and transfer-duration histograms (counters are always kept); ``metrics_host``/``metrics_port``
     are where a :class:`~sage_transport.telemetry.TelemetryServer` listens (port 0: any free one).
     """
@@ -124,6 +126,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     codec_policy: str = "always"
     codec_group_size: int = 128
     accept_codecs: str = "all"
+    allow_pull: bool = True
     integrity: Integrity = Integrity.XXH3
     max_retries: int = 3
     connect_timeout_s: float = 10.0
@@ -299,6 +302,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "codec_policy": lambda v, f: _str(v, f).lower(),
     "codec_group_size": _int,
     "accept_codecs": lambda v, f: _codec_list(v, f),
+    "allow_pull": parse_bool,
     "integrity": _enum(Integrity),
     "max_retries": _int,
     "connect_timeout_s": parse_duration,

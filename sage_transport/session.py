@@ -11,9 +11,23 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
 from .placement import ShmWriter
-from .transfers import Incoming, Outgoing, TransferStatus
+from .transfers import Expectation, Incoming, Outgoing, TransferStatus
 from .transports.base import Connection
-from .wire import Abort, Ack, Announce, Chunk, Nack, Placed, Region, RegionUpdate, Window, decode_message, encode_message
+from .wire import (
+    Abort,
+    Ack,
+    Announce,
+    Chunk,
+    Nack,
+    Placed,
+    Pull,
+    PullRefused,
+    Region,
+    RegionUpdate,
+    Window,
+    decode_message,
+    encode_message,
+)
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -37,6 +51,7 @@ class PeerSession:
         self.region = region
         self.outgoing: dict[int, Outgoing] = {}
         self.incoming: dict[int, Incoming] = {}
+        self.pulls: dict[str, Expectation] = {}  # transfers asked of this peer, not yet announced
         self.outbox: collections.deque[bytes] = collections.deque()
         self.wake = asyncio.Event()
         self.closed = False
@@ -553,6 +568,10 @@ class PeerSession:
             self.region = msg.region
         elif kind is Window:
             channel._on_window(self, msg)
+        elif kind is Pull:
+            channel._on_pull(self, msg)
+        elif kind is PullRefused:
+            channel._on_pull_refused(self, msg)
         else:
             raise ProtocolError(f"unexpected {kind.__name__} from {self.peer} after the handshake")
 

@@ -8,7 +8,8 @@ worth of objects. No pickle anywhere.
 Connection: client ``Hello`` → server ``Welcome`` (proof over the nonces) → client ``Proof`` →
 server ``Ready`` (or ``Reject``). Transfers: sender ``Announce`` then ``Chunk`` headers with
 payloads (in the announced wire codec), or ``Placed`` headers for chunks written straight into a same-host receiver's memory after
-its ``Window``; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``.
+its ``Window``; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``. A receiver may ask
+for a transfer with ``Pull``; the sender answers with its ``Announce`` or ``PullRefused``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Placed",
     "Proof",
+    "Pull",
+    "PullRefused",
     "Ready",
     "Region",
     "RegionUpdate",
@@ -177,6 +180,25 @@ class Placed(msgspec.Struct, frozen=True, array_like=True, tag="p"):
     checksum: U64
 
 
+class Pull(msgspec.Struct, frozen=True, array_like=True, tag="q"):
+    """Receiver → sender: send me transfer ``transfer_id`` (``src_blocks`` are yours, ``dst_blocks`` mine). The
+    sender answers with an ``Announce`` and the chunks, or a ``PullRefused``."""
+
+    transfer_id: Name
+    schema: KVCacheSchema
+    mappings: Annotated[list[BlockMapping], Meta(min_length=1, max_length=MAX_MAPPINGS)]
+    priority: U32
+    deadline_s: float | None
+    target_dtype: Annotated[str, Meta(max_length=32)] = ""
+
+
+class PullRefused(msgspec.Struct, frozen=True, array_like=True, tag="r"):
+    """The answer to a ``Pull`` that will not be sent, and why."""
+
+    transfer_id: Name
+    reason: Reason
+
+
 class Abort(msgspec.Struct, frozen=True, array_like=True, tag="x"):
     """The transfer is over on one side; the other releases it too. ``from_sender`` tells whose ``wire_id``
     it is (each side numbers the transfers it sends)."""
@@ -186,7 +208,9 @@ class Abort(msgspec.Struct, frozen=True, array_like=True, tag="x"):
     reason: Reason
 
 
-Message = Union[Hello, Welcome, Proof, Ready, Reject, RegionUpdate, Announce, Chunk, Ack, Nack, Abort, Window, Placed]
+Message = Union[
+    Hello, Welcome, Proof, Ready, Reject, RegionUpdate, Announce, Chunk, Ack, Nack, Abort, Window, Placed, Pull, PullRefused
+]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

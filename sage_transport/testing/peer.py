@@ -6,7 +6,8 @@ Receiver role: listens, prints ``{"address": ...}``, and dies at ``announce`` (t
 yet), ``payload`` (a chunk's header arrived, its payload not yet) or ``ack`` (a chunk verified, its
 acknowledgement not yet sent). Sender role (``--connect ADDR``): sends one transfer (``--transfer-id``, default
 ``t``) and dies at ``header`` (announced, no chunk frame sent yet), ``payload`` (after half the chunks)
-or ``ack`` (the first acknowledgement arrived). Just before dying it prints ``{"dying": time.monotonic()}``
+or ``ack`` (the first acknowledgement arrived). Source role: listens like a receiver, its blocks hold 7s, and it
+answers pulls (the parent fetches them with ``channel.pull``). Just before dying it prints ``{"dying": time.monotonic()}``
 (CLOCK_MONOTONIC, comparable across the processes of one host), so the parent measures how long its side
 took to notice.
 ``--how``: ``kill`` (SIGKILL), ``term`` (SIGTERM), ``exit`` (``os._exit``), ``stop`` (SIGSTOP; the parent sends
@@ -118,11 +119,11 @@ def _arm(phase: str, how: str, role: str, chunks: int) -> None:
 
 async def _run(args: argparse.Namespace) -> None:
     config = KVTransportConfig.resolve(args.config, env={})
-    memory = KVMemory.allocate(PEER_SCHEMA, args.blocks, fill=0 if args.role == "receiver" else 7)
+    memory = KVMemory.allocate(PEER_SCHEMA, args.blocks, fill=0 if args.role == "receiver" else 7)  # source: 7s
     _arm(args.die_at, args.how, args.role, args.blocks * 2)
     async with KVTransferChannel(args.transport, config, name=f"child-{args.role}-{os.getpid()}") as channel:
         channel.register(memory)
-        if args.role == "receiver":
+        if args.role in ("receiver", "source"):
             _say({"address": await channel.listen(), "name": channel.name})
             await asyncio.sleep(3600)
         else:
@@ -138,7 +139,7 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="a channel peer that dies at a chosen phase")
-    parser.add_argument("--role", choices=("receiver", "sender"), required=True)
+    parser.add_argument("--role", choices=("receiver", "sender", "source"), required=True)
     parser.add_argument("--transport", default="ucx")
     parser.add_argument("--config", default="", help="key=value,... for the channel")
     parser.add_argument("--die-at", default="never")
