@@ -14,7 +14,7 @@ import concurrent.futures
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -153,6 +153,9 @@ class KVTransferChannel:
         self._transfer_seconds = {"sent": Histogram(), "received": Histogram()}
         self._failures: collections.Counter[str] = collections.Counter()
         self.tracer: ChunkTracer | None = None  # set to record every chunk's life (``migrate --trace``)
+        #: called on the loop with ``(transfer_id, result, error)`` when a transfer this side sends ends (pulled by a
+        #: peer or submitted here): how an engine adapter learns that the blocks a peer pulled can be freed
+        self.on_sent: Callable[[str, TransferResult | None, BaseException | None], None] | None = None
         self._memory: KVMemory | None = None
         self._memory_views: list[memoryview] = []
         self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -769,6 +772,8 @@ class KVTransferChannel:
             self._transfer_seconds["sent"].observe(wall)
             self.telemetry.recent_transfer_seconds.append(wall)
         out.finish(result, None)
+        if self.on_sent is not None:
+            self.on_sent(result.transfer_id, result, None)
         log.info(
             "transfer.sent", transfer_id=result.transfer_id, peer=result.peer, bytes=result.bytes, chunks=result.chunks,
             seconds=round(wall, 6), gbps=round(result.gbps, 3), retries=result.retries,
@@ -783,6 +788,8 @@ class KVTransferChannel:
         self._counters["transfers_failed"] += 1
         self._failures[type(exc).__name__] += 1
         out.finish(None, exc)
+        if self.on_sent is not None:
+            self.on_sent(out.plan.transfer_id, None, exc)
         log.warning("transfer.failed", transfer_id=out.plan.transfer_id, peer=out.session.peer, error=str(exc))
 
     # ---- receiving ----------------------------------------------------------------------------------
