@@ -405,22 +405,29 @@ class KVTransferChannel:
 
     # ---- sending ------------------------------------------------------------------------------------
 
-    def submit(self, plan: TransferPlan) -> TransferHandle:
-        """Plan and queue a transfer; returns at once. ``await handle.wait()`` for the result."""
+    def _session_for(self, plan: TransferPlan, doing: str) -> PeerSession:
+        """The session a plan runs on, once the plan fits both sides' KV memory (else a ``PlanError`` naming why)."""
         self._check_open()
         tid = plan.transfer_id
         if self._memory is None:
-            raise PlanError(f"transfer {tid}: register KV memory with the channel before sending")
+            raise PlanError(f"transfer {tid}: register KV memory with the channel before {doing}")
         session = self._sessions.get(plan.peer)
         if session is None:
             raise PlanError(f"transfer {tid}: peer {plan.peer!r} is not connected (connected: {', '.join(self.peers) or 'none'})")
         if session.region is None:
             raise PlanError(f"transfer {tid}: peer {plan.peer!r} has not registered KV memory")
-        if tid in self._outgoing:
-            raise PlanError(f"transfer {tid} is already in progress")
         for side, schema in (("local", self._memory.schema), (f"peer {plan.peer!r}", session.region.schema)):
             if not _same_shape(plan.schema, schema):
                 raise PlanError(f"transfer {tid}: plan schema {plan.schema} does not match the {side} KV memory {schema}")
+        return session
+
+    def submit(self, plan: TransferPlan) -> TransferHandle:
+        """Plan and queue a transfer; returns at once. ``await handle.wait()`` for the result."""
+        session = self._session_for(plan, "sending")
+        assert self._memory is not None and session.region is not None
+        tid = plan.transfer_id
+        if tid in self._outgoing:
+            raise PlanError(f"transfer {tid} is already in progress")
         codec = self._codec_for(plan, session)
         submitted = time.perf_counter()
         wire_chunk = chunk_size = min(plan.chunk_size or self.config.chunk_size, self.transport.capabilities.max_message_size)
@@ -557,18 +564,8 @@ class KVTransferChannel:
         uses to fetch a prefill's KV. The peer must allow it (``allow_pull``); a refusal raises
         :class:`TransferAbortedError` with the peer's reason, a missed ``deadline_s`` :class:`TransferTimeoutError`.
         Cancelling this call aborts the transfer at both ends."""
-        self._check_open()
+        session = self._session_for(plan, "pulling into it")
         tid = plan.transfer_id
-        if self._memory is None:
-            raise PlanError(f"transfer {tid}: register KV memory with the channel before pulling into it")
-        session = self._sessions.get(plan.peer)
-        if session is None:
-            raise PlanError(f"transfer {tid}: peer {plan.peer!r} is not connected (connected: {', '.join(self.peers) or 'none'})")
-        if session.region is None:
-            raise PlanError(f"transfer {tid}: peer {plan.peer!r} has not registered KV memory")
-        for side, schema in (("local", self._memory.schema), (f"peer {plan.peer!r}", session.region.schema)):
-            if not _same_shape(plan.schema, schema):
-                raise PlanError(f"transfer {tid}: plan schema {plan.schema} does not match the {side} KV memory {schema}")
         exp = self._expect.get(tid)
         if tid in session.pulls or (exp is not None and exp.announced) or tid in self._recent:
             raise PlanError(f"transfer {tid} is already being received or was received; pull it under a new id")

@@ -29,7 +29,7 @@ from sage_transport.schema import DType
 from sage_transport.transports.mock import FaultAction, FaultRule, MockNetwork, MockTransport
 from sage_transport.wire_codec import ChunkCodec, local_codecs
 
-from .conftest import Pair
+from .conftest import Pair, channel_pair
 
 SCHEMA = KVCacheSchema(num_layers=4, num_kv_heads=2, head_dim=64, block_size=4)  # page: 512 bf16 elements
 BLOCKS = 48
@@ -60,16 +60,8 @@ def pages(memory: KVMemory) -> torch.Tensor:
 
 @contextlib.asynccontextmanager
 async def kv_pair(config: KVTransportConfig, receiver_config: KVTransportConfig | None = None) -> AsyncIterator[Pair]:
-    network = MockNetwork()
-    src, dst = kv_like_memory(), KVMemory.allocate(SCHEMA, BLOCKS, fill=0)
-    async with (
-        KVTransferChannel(MockTransport(network, name="decode"), receiver_config or config, name="decode") as receiver,
-        KVTransferChannel(MockTransport(network, name="prefill"), config, name="prefill") as sender,
-    ):
-        receiver.register(dst)
-        sender.register(src)
-        peer = await sender.connect(await receiver.listen())
-        yield Pair(network, sender, receiver, peer, src, dst)
+    async with channel_pair(SCHEMA, BLOCKS, config=config, receiver_config=receiver_config, src=kv_like_memory()) as pair:
+        yield pair
 
 
 def assert_landed(pair: Pair, dst_blocks: list[int], expected: torch.Tensor) -> None:
