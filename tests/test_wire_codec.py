@@ -26,7 +26,7 @@ from sage_transport.codec import CodecSpec, decode, encode, error_stats
 from sage_transport.config import Compression
 from sage_transport.errors import ConfigError, ProtocolError
 from sage_transport.schema import DType
-from sage_transport.transports.mock import FaultAction, FaultRule, MockNetwork, MockTransport
+from sage_transport.transports.mock import FaultAction, FaultRule
 from sage_transport.wire_codec import ChunkCodec, local_codecs
 
 from .conftest import Pair, channel_pair
@@ -243,15 +243,8 @@ async def test_auto_policy_sends_as_stored_to_a_peer_that_does_not_accept_the_co
 async def test_auto_policy_measures_the_link_both_ways_and_keeps_the_faster() -> None:
     config = KVTransportConfig(target_dtype="int4", codec_policy="auto")
     big = KVCacheSchema(num_layers=4, num_kv_heads=2, head_dim=128, block_size=16)  # 64 KiB a block: 8 MiB in 128
-    network = MockNetwork()
-    src, dst = kv_like_memory(big, 128), KVMemory.allocate(big, 128, fill=0)
-    async with (
-        KVTransferChannel(MockTransport(network, name="decode"), config, name="decode") as rx,
-        KVTransferChannel(MockTransport(network, name="prefill"), config, name="prefill") as tx,
-    ):
-        rx.register(dst)
-        tx.register(src)
-        peer = await tx.connect(await rx.listen())
+    async with channel_pair(big, 128, config=config, src=kv_like_memory(big, 128)) as pair:
+        tx, peer, src, dst = pair.sender, pair.peer, pair.src, pair.dst
         session = tx._sessions[peer]
 
         async def kind() -> str:
