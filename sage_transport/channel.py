@@ -297,6 +297,11 @@ class KVTransferChannel:
     def peers(self) -> list[str]:
         return sorted(self._sessions)
 
+    @property
+    def memory(self) -> KVMemory | None:
+        """The KV memory registered with :meth:`register` (``None`` before)."""
+        return self._memory
+
     def links(self) -> dict[str, dict[str, Any]]:
         """Per peer, what its connection really runs on (``Connection.link_info``: UCX transports in use, ...)."""
         return {

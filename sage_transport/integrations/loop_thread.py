@@ -43,10 +43,12 @@ class LoopThread:
         return self.submit(coro).result(timeout)
 
     def stop(self) -> None:
-        """Stop the loop and join its thread (tasks still pending are dropped)."""
+        """Stop the loop, join its thread and close the loop (tasks still pending are dropped)."""
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
 
 def shared_loop() -> LoopThread:
