@@ -17,7 +17,7 @@ fi
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count())" | tee -a "$OUT/gpus.txt"
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_collectives.py tests/test_hw.py tests/test_codec.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_collectives.py tests/test_hw.py tests/test_codec.py tests/test_lmdeploy_runs.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 # the wire codecs on the GPU and on this machine's CPU cores (issue 8)
 timeout 90 python3 bench/codec_speed.py --runs 7 --out "$OUT/codec_speed" 2>&1 | tee "$OUT/codec_speed.md" || status=1
 GPUS=$(python3 -c "import torch; print(max(1, min(2, torch.cuda.device_count())))")

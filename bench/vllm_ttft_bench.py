@@ -1,6 +1,6 @@
 """vLLM decode side: what the KV transfer adds to a 32K-token request's time to first token (issue 9).
 
-    .venv-vllm/bin/python bench/vllm_ttft_bench.py --runs 5 --out bench/results/vllm_ttft
+    .venv-engines/bin/python bench/vllm_ttft_bench.py --runs 5 --out bench/results/vllm_ttft
 
 A prefill worker (``SageKVConnector``, built by vLLM's factory, role ``kv_producer``) runs in a child process with a
 Qwen2.5-7B-shaped paged cache (28 layers × K/V, 4 KV heads × 128, block 16, bf16) and serves it. This process is the

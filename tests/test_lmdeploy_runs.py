@@ -66,10 +66,15 @@ def test_a_pool_shape_becomes_a_byte_schema_of_its_rows_and_pages() -> None:
     assert PoolGeometry(1, 1, 3 * 1024 * 1024).schema().page_bytes == 3 * 1024 * 1024  # over block_size's 1 MiB cap
 
 
-def test_host_memory_is_not_a_device_pointer_and_cuda_memory_is() -> None:
+def test_host_memory_is_not_a_device_pointer() -> None:
     torch = pytest.importorskip("torch")
-    host = torch.zeros(16)
-    assert _is_device_pointer(host.data_ptr()) is False
+    assert _is_device_pointer(torch.zeros(16).data_ptr()) is False
+
+
+@pytest.mark.gpu
+def test_cuda_memory_is_a_device_pointer_so_a_cuda_pool_is_refused() -> None:
+    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA device here: the device-pointer check runs on the GPU machine")
+        pytest.skip("no CUDA device here: the device-pointer check runs on the GPU machine (bench/gpu_check.sh)")
     assert _is_device_pointer(torch.zeros(16, device="cuda").data_ptr()) is True
+    assert _is_device_pointer(torch.zeros(16).pin_memory().data_ptr()) is False  # pinned host memory moves fine

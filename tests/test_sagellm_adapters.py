@@ -81,6 +81,15 @@ def run_rank(rank: int, port: int) -> dict[str, Any]:
         backend.send(torch.arange(8, dtype=torch.uint8), 1)
         backend.send(b"\x01\x02\x03\x04", 1)
     out["kv_bytes"] = backend.bytes_sent + backend.bytes_received
+    # the engine's compression and checksum path: zlib bytes on the wire, a bytearray to receive them
+    zipped = KVTransferEngine(backend, enable_compression=True, enable_checksum=True)
+    if rank == 0:
+        zipped.transfer_kv_handle(handle, 0, 1, tensor=kv_tensor())
+        out["zipped_bytes"] = backend.bytes_sent - out["kv_bytes"]
+    else:
+        received = torch.zeros_like(kv_tensor())
+        zipped.transfer_kv_handle(handle, 0, 1, tensor=received)
+        out["zipped_equal"] = bool(torch.equal(received, kv_tensor()))
     comm.barrier()
     comm.destroy()
     return out
@@ -123,6 +132,7 @@ def test_two_ranks_run_sagellms_comm_interface_and_kv_transfer_engine_over_sage_
     assert theirs["after"] == [1, 2, 3, 4]
     kv_bytes = kv_tensor().numel() * 2
     assert mine["kv_bytes"] == kv_bytes + 8 + 4 and theirs["kv_bytes"] == kv_bytes + 4
+    assert theirs["zipped_equal"] is True and 0 < mine["zipped_bytes"] < kv_bytes
 
 
 def test_registering_twice_is_harmless_and_a_foreign_backend_of_the_same_name_is_refused() -> None:
