@@ -3,7 +3,9 @@
     .venv-engines/bin/python bench/vllm_ttft_bench.py --runs 5 --out bench/results/vllm_ttft
 
 A prefill worker (``SageKVConnector``, built by vLLM's factory, role ``kv_producer``) runs in a child process with a
-Qwen2.5-7B-shaped paged cache (28 layers × K/V, 4 KV heads × 128, block 16, bf16) and serves it. This process is the
+Qwen2.5-7B-shaped paged cache (28 layers × K/V, 4 KV heads × 128, block 16, bf16) and serves it; before each run it
+drives the request's prefill step through its connector, as vLLM would (the worker learns the request's blocks from
+the scheduler's output and saves each layer). This process is the
 decode instance: its scheduler connector pairs the prefill's 2,048 blocks with 2,048 shuffled blocks vLLM
 "allocated", and its worker connector loads them. The figure is the consumer-side contribution to TTFT: from
 ``start_load_kv`` to the step whose ``get_finished`` reports the request loaded (loads are asynchronous, so vLLM's
@@ -35,14 +37,44 @@ import json, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {bench!r})
-from vllm_ttft_bench import connector, caches
+from vllm_ttft_bench import connector, caches, prefill
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 worker = connector("kv_producer", KVConnectorRole.WORKER, {blocks})
-worker.register_kv_caches(caches({blocks}, fill=True))
+scheduler = connector("kv_producer", KVConnectorRole.SCHEDULER, {blocks})
+kv = caches({blocks}, fill=True)
+worker.register_kv_caches(kv)
 print(json.dumps({{"address": worker.get_handshake_metadata().address}}), flush=True)
-sys.stdin.read()
+for line in sys.stdin:  # a request id and its blocks: run its prefill's last step, as vLLM drives the connector
+    job = json.loads(line)
+    prefill(scheduler, worker, kv, job["request_id"], job["blocks"])
+    print(json.dumps({{"done": job["request_id"]}}), flush=True)
 worker.shutdown()
 """
+
+
+def prefill(scheduler: Any, worker: Any, kv: dict[str, Any], request_id: str, blocks: list[int]) -> None:
+    """One prefill step of a request a decode will pull (the whole prompt in one chunk): the connector learns its
+    blocks from the scheduler's output and saves each layer."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+    from vllm.v1.request import Request
+
+    params = {"do_remote_decode": True}
+    request = Request(
+        request_id, list(range(TOKENS)), SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params}), None
+    )
+    scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in blocks],)), 0)
+    out = SchedulerOutput.make_empty()
+    out.scheduled_new_reqs = [NewRequestData.from_request(request, (list(blocks),))]
+    out.num_scheduled_tokens = {request_id: TOKENS}
+    worker.bind_connector_metadata(scheduler.build_connector_meta(out))
+    worker.start_load_kv(None)
+    for name, tensor in kv.items():
+        worker.save_kv_layer(name, tensor, None)
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
 
 
 def connector(kv_role: str, role: Any, blocks: int) -> Any:
@@ -109,6 +141,10 @@ def main() -> None:
     for run in range(args.runs):
         remote = rng.permutation(blocks)[:need].tolist()
         local = rng.permutation(blocks)[:need].tolist()
+        for request_id in (f"r{run}", f"bare{run}"):  # the prefill ran: its connector knows the request's blocks
+            producer.stdin.write(json.dumps({"request_id": request_id, "blocks": remote}) + "\n")
+            producer.stdin.flush()
+            next(line for line in producer.stdout if line.startswith('{"done"'))
         params = {
             "do_remote_prefill": True,
             "remote_block_ids": remote,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import os
 import time
 import uuid
@@ -156,6 +157,12 @@ class KVTransferChannel:
         #: called on the loop with ``(transfer_id, result, error)`` when a transfer this side sends ends (pulled by a
         #: peer or submitted here): how an engine adapter learns that the blocks a peer pulled can be freed
         self.on_sent: Callable[[str, TransferResult | None, BaseException | None], None] | None = None
+        #: called on the loop with ``(peer, plan)`` for each pull a peer asks of us: returns the plan to send (the
+        #: application may name its own source blocks or make it progressive), or ``None`` to defer it until
+        #: :meth:`serve_pull` or :meth:`refuse_pull` (a ``SageTransportError`` refuses it with its message). How a
+        #: prefill engine serves a decode that asks before the KV exists, layer by layer as it is computed.
+        self.pull_resolver: Callable[[str, TransferPlan], TransferPlan | None] | None = None
+        self._deferred_pulls: dict[str, tuple[PeerSession, TransferPlan]] = {}
         self._memory: KVMemory | None = None
         self._memory_views: list[memoryview] = []
         self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -406,6 +413,8 @@ class KVTransferChannel:
         for tid, exp in list(session.pulls.items()):
             self._finish_expectation(exp, None, kind(f"transfer {tid} asked of {session.peer} never started: {cause}"))
         session.pulls.clear()
+        for tid in [tid for tid, (s, _) in self._deferred_pulls.items() if s is session]:
+            del self._deferred_pulls[tid]
         self._spawn(session.close(), f"sage-close-{session.peer}")
 
     # ---- sending ------------------------------------------------------------------------------------
@@ -599,25 +608,78 @@ class KVTransferChannel:
             self._finish_expectation(exp, None, exc)
 
     def _on_pull(self, session: PeerSession, msg: Pull) -> None:
-        """A peer asks for a transfer of our KV: submit it to that peer, or refuse with the reason."""
+        """A peer asks for a transfer of our KV: submit it to that peer (through :attr:`pull_resolver` when set),
+        or refuse with the reason."""
         if not self.config.allow_pull:
-            reason = "pulls are refused here (allow_pull=false)"
-        else:
-            try:
-                self.submit(
-                    TransferPlan(
-                        transfer_id=msg.transfer_id, peer=session.peer, schema=msg.schema, mappings=tuple(msg.mappings),
-                        priority=Priority.parse(msg.priority), deadline_s=msg.deadline_s,
-                        target_dtype=DType.parse(msg.target_dtype, "target_dtype") if msg.target_dtype else None,
-                    )
-                )  # fmt: skip
-                self._counters["pulls_served"] += 1
-                return
-            except SageTransportError as exc:
-                reason = str(exc)
+            return self._refuse_pull(session, msg.transfer_id, "pulls are refused here (allow_pull=false)")
+        try:
+            plan = TransferPlan(
+                transfer_id=msg.transfer_id, peer=session.peer, schema=msg.schema, mappings=tuple(msg.mappings),
+                priority=Priority.parse(msg.priority), deadline_s=msg.deadline_s,
+                target_dtype=DType.parse(msg.target_dtype, "target_dtype") if msg.target_dtype else None,
+            )  # fmt: skip
+            if self.pull_resolver is not None:
+                if msg.transfer_id in self._deferred_pulls or msg.transfer_id in self._outgoing:
+                    raise PlanError(f"transfer {msg.transfer_id} is already asked for or being sent")
+                self._deferred_pulls[msg.transfer_id] = (session, plan)
+                try:
+                    resolved = self.pull_resolver(session.peer, plan)
+                except SageTransportError:
+                    raise
+                except Exception as exc:  # the application's bug must not end the session
+                    log.exception("pull.resolver_failed", transfer_id=msg.transfer_id, peer=session.peer)
+                    raise PlanError(f"the pull resolver failed: {type(exc).__name__}: {exc}") from exc
+                if resolved is not None and msg.transfer_id in self._deferred_pulls:
+                    with contextlib.suppress(SageTransportError):  # serve_pull refused it with the reason
+                        self.serve_pull(msg.transfer_id, resolved)
+                return None  # served, deferred, or served or refused by the resolver itself
+            self.submit(plan)
+            self._counters["pulls_served"] += 1
+        except SageTransportError as exc:
+            self._deferred_pulls.pop(msg.transfer_id, None)
+            self._refuse_pull(session, msg.transfer_id, str(exc))
+        return None
+
+    def _refuse_pull(self, session: PeerSession, transfer_id: str, reason: str) -> None:
         self._counters["transfers_refused"] += 1
-        session.post(PullRefused(msg.transfer_id, f"refused by {self.name}: {reason}"[:1024]))
-        log.warning("pull.refused", transfer_id=msg.transfer_id, peer=session.peer, reason=reason)
+        session.post(PullRefused(transfer_id, f"refused by {self.name}: {reason}"[:1024]))
+        log.warning("pull.refused", transfer_id=transfer_id, peer=session.peer, reason=reason)
+
+    @property
+    def deferred_pulls(self) -> dict[str, TransferPlan]:
+        """Pulls peers asked for that :attr:`pull_resolver` deferred, by transfer id (the plans as asked)."""
+        return {tid: plan for tid, (_, plan) in self._deferred_pulls.items()}
+
+    def serve_pull(self, transfer_id: str, plan: TransferPlan | None = None) -> TransferHandle:
+        """Send a deferred pull: ``plan`` (default: as the peer asked) must keep its transfer id, peer and
+        destination blocks; its source blocks, priority and ``progressive`` are ours to choose."""
+        entry = self._deferred_pulls.pop(transfer_id, None)
+        if entry is None:
+            raise PlanError(f"no pull of transfer {transfer_id} is waiting here")
+        session, asked = entry
+        plan = plan or asked
+        try:
+            if (plan.transfer_id, plan.peer) != (asked.transfer_id, asked.peer):
+                raise PlanError(
+                    f"pull {transfer_id}: served as transfer {plan.transfer_id} to {plan.peer}, "
+                    f"asked as {asked.transfer_id} by {asked.peer}"
+                )
+            destinations = sorted((m.layer_start, m.layer_stop, m.dst_blocks) for m in plan.mappings)
+            if destinations != sorted((m.layer_start, m.layer_stop, m.dst_blocks) for m in asked.mappings):
+                raise PlanError(f"pull {transfer_id}: the plan served writes other destination blocks than the peer asked for")
+            handle = self.submit(plan)
+        except SageTransportError as exc:
+            if not session.closed:
+                self._refuse_pull(session, transfer_id, str(exc))
+            raise
+        self._counters["pulls_served"] += 1
+        return handle
+
+    def refuse_pull(self, transfer_id: str, reason: str) -> None:
+        """Refuse a deferred pull; the peer's ``pull`` raises :class:`TransferAbortedError` with ``reason``."""
+        entry = self._deferred_pulls.pop(transfer_id, None)
+        if entry is not None and not entry[0].closed:
+            self._refuse_pull(entry[0], transfer_id, reason)
 
     def _on_pull_refused(self, session: PeerSession, msg: PullRefused) -> None:
         exp = session.pulls.pop(msg.transfer_id, None)

@@ -151,3 +151,66 @@ async def test_pull_from_a_child_process(transport: str) -> None:
     finally:
         child.kill()
         await child.wait()
+
+
+async def test_a_deferred_pull_is_served_layer_by_layer_from_the_senders_own_blocks() -> None:
+    """The prefill defers a pull that arrives before its KV exists, then serves it progressively: a layer's chunks
+    go as soon as it is marked ready (layer-wise overlap with the compute producing the KV)."""
+    async with channel_pair() as pair:
+        asked: list[TransferPlan] = []
+        pair.sender.pull_resolver = lambda peer, plan: asked.append(plan)  # type: ignore[func-returns-value]
+        pull = asyncio.ensure_future(pair.receiver.pull(pull_plan(pair, [0, 1], [10, 11], transfer_id="req-9")))
+        while not pair.sender.deferred_pulls:
+            await asyncio.sleep(0.001)
+        assert list(pair.sender.deferred_pulls) == ["req-9"] and asked[0].peer == "decode"
+        mapping = asked[0].mappings[0]
+        mine = TransferPlan(
+            transfer_id="req-9", peer="decode", schema=SMALL, progressive=True,
+            mappings=(type(mapping)(mapping.layer_start, mapping.layer_stop, (40, 41), mapping.dst_blocks),),
+        )  # fmt: skip
+        pair.sender.serve_pull("req-9", mine)
+        pair.sender.mark_layer_ready("req-9", [0, 1])
+        arrived = [a.layer async for a in _first_layers(pair.receiver, "req-9", 2)]
+        assert arrived == [0, 1] and not pull.done()  # layers 2 and 3 are not computed yet
+        pair.sender.mark_layer_ready("req-9", [2, 3])
+        result = await pull
+        assert result.bytes == 2 * SMALL.bytes_per_block
+        assert np.array_equal(pages(pair.dst)[:, :, [10, 11]], pages(pair.src)[:, :, [40, 41]])
+
+
+async def _first_layers(channel: KVTransferChannel, tid: str, count: int):  # type: ignore[no-untyped-def]
+    seen = 0
+    async for arrival in channel.arrivals(tid):
+        yield arrival
+        seen += 1
+        if seen == count:
+            return
+
+
+async def test_a_resolver_refuses_or_serves_wrongly_and_the_puller_hears_why() -> None:
+    async with channel_pair() as pair:
+
+        def resolver(peer: str, plan: TransferPlan) -> TransferPlan | None:
+            if plan.transfer_id == "unknown":
+                raise PlanError("no request 'unknown' here")
+            return None
+
+        pair.sender.pull_resolver = resolver
+        with pytest.raises(TransferAbortedError, match="no request 'unknown' here"):
+            await pair.receiver.pull(pull_plan(pair, [0], [0], transfer_id="unknown"))
+        pull = asyncio.ensure_future(pair.receiver.pull(pull_plan(pair, [0], [3], transfer_id="wrong")))
+        while "wrong" not in pair.sender.deferred_pulls:
+            await asyncio.sleep(0.001)
+        with pytest.raises(PlanError, match="other destination blocks"):
+            pair.sender.serve_pull("wrong", TransferPlan.for_blocks("decode", SMALL, [0], [4], transfer_id="wrong"))
+        with pytest.raises(TransferAbortedError, match="other destination blocks"):
+            await pull
+        later = asyncio.ensure_future(pair.receiver.pull(pull_plan(pair, [0], [5], transfer_id="later")))
+        while "later" not in pair.sender.deferred_pulls:
+            await asyncio.sleep(0.001)
+        pair.sender.refuse_pull("later", "the request was aborted")
+        with pytest.raises(TransferAbortedError, match="the request was aborted"):
+            await later
+        with pytest.raises(PlanError, match="no pull of transfer 'later'|no pull of transfer later"):
+            pair.sender.serve_pull("later")
+        assert not pages(pair.dst)[:, :, [3, 4, 5]].any()

