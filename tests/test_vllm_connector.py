@@ -34,11 +34,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 4, 64, 16, 2, 64
 
 
-def make_connector(kv_role: str, role: KVConnectorRole) -> object:
+def make_connector(kv_role: str, role: KVConnectorRole, hold_timeout_s: float = 60) -> Any:
     config = VllmConfig(
         kv_transfer_config=KVTransferConfig(
             kv_connector="SageKVConnector", kv_connector_module_path="sage_transport.integrations.vllm", kv_role=kv_role,
-            engine_id=f"test-{kv_role}", kv_connector_extra_config={"hold_timeout_s": 60},
+            engine_id=f"test-{kv_role}", kv_connector_extra_config={"hold_timeout_s": hold_timeout_s},
         )
     )  # fmt: skip
     config.cache_config.block_size = BLOCK_SIZE
@@ -275,6 +275,29 @@ def test_a_decode_that_asks_before_the_prefill_gets_each_layer_as_it_is_computed
     producer.send({"finished": "req-2"})
     assert producer.read() == {"sending": ["req-2"], "served": 1}
     worker.shutdown()
+
+
+def test_a_pull_for_a_prefill_that_never_comes_is_refused_after_hold_timeout_and_its_blocks_reported() -> None:
+    prefill = make_connector("kv_producer", KVConnectorRole.WORKER, hold_timeout_s=0.3)
+    prefill.register_kv_caches(kv_caches(fill=True))
+    local_blocks = [1, 2, 3, 4, 5]
+    params = {"do_remote_prefill": True, "remote_address": prefill.get_handshake_metadata().address, "remote_request_id": "ghost"}
+    worker, caches = start_decode(params, local_blocks)
+    deadline = time.time() + 30
+    recving: set[str] = set()
+    while "dec-1" not in recving:
+        assert time.time() < deadline, "the deferred pull was never refused"
+        prefill.get_finished(set())  # vLLM calls it every step; it expires deferred pulls
+        _, done = worker.get_finished(set())
+        recving |= done or set()
+        time.sleep(0.02)
+    assert worker.get_block_ids_with_load_errors() == set(local_blocks)
+    assert prefill._channel.deferred_pulls == {}
+    stats = worker.get_kv_connector_stats()
+    assert stats is not None and stats.reduce()["load_failures"] == 1
+    assert not any(bool(t.any()) for t in caches.values())
+    worker.shutdown()
+    prefill.shutdown()
 
 
 def test_a_request_without_remote_parameters_is_left_to_vllm() -> None:
