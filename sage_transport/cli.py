@@ -85,6 +85,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--fused-count", type=int, default=1000, help="4 KiB all-reduces in the fusion comparison (default 1000)")
     c.add_argument("--pin", action="store_true", help="pin each rank process to one CPU (less noise on small hosts)")
     c.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
+    d = bench_sub.add_parser(
+        "pd", help="prefill→decode disaggregation: TTFT, TPOT and tokens/s of three transfer variants on one request mix"
+    )
+    d.add_argument(
+        "--variants",
+        default="a,b,c",
+        help="a: per-block pull after prefill (NIXL when installed); b: sage, after prefill; c: sage, layer-wise + priorities",
+    )
+    d.add_argument("--model", default="qwen2.5-7b", help="KV shape and compute calibration (qwen2.5-7b, qwen3-8b)")
+    d.add_argument("--requests", type=int, default=12, help="requests in the Poisson mix (default 12)")
+    d.add_argument("--rate", type=float, default=0.8, help="mean arrivals per second (default 0.8)")
+    d.add_argument("--output-tokens", type=int, default=64, help="tokens each request decodes (default 64)")
+    d.add_argument("--lengths", default="4K:3,8K:2,16K:2,32K:3,64K:2,128K:1", help="prompt lengths and weights")
+    d.add_argument("--saturate", default="32K,64K,128K", help="context lengths run with requests arriving together ('' for none)")
+    d.add_argument("--saturate-count", type=int, default=3, help="requests per saturating run (default 3)")
+    d.add_argument("--bulk-gbps", type=float, default=0.5, help="offered load of the bulk migration stream (0: none)")
+    d.add_argument("--scale", type=float, default=1.0, help="stretch every emulated compute time by this factor")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
+    d.add_argument("--md", dest="md_path", type=Path, default=None, help="write the Markdown report to PATH")
+    d.add_argument("--png", dest="png_path", type=Path, default=None, help="plot to PATH (needs matplotlib)")
+    _config_arguments(d)
     s = sub.add_parser("serve", help="run the receiving side of migrate and print its address")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=0, help="job port (default 0: any free port, printed)")
@@ -245,7 +267,44 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens(text: str, field: str) -> int:
+    value = text.strip().upper()
+    try:
+        return int(float(value[:-1]) * 1024) if value.endswith("K") else int(value)
+    except ValueError:
+        raise SageTransportError(f"{field}: {text!r} is not a token count (like 32768 or 32K)") from None
+
+
+def _bench_pd(args: argparse.Namespace) -> int:
+    from .pd.decode import VARIANTS
+    from .pd.report import markdown
+    from .pd.run import run_pd_bench
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise SageTransportError(f"--variants={args.variants!r}: choose from {', '.join(VARIANTS)}")
+    lengths: dict[int, int] = {}
+    for item in args.lengths.split(","):
+        tokens, _, weight = item.partition(":")
+        lengths[_tokens(tokens, "--lengths")] = int(weight or 1)
+    saturate = [_tokens(t, "--saturate") for t in args.saturate.split(",") if t.strip()]
+    for name in ("requests", "rate", "output_tokens", "saturate_count", "scale"):
+        if getattr(args, name) <= 0:
+            raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    record = run_pd_bench(
+        variants=variants, model=args.model, requests=args.requests, rate=args.rate, output_tokens=args.output_tokens,
+        lengths=lengths, saturate=saturate, saturate_count=args.saturate_count, seed=args.seed, scale=args.scale,
+        bulk_gbps=args.bulk_gbps, config=_resolve_config(args), json_path=args.json_path, md_path=args.md_path,
+        png_path=args.png_path, progress=lambda message: print(f"bench pd: {message}", file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(markdown(record), end="")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "pd":
+        return _bench_pd(args)
     from .collectives.bench import markdown, run_collectives_bench, write
     from .units import parse_size
 
