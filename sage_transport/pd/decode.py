@@ -14,6 +14,7 @@ import dataclasses
 import json
 import random
 import sys
+import threading
 import time
 from typing import Any
 
@@ -116,41 +117,57 @@ class _Prefill:
 
 
 class _Decoder:
-    """The step loop: requests join when their KV is in, leave after their output tokens."""
+    """The step loop, on a thread of its own as an engine's model runner is (the GPU computes a step whatever the
+    transfer's event loop is doing; only the GIL is shared): requests join when their KV is in and leave after
+    their output tokens. ``idle`` is set on the event loop whenever no request is running."""
 
-    def __init__(self, compute: ComputeModel) -> None:
+    def __init__(self, compute: ComputeModel, loop: asyncio.AbstractEventLoop) -> None:
         self.compute = compute
+        self.loop = loop
         self.running: list[RequestRecord] = []
-        self.wake = asyncio.Event()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
         self.idle = asyncio.Event()
         self.idle.set()
         self.steps = 0
+        self.thread = threading.Thread(target=self._run, name="decode-steps", daemon=True)
 
     def join(self, record: RequestRecord) -> None:
-        self.running.append(record)
+        with self.lock:
+            self.running.append(record)
         self.idle.clear()
         self.wake.set()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            if not self.running:
+    def stop(self) -> None:
+        self.stopped.set()
+        self.wake.set()
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            with self.lock:
+                batch = list(self.running)
+            if not batch:
+                self.wake.wait()
                 self.wake.clear()
-                waiter = asyncio.ensure_future(self.wake.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
                 continue
-            batch = list(self.running)
-            started = time.monotonic()
+            started = time.monotonic()  # a late step stays late: no catching up
             step_s = self.compute.decode_step_s([r.tokens + len(r.token_times) for r in batch])
-            await asyncio.sleep(max(0.0, started + step_s - time.monotonic()))
+            time.sleep(max(0.0, started + step_s - time.monotonic()))
             now = time.monotonic()
             self.steps += 1
-            for record in batch:
-                record.token_times.append(now)
-                if len(record.token_times) >= record.output_tokens:
-                    self.running.remove(record)
+            with self.lock:
+                for record in batch:
+                    record.token_times.append(now)
+                    if len(record.token_times) >= record.output_tokens:
+                        self.running.remove(record)
+                empty = not self.running
+            if empty:
+                self.loop.call_soon_threadsafe(self._set_idle)
+
+    def _set_idle(self) -> None:
+        with self.lock:
             if not self.running:
                 self.idle.set()
 
@@ -187,7 +204,7 @@ async def run_variant(
     memory = KVMemory.allocate(schema, dst_blocks, fill=0)
     use_nixl = variant == "a" and nixl_api() is not None and prefill.hello.get("nixl") is not None
     records: dict[str, RequestRecord] = {}
-    decoder = _Decoder(compute)
+    decoder = _Decoder(compute, asyncio.get_running_loop())
     stop = asyncio.Event()
     bulk_bytes = 0
     nixl: NixlSide | None = None
@@ -275,14 +292,13 @@ async def run_variant(
             decoder.join(record)
 
         t0 = time.monotonic() + 0.2
-        stepping = asyncio.ensure_future(decoder.run(stop))
+        decoder.thread.start()
         background = asyncio.ensure_future(bulk()) if bulk_mib and bulk_gbps > 0 else None
         started_at = time.monotonic()
         await asyncio.gather(*(request(r, t0) for r in requests))
         await decoder.idle.wait()  # the last requests decode their tokens
         stop.set()
-        decoder.wake.set()
-        await stepping
+        await asyncio.to_thread(decoder.stop)
         if background is not None:
             background.cancel()
             await asyncio.gather(background, return_exceptions=True)
