@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--saturate", default="32K,64K,128K", help="context lengths run with requests arriving together ('' for none)")
     d.add_argument("--saturate-count", type=int, default=3, help="requests per saturating run (default 3)")
     d.add_argument("--bulk-gbps", type=float, default=0.5, help="offered load of the bulk migration stream (0: none)")
+    d.add_argument("--decodes", type=int, default=1, help="decode instances (processes), requests dealt round-robin")
     d.add_argument("--scale", type=float, default=1.0, help="stretch every emulated compute time by this factor")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", dest="json_path", type=Path, default=None, help="write the record as JSON to PATH")
@@ -289,13 +290,14 @@ def _bench_pd(args: argparse.Namespace) -> int:
         tokens, _, weight = item.partition(":")
         lengths[_tokens(tokens, "--lengths")] = int(weight or 1)
     saturate = [_tokens(t, "--saturate") for t in args.saturate.split(",") if t.strip()]
-    for name in ("requests", "rate", "output_tokens", "saturate_count", "scale"):
+    for name in ("requests", "rate", "output_tokens", "saturate_count", "scale", "decodes"):
         if getattr(args, name) <= 0:
             raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     record = run_pd_bench(
         variants=variants, model=args.model, requests=args.requests, rate=args.rate, output_tokens=args.output_tokens,
         lengths=lengths, saturate=saturate, saturate_count=args.saturate_count, seed=args.seed, scale=args.scale,
-        bulk_gbps=args.bulk_gbps, config=_resolve_config(args), json_path=args.json_path, md_path=args.md_path,
+        bulk_gbps=args.bulk_gbps, decodes=args.decodes, config=_resolve_config(args), json_path=args.json_path,
+        md_path=args.md_path,
         png_path=args.png_path, progress=lambda message: print(f"bench pd: {message}", file=sys.stderr, flush=True),
     )  # fmt: skip
     print(markdown(record), end="")

@@ -75,6 +75,14 @@ def test_layer_wise_overlap_hides_the_transfer_between_real_processes() -> None:
     assert c["ttft_p50_ms"] < b["ttft_p50_ms"]
 
 
+def test_requests_are_dealt_to_several_decode_processes() -> None:
+    run = asyncio.run(run_variant("c", poisson_mix(4, 4.0, 3, lengths={4096: 1}), bulk_gbps=0.1, bulk_mib=8, decodes=2))
+    figures = summarise(run)
+    assert figures["completed"] == 4, figures["errors"]
+    assert run["decodes"] == 2 and {r["instance"] for r in run["records"]} == {"decode0", "decode1"}
+    assert run["decode_steps"] >= 2 * 3
+
+
 def test_variant_a_without_nixl_moves_one_message_per_block_after_the_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
     import sage_transport.pd.decode as decode
 

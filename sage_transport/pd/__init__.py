@@ -1,6 +1,7 @@
 """``sage-transport bench pd``: prefill→decode disaggregation, emulated on a CPU-only machine with real KV.
 
-A prefill process and a decode engine (this process) run an engine's step loop. Compute is emulated by waits
+A prefill process and one or more decode instances (this process, and child processes for ``decodes`` > 1) run an
+engine's step loop. Compute is emulated by waits
 calibrated from published GPU timings (:mod:`.timing`), so the CPUs stay free for the transport as they would on a
 GPU machine; the KV cache has the model's shape, is paged, lands in shuffled destination blocks and really moves
 between the processes. A Poisson request mix (:mod:`.workload`) runs once per variant, with the same arrivals:

@@ -20,7 +20,8 @@ __all__ = ["run_pd_bench"]
 
 async def _run(
     variants: list[str], model: str, requests: int, rate: float, output_tokens: int, lengths: dict[int, int],
-    saturate: list[int], saturate_count: int, seed: int, scale: float, bulk_mib: int, bulk_gbps: float, config: KVTransportConfig,
+    saturate: list[int], saturate_count: int, seed: int, scale: float, bulk_mib: int, bulk_gbps: float, decodes: int,
+    config: KVTransportConfig,
     progress: Any,
 ) -> dict[str, Any]:  # fmt: skip
     mix = poisson_mix(requests, rate, output_tokens, lengths=lengths, seed=seed)
@@ -28,14 +29,15 @@ async def _run(
         "model": model, "compute": ComputeModel.for_model(model, scale).describe(),
         "variants": {v: VARIANTS[v] for v in variants},
         "mix": f"{requests} requests, Poisson {rate}/s, prompts {sorted(lengths)} weighted {list(lengths.values())}, "
-        f"{output_tokens} output tokens, a bulk stream of {bulk_mib} MiB transfers offering {bulk_gbps} GB/s",
+        f"{output_tokens} output tokens, a bulk stream of {bulk_mib} MiB transfers offering {bulk_gbps} GB/s, "
+        f"{decodes} decode instance(s)",
         "mix_runs": [], "saturating": {}, "raw": {},
     }  # fmt: skip
     for variant in variants:
         progress(f"mix, variant {variant}")
         run = await asyncio.to_thread(
             run_in_process, variant, mix, model=model, config=config, seed=seed, scale=scale, bulk_mib=bulk_mib,
-            bulk_gbps=bulk_gbps,
+            bulk_gbps=bulk_gbps, decodes=decodes,
         )  # fmt: skip
         record["raw"][f"mix-{variant}"] = run
         record["mix_runs"].append(summarise(run))
@@ -46,7 +48,7 @@ async def _run(
             progress(f"{bucket} together, variant {variant}")
             run = await asyncio.to_thread(
                 run_in_process, variant, batch, model=model, config=config, seed=seed, scale=scale, bulk_mib=bulk_mib,
-                bulk_gbps=bulk_gbps,
+                bulk_gbps=bulk_gbps, decodes=decodes,
             )  # fmt: skip
             record["raw"][f"{bucket}-{variant}"] = run
             record["saturating"].setdefault(bucket, []).append(summarise(run))
@@ -61,7 +63,8 @@ async def _run(
 def run_pd_bench(
     *, variants: list[str], model: str = "qwen2.5-7b", requests: int = 12, rate: float = 1.0, output_tokens: int = 64,
     lengths: dict[int, int] | None = None, saturate: list[int] | None = None, saturate_count: int = 3, seed: int = 0,
-    scale: float = 1.0, bulk_mib: int = 64, bulk_gbps: float = 0.5, config: KVTransportConfig | None = None,
+    scale: float = 1.0, bulk_mib: int = 64, bulk_gbps: float = 0.5, decodes: int = 1,
+    config: KVTransportConfig | None = None,
     json_path: Path | None = None,
     md_path: Path | None = None, png_path: Path | None = None, progress: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
@@ -70,7 +73,8 @@ def run_pd_bench(
     record = asyncio.run(
         _run(
             variants, model, requests, rate, output_tokens, lengths or DEFAULT_LENGTHS,
-            saturate if saturate is not None else [32768, 65536, 131072], saturate_count, seed, scale, bulk_mib, bulk_gbps,
+            saturate if saturate is not None else [32768, 65536, 131072], saturate_count, seed, scale, bulk_mib,
+            bulk_gbps, decodes,
             config or KVTransportConfig(), progress or (lambda _: None),
         )
     )  # fmt: skip
