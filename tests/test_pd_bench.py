@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +99,18 @@ def test_the_cli_refuses_bad_arguments_by_name(capsys: pytest.CaptureFixture[str
     assert "--variants='a,z'" in capsys.readouterr().err
     assert main(["bench", "pd", "--lengths", "4K:1,lots:2"]) == 2
     assert "--lengths: 'lots' is not a token count" in capsys.readouterr().err
+
+
+def test_one_command_writes_the_json_and_markdown_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    json_path, md_path = tmp_path / "pd.json", tmp_path / "pd.md"
+    argv = ["bench", "pd", "--variants", "b,c", "--requests", "2", "--rate", "2", "--output-tokens", "4", "--lengths", "4K:1"]
+    argv += ["--saturate", "4K", "--saturate-count", "2", "--bulk-gbps", "0.1", "--json", str(json_path), "--md", str(md_path)]
+    assert main(argv) == 0
+    record = json.loads(json_path.read_text())
+    for variant in ("b", "c"):
+        assert record[f"{variant}_ttft_p50_ms"] > 0 and record[f"{variant}_tpot_p99_ms"] > 0
+        assert record[f"{variant}_tokens_per_s"] > 0
+    assert sorted(record["raw"]) == ["4K-b", "4K-c", "mix-b", "mix-c"]
+    assert [s["variant"] for s in record["saturating"]["4K"]] == ["b", "c"]
+    assert md_path.read_text() == capsys.readouterr().out
+    assert "## Request mix, overall" in md_path.read_text()

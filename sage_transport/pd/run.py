@@ -33,25 +33,23 @@ async def _run(
         f"{decodes} decode instance(s)",
         "mix_runs": [], "saturating": {}, "raw": {},
     }  # fmt: skip
-    for variant in variants:
-        progress(f"mix, variant {variant}")
+
+    async def one(name: str, variant: str, batch: list[Any]) -> dict[str, Any]:
+        progress(f"{name}, variant {variant}")
         run = await asyncio.to_thread(
-            run_in_process, variant, mix, model=model, config=config, seed=seed, scale=scale, bulk_mib=bulk_mib,
+            run_in_process, variant, batch, model=model, config=config, seed=seed, scale=scale, bulk_mib=bulk_mib,
             bulk_gbps=bulk_gbps, decodes=decodes,
         )  # fmt: skip
-        record["raw"][f"mix-{variant}"] = run
-        record["mix_runs"].append(summarise(run))
+        record["raw"][f"{name.split()[0]}-{variant}"] = run
+        return summarise(run)
+
+    for variant in variants:
+        record["mix_runs"].append(await one("mix", variant, mix))
     for tokens in saturate:
         bucket = f"{tokens // 1024}K"
         batch = saturating(tokens, saturate_count, output_tokens)
         for variant in variants:
-            progress(f"{bucket} together, variant {variant}")
-            run = await asyncio.to_thread(
-                run_in_process, variant, batch, model=model, config=config, seed=seed, scale=scale, bulk_mib=bulk_mib,
-                bulk_gbps=bulk_gbps, decodes=decodes,
-            )  # fmt: skip
-            record["raw"][f"{bucket}-{variant}"] = run
-            record["saturating"].setdefault(bucket, []).append(summarise(run))
+            record["saturating"].setdefault(bucket, []).append(await one(f"{bucket} together", variant, batch))
     record["targets"] = targets(record)
     for summary in record["mix_runs"]:  # the record keys issue 10 names, per variant
         record[f"{summary['variant']}_ttft_p50_ms"] = summary["ttft_p50_ms"]
