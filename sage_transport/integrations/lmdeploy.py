@@ -216,7 +216,6 @@ class _Link:
         self.remote_addresses: dict[int, str] = {}
         self.remote_geometry: dict[int, PoolGeometry] = {}
         self.peers: dict[int, str] = {}
-        self.connected = False
 
 
 class SageMigrationBackend(MigrationBackendImpl):  # type: ignore[misc]

@@ -14,6 +14,7 @@ sent to it; one whose ``src_tier`` names a peer is pulled from it (:meth:`KVTran
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import time
@@ -30,20 +31,14 @@ __all__ = ["KVRuntimeBridge", "Tuning"]
 _EPOCH_FLOOR = 1e9  # a deadline above this is a time.time() instant, below it seconds from now
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class Tuning:
     """Chunk size and window chosen from the pool's feedback (see :meth:`KVRuntimeBridge.tune`)."""
 
-    __slots__ = ("chunk_size", "fragmentation", "prefetch_depth", "utilization")
-
-    def __init__(self, fragmentation: float, utilization: float, chunk_size: int, prefetch_depth: int) -> None:
-        self.fragmentation, self.utilization = fragmentation, utilization
-        self.chunk_size, self.prefetch_depth = chunk_size, prefetch_depth
-
-    def __repr__(self) -> str:
-        return (
-            f"Tuning(fragmentation={self.fragmentation:.2f}, utilization={self.utilization:.2f}, "
-            f"chunk_size={self.chunk_size}, prefetch_depth={self.prefetch_depth})"
-        )
+    fragmentation: float
+    utilization: float
+    chunk_size: int
+    prefetch_depth: int
 
 
 class KVRuntimeBridge:

@@ -270,7 +270,7 @@ class SageKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._step_saves: list[str] = []  # transfer ids whose prefill completes in the running forward pass
         self._transfer_of: dict[str, str] = {}  # request id → transfer id
         self._deferred_since: dict[str, float] = {}  # pulls asked before their prefill started, since when
-        self._stats = SageKVConnectorStats() if VLLM_AVAILABLE else None
+        self._stats = SageKVConnectorStats()
         if role == KVConnectorRole.WORKER:
             self._loop = shared_loop()
             self._loop.call(self._open(), timeout=self.config.connect_timeout_s + 30)
@@ -294,8 +294,7 @@ class SageKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             produced = self._produced.get(transfer_id)
             if produced is not None:
                 produced.serving = False
-            if self._stats is not None:
-                self._stats.data["served" if error is None else "served_failures"] += 1
+            self._stats.data["served" if error is None else "served_failures"] += 1
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Register every layer's paged KV tensor once (shape ``(2, num_blocks, ...)``, one page per block and plane)."""
@@ -357,14 +356,12 @@ class SageKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
             result = await self._channel.pull(plan)
         except BaseException:
             with self._lock:
-                if self._stats is not None:
-                    self._stats.data["load_failures"] += 1
+                self._stats.data["load_failures"] += 1
             raise
         with self._lock:
-            if self._stats is not None:
-                self._stats.data["load_seconds"].append(result.wall_s)
-                self._stats.data["load_bytes"].append(result.bytes)
-                self._stats.data["load_wire_bytes"].append(result.wire_bytes)
+            self._stats.data["load_seconds"].append(result.wall_s)
+            self._stats.data["load_bytes"].append(result.bytes)
+            self._stats.data["load_wire_bytes"].append(result.wire_bytes)
 
     # ---- producer: serving pulls, layer by layer --------------------------------------------------------
 
@@ -391,13 +388,12 @@ class SageKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         with self._lock:
             produced = self._produced[tid]
             ready = set(produced.layers)
-        wanted = sum(len(m.dst_blocks) for m in asked.mappings) // len(asked.mappings)
-        if len(produced.block_ids) < wanted or len(asked.mappings) != 1:
+        mapping = asked.mappings[0]  # the decode asks one mapping over all layers (_pull)
+        if len(asked.mappings) != 1 or len(produced.block_ids) < len(mapping.dst_blocks):
             self._channel.refuse_pull(
-                tid, f"request {produced.request_id} holds {len(produced.block_ids)} blocks; {wanted} asked"
+                tid, f"request {produced.request_id} holds {len(produced.block_ids)} blocks; {len(mapping.dst_blocks)} asked"
             )
             return
-        mapping = asked.mappings[0]
         source = tuple(produced.block_ids[len(produced.block_ids) - len(mapping.dst_blocks) :])
         progressive = len(ready) < self._schema.num_layers
         plan = TransferPlan(
@@ -496,7 +492,7 @@ class SageKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def get_kv_connector_stats(self) -> SageKVConnectorStats | None:
         """The transfers finished since the last call (``None`` when there were none)."""
         with self._lock:
-            if self._stats is None or self._stats.is_empty():
+            if self._stats.is_empty():
                 return None
             stats, self._stats = self._stats, SageKVConnectorStats()
         return stats

@@ -3,15 +3,11 @@ NIXL's own agent on each side (``enable_prog_thread=False``, as it runs on CPU; 
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from typing import Any
 
 __all__ = ["NixlSide", "nixl_api"]
-
-_DEBUG = bool(os.environ.get("SAGE_PD_DEBUG"))
 
 
 def nixl_api() -> Any | None:
@@ -37,7 +33,6 @@ class NixlSide:
         self.registration = self.agent.register_memory([(address, nbytes, 0, "")], "DRAM")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._remote: dict[str, Any] = {}
         self.last = (0.0, 0.0)
 
     def metadata(self) -> bytes:
@@ -82,8 +77,6 @@ class NixlSide:
             raise RuntimeError(f"NIXL READ of {len(pages)} pages from {peer} failed")
         end = time.perf_counter()
         self.last = (posted - start, end - posted)  # (descriptor preparation, transfer) seconds
-        if _DEBUG:
-            print(f"nixl read {len(pages)} pages prep {posted - start:.3f} xfer {end - posted:.3f}", file=sys.stderr)
         return end - start
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-def _figures(records: list[dict[str, Any]], elapsed_s: float) -> dict[str, Any]:
+def _figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     done = [r for r in records if not r["error"] and r["token_times"]]
     ttft = [r["token_times"][0] * 1e3 for r in done]
     tpot = [
@@ -54,17 +54,13 @@ def _figures(records: list[dict[str, Any]], elapsed_s: float) -> dict[str, Any]:
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
     """A variant's run → its figures overall and per context length (requests of exactly that prompt length)."""
     records = run["records"]
-    out = {"variant": run["variant"], "description": run["description"], **_figures(records, run["elapsed_s"])}
+    out = {"variant": run["variant"], "description": run["description"], **_figures(records)}
     out["by_length"] = {}
     for name, tokens in BUCKETS.items():
         bucket = [r for r in records if r["tokens"] == tokens]
         if bucket:
-            out["by_length"][name] = _figures(bucket, run["elapsed_s"])
+            out["by_length"][name] = _figures(bucket)
     return out
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if a == a and b == b and b else "–"
 
 
 def markdown(record: dict[str, Any]) -> str:
