@@ -55,8 +55,8 @@ async def test_conformance_holds_with_latency_and_bandwidth_model() -> None:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def slow_pair():  # type: ignore[no-untyped-def]
-        async with mock_pair(latency_s=0.0005, bandwidth_Bps=2e9) as pair:
+    async def slow_pair(**options):  # type: ignore[no-untyped-def]
+        async with mock_pair(latency_s=0.0005, bandwidth_Bps=2e9, **options) as pair:
             yield pair
 
     for check in CONFORMANCE_CHECKS:
@@ -70,8 +70,8 @@ async def test_a_broken_transport_fails_the_kit() -> None:
     from sage_transport.testing.conformance import check_ordering
 
     @asynccontextmanager
-    async def lossy_pair():  # type: ignore[no-untyped-def]
-        async with mock_pair() as pair:
+    async def lossy_pair(**options):  # type: ignore[no-untyped-def]
+        async with mock_pair(**options) as pair:
             original = pair.b.recv
 
             async def skipping(sink=None):  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
 from ..transports.base import Connection
 
-__all__ = ["CONFORMANCE_CHECKS", "ConnectedPair", "PairFactory", "local_pair", "mock_pair"]
+__all__ = ["CONFORMANCE_CHECKS", "PAIR_LIMITS", "ConnectedPair", "PairFactory", "local_pair", "mock_pair"]
 
 
 @dataclass
@@ -33,7 +33,17 @@ class ConnectedPair:
     kill_b: Callable[[], Awaitable[None]]
 
 
-PairFactory = Callable[[], contextlib.AbstractAsyncContextManager[ConnectedPair]]
+#: ``make_pair()`` gives an authenticated pair (both ends past :meth:`Connection.authenticated`);
+#: ``make_pair(authenticate=False)`` a pair as a listener first holds it, with the pre-handshake limits.
+PairFactory = Callable[..., contextlib.AbstractAsyncContextManager[ConnectedPair]]
+
+#: Limits the kit's authenticated pairs run with.
+PAIR_LIMITS = (4 << 20, 1 << 40)
+
+
+async def _authenticate(*conns: Connection) -> None:
+    """Lift the pre-handshake limits on connected ends at once (UCX's ends exchange worker addresses)."""
+    await asyncio.gather(*(conn.authenticated(*PAIR_LIMITS) for conn in conns))
 
 
 def _pattern(n: int, seed: int) -> bytes:
@@ -242,6 +252,32 @@ async def check_concurrent_senders(make_pair: PairFactory) -> None:
         await asyncio.gather(*tasks)
 
 
+async def check_limits_before_authentication(make_pair: PairFactory) -> None:
+    """Before the handshake a frame with a payload, or a header over the handshake limit, never arrives: the
+    sender refuses it or the receiver ends the connection with a typed error, allocating nothing for it."""
+    from ..transports.base import HANDSHAKE_FRAME_LIMIT
+
+    for header, payload in ((b"h", bytes(1 << 20)), (b"x" * (HANDSHAKE_FRAME_LIMIT + 1), None)):
+        async with make_pair(authenticate=False) as pair:
+            await pair.a.send(b"hello")  # a small header-only frame passes
+            frame = await pair.b.recv()
+            _require(frame.header == b"hello" and frame.payload is None, "a handshake-sized frame did not arrive")
+            send = asyncio.ensure_future(pair.a.send(header, payload))  # may wait for the receiver (rendezvous)
+            try:
+                async with asyncio.timeout(10):
+                    got = await pair.b.recv()
+            except (ProtocolError, TransportError):
+                got = None
+            except TimeoutError:  # nothing arrived: the sender must have refused it
+                got = None
+                refused = send.done() and isinstance(send.exception(), (ProtocolError, TransportError))
+                _require(refused, "nothing arrived and the sender did not refuse it")
+            with contextlib.suppress(ProtocolError, TransportError):
+                async with asyncio.timeout(10):
+                    await send
+            _require(got is None, f"a {len(header)}-byte header (payload: {payload is not None}) arrived before the handshake")
+
+
 CONFORMANCE_CHECKS: list[Callable[[PairFactory], Awaitable[None]]] = [
     check_ordering,
     check_empty_payload,
@@ -252,11 +288,12 @@ CONFORMANCE_CHECKS: list[Callable[[PairFactory], Awaitable[None]]] = [
     check_cancelled_send_leaves_nothing,
     check_peer_death,
     check_concurrent_senders,
+    check_limits_before_authentication,
 ]
 
 
 @contextlib.asynccontextmanager
-async def mock_pair(**network_options: Any) -> AsyncIterator[ConnectedPair]:
+async def mock_pair(*, authenticate: bool = True, **network_options: Any) -> AsyncIterator[ConnectedPair]:
     """A connected pair over a fresh :class:`~sage_transport.transports.mock.MockNetwork`."""
     from ..transports.mock import MockNetwork, MockTransport
 
@@ -265,6 +302,8 @@ async def mock_pair(**network_options: Any) -> AsyncIterator[ConnectedPair]:
     listener = await server.listen()
     a = await client.connect(listener.address)
     b = await listener.accept()
+    if authenticate:
+        await _authenticate(a, b)
 
     async def kill_b() -> None:
         network.kill(server.address)
@@ -278,7 +317,7 @@ async def mock_pair(**network_options: Any) -> AsyncIterator[ConnectedPair]:
 
 
 @contextlib.asynccontextmanager
-async def local_pair(transport: str, **options: Any) -> AsyncIterator[ConnectedPair]:
+async def local_pair(transport: str, *, authenticate: bool = True, **options: Any) -> AsyncIterator[ConnectedPair]:
     """A pair between two instances of a registered transport in this process; ``kill_b`` calls b's
     ``abort()`` (reset, no goodbye), which the transport's connections must provide."""
     from ..transports.registry import get_transport_class
@@ -290,6 +329,8 @@ async def local_pair(transport: str, **options: Any) -> AsyncIterator[ConnectedP
         a = await client.connect(listener.address)
         async with asyncio.timeout(30):
             b = await listener.accept()
+            if authenticate:
+                await _authenticate(a, b)
 
         async def kill_b() -> None:
             b.abort()  # type: ignore[attr-defined]

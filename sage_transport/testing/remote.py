@@ -28,7 +28,7 @@ from ..errors import ProtocolError
 from ..memory import as_byte_view
 from ..transports.base import Connection, ConnectionStatistics, Frame, PayloadSink
 from ..transports.registry import get_transport_class
-from .conformance import ConnectedPair
+from .conformance import PAIR_LIMITS, ConnectedPair
 
 __all__ = ["RemoteConnection", "remote_pair"]
 
@@ -126,7 +126,7 @@ class RemoteConnection(Connection):
 
 
 @contextlib.asynccontextmanager
-async def remote_pair(transport: str, **options: Any) -> AsyncIterator[ConnectedPair]:
+async def remote_pair(transport: str, *, authenticate: bool = True, **options: Any) -> AsyncIterator[ConnectedPair]:
     """A pair over ``transport`` (a registered name, built with ``options``) between this process and a child."""
     local_transport = get_transport_class(transport)(**options)
     listener = await local_transport.listen()
@@ -137,6 +137,7 @@ async def remote_pair(transport: str, **options: Any) -> AsyncIterator[Connected
         transport,
         json.dumps(options),
         listener.address,
+        "1" if authenticate else "0",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"},
@@ -144,6 +145,8 @@ async def remote_pair(transport: str, **options: Any) -> AsyncIterator[Connected
     try:
         async with asyncio.timeout(30):
             a = await listener.accept()
+            if authenticate:  # the child lifts its end's limits as soon as it connected
+                await a.authenticated(*PAIR_LIMITS)
         b = RemoteConnection(process, a.peer_address, a.local_address)
 
         async def kill_b() -> None:
@@ -163,7 +166,7 @@ async def remote_pair(transport: str, **options: Any) -> AsyncIterator[Connected
         await local_transport.aclose()
 
 
-async def _serve(transport: str, options: dict[str, Any], address: str) -> None:
+async def _serve(transport: str, options: dict[str, Any], address: str, authenticate: bool) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
@@ -173,6 +176,8 @@ async def _serve(transport: str, options: dict[str, Any], address: str) -> None:
     writer = asyncio.StreamWriter(out_transport, out_protocol, None, loop)
     real = get_transport_class(transport)(**options)
     conn = await real.connect(address)
+    if authenticate:
+        await conn.authenticated(*PAIR_LIMITS)
     done = asyncio.Event()
 
     async def handle(command: _Command) -> None:
@@ -210,4 +215,4 @@ async def _serve(transport: str, options: dict[str, Any], address: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]))
+    asyncio.run(_serve(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"))

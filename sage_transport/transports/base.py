@@ -17,6 +17,8 @@ from typing import Any, ClassVar, NamedTuple
 import msgspec
 
 __all__ = [
+    "DISCARD_LIMIT",
+    "HANDSHAKE_FRAME_LIMIT",
     "Connection",
     "ConnectionStatistics",
     "Frame",
@@ -25,6 +27,15 @@ __all__ = [
     "Transport",
     "TransportCapabilities",
 ]
+
+#: Largest header a connection takes before :meth:`Connection.authenticated`: a handshake message. Until then
+#: no frame may carry a payload; a larger or payload-carrying frame ends the connection before anything is
+#: allocated for it.
+HANDSHAKE_FRAME_LIMIT = 8 << 10
+
+#: Largest payload a connection consumes after its sink refused it (into reused scratch); a larger refused
+#: payload ends the connection instead of allocating what the peer names.
+DISCARD_LIMIT = 4 << 20
 
 #: ``sink(header, nbytes)`` returns a writable buffer of exactly ``nbytes`` bytes, or ``None`` to let the
 #: connection allocate one.
@@ -68,10 +79,38 @@ class _AsyncResource(abc.ABC):
 
 
 class Connection(_AsyncResource):
-    """One ordered, reliable, bidirectional frame stream to a peer."""
+    """One ordered, reliable, bidirectional frame stream to a peer.
+
+    A new connection is *unauthenticated*: it accepts only frames with a header of at most
+    :data:`HANDSHAKE_FRAME_LIMIT` bytes and no payload (``max_header``, ``max_payload``), and a transport that
+    discloses anything of its own (UCX's worker address) waits until :meth:`authenticated`.
+    """
 
     local_address: str
     peer_address: str
+    max_header: int = HANDSHAKE_FRAME_LIMIT
+    max_payload: int = 0
+
+    async def authenticated(self, max_header: int, max_payload: int) -> None:
+        """The peer passed the handshake: accept headers up to ``max_header`` and payloads up to ``max_payload``
+        bytes from now on (a transport may now finish its own set-up, e.g. UCX's endpoint). Raises
+        ``PeerDeadError`` or ``ProtocolError`` when that set-up fails."""
+        self.max_header, self.max_payload = max_header, max_payload
+
+    def peer_credentials(self) -> tuple[int, int, int] | None:
+        """``(pid, uid, gid)`` of the peer process when the transport itself can vouch for it (the in-memory
+        transport: the peer is this process); ``None`` otherwise (the channel then asks the kernel)."""
+        return None
+
+    def _frame_error(self, hlen: int, nbytes: int) -> str:
+        """Why a frame of ``hlen`` header and ``nbytes`` payload bytes breaks this connection's limits, or ``""``."""
+        if hlen > self.max_header:
+            return f"a {hlen}-byte header from {self.peer_address} exceeds the {self.max_header}-byte limit"
+        if nbytes > self.max_payload:
+            if not self.max_payload:
+                return f"a {nbytes}-byte payload from {self.peer_address} before the handshake completed"
+            return f"a {nbytes}-byte payload from {self.peer_address} exceeds the {self.max_payload}-byte limit"
+        return ""
 
     @abc.abstractmethod
     async def send(self, header: bytes, payload: Any = None) -> None:
@@ -87,7 +126,8 @@ class Connection(_AsyncResource):
 
         Raises ``ConnectionClosedError`` at end of stream (peer closed cleanly, or we closed),
         ``PeerDeadError`` when the peer died, ``ProtocolError`` when the sink's buffer has the wrong size.
-        Exceptions raised by the sink propagate; the frame is then consumed.
+        Exceptions raised by the sink propagate; the frame is then consumed (a payload over
+        :data:`DISCARD_LIMIT` ends the connection instead).
         """
 
     @abc.abstractmethod

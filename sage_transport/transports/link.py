@@ -55,6 +55,20 @@ class Link:
         self._writer.write(struct.pack("<I", len(data)) + data)
         await self._writer.drain()
 
+    async def send_raw(self, data: bytes) -> None:
+        """Write ``data`` as it is (a connection's frames before its handshake completed)."""
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            raise PeerDeadError(f"{self.peer_address} hung up during connection set-up") from exc
+
+    async def recv_exactly(self, nbytes: int) -> bytes:
+        try:
+            return await self._reader.readexactly(nbytes)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise PeerDeadError(f"{self.peer_address} hung up during connection set-up") from exc
+
     async def recv_blob(self) -> bytes:
         try:
             (size,) = struct.unpack("<I", await self._reader.readexactly(4))

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import itertools
 import math
+import os
 from typing import Any, ClassVar
 
 from ..errors import ConnectionClosedError, FrameTooLargeError, PeerDeadError, ProtocolError
@@ -221,6 +222,12 @@ class MockConnection(Connection):
             await rx.readable.wait()
 
     def _deliver(self, frame: _Frame, sink: PayloadSink | None) -> Frame:
+        error = self._frame_error(len(frame.header), frame.nbytes if frame.payload is not None else 0)
+        if error:  # as on a real transport: the connection ends, nothing is allocated for the frame
+            if frame.done is not None and not frame.done.done():
+                frame.done.set_result(None)
+            self._break(f"protocol error: {error}")
+            raise FrameTooLargeError(error)
         self._counts[1] += 1
         self._counts[3] += frame.nbytes
         try:
@@ -240,6 +247,10 @@ class MockConnection(Connection):
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(*self._counts)
+
+    def peer_credentials(self) -> tuple[int, int, int] | None:
+        """The peer is this very process (the fabric lives in its memory)."""
+        return os.getpid(), os.getuid(), os.getgid()
 
     def _break(self, reason: str) -> None:
         for pipe in (self._tx, self._rx):

@@ -26,8 +26,7 @@ from typing import Any, ClassVar
 from ..config import KVTransportConfig, is_loopback
 from ..errors import ConnectionClosedError, FrameTooLargeError, PeerDeadError, ProtocolError
 from ..memory import as_byte_view
-from ..wire import MAX_CONTROL_BYTES
-from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
+from .base import DISCARD_LIMIT, Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
 from .link import parse_host_port
 from .listeners import ServerListener
 
@@ -35,7 +34,8 @@ __all__ = ["TcpConnection", "TcpTransport"]
 
 _PREFIX = struct.Struct("<IQ")
 _GOODBYE = (1 << 64) - 1
-_BUFFER = 256 << 10
+_BUFFER = 256 << 10  # receive buffer once authenticated
+_HANDSHAKE_BUFFER = 16 << 10  # before: what a handshake message needs (an idle stranger costs little)
 _MAX_PAYLOAD = 1 << 40
 _INLINE = 64 << 10  # payloads up to this size are copied behind the header (one send call)
 _EARLY_LIMIT = 64 << 20
@@ -76,7 +76,7 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         self._peer_timeout_s = peer_timeout_s
         self._on_made = on_made
         self._transport: asyncio.Transport | None = None
-        self._buf = bytearray(_BUFFER)
+        self._buf = bytearray(_HANDSHAKE_BUFFER)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         # the frame whose payload is being received
@@ -96,6 +96,7 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         self._sock: socket.socket | None = None  # a dup of the connection's socket: sends go straight from the payload
         self._writing = 0  # frames queued behind the send lock
         self._send_lock = asyncio.Lock()
+        self._scratch = bytearray(0)  # where refused payloads are consumed (up to DISCARD_LIMIT)
         self._state = ""  # "", "closed", "peer-closed", "dead: reason"
         self._counts = [0, 0, 0, 0]
 
@@ -157,9 +158,21 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         if self._start:
             self._buf[:pending] = self._buf[self._start : self._end]
         self._start, self._end = 0, pending
-        if pending == len(self._buf):  # one header larger than the buffer: grow (bounded by the decoder's limit)
-            self._buf.extend(bytes(len(self._buf)))
-            self._view = memoryview(self._buf)
+        if pending == len(self._buf):  # one header larger than the buffer: grow (bounded by max_header)
+            self._grow(2 * len(self._buf))
+
+    def _grow(self, size: int) -> None:
+        """A larger receive buffer holding the unparsed bytes (a new one: the old one's view is exported)."""
+        pending = self._end - self._start
+        buf = bytearray(size)
+        buf[:pending] = self._view[self._start : self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, pending
+
+    async def authenticated(self, max_header: int, max_payload: int) -> None:
+        await super().authenticated(max_header, max_payload)
+        if len(self._buf) < _BUFFER and self._target is None:
+            self._grow(_BUFFER)
 
     def _parse(self) -> None:
         while not self._awaiting_sink and self._target is None:
@@ -172,9 +185,10 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
                 self._state = self._state or "peer-closed"
                 self._wake()
                 break
-            if hlen > MAX_CONTROL_BYTES or plen - 1 > _MAX_PAYLOAD:
-                self._state = f"dead: protocol error: frame of {hlen}+{plen} bytes"
-                self._frames.append(FrameTooLargeError(f"frame header of {hlen} bytes from {self.peer_address}"))
+            error = self._frame_error(hlen, plen - 1 if plen else 0)
+            if error:  # refused before anything is allocated for it; the connection ends
+                self._state = f"dead: protocol error: {error}"
+                self._frames.append(FrameTooLargeError(error))
                 if self._transport is not None:
                     self._transport.abort()
                 self._wake()
@@ -230,7 +244,17 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
                 raise ProtocolError(f"sink gave {view.nbytes} bytes for a {nbytes}-byte payload")
         except BaseException as exc:  # the frame is consumed into scratch; the receiver gets the error
             self._target_error = exc
-            view = memoryview(bytearray(nbytes))
+            if nbytes > DISCARD_LIMIT:  # consuming it would allocate what the peer names: end the connection
+                self._target_error = None
+                self._state = f"dead: a refused {nbytes}-byte payload ({exc})"
+                self._frames.append(exc)
+                if self._transport is not None:
+                    self._transport.abort()
+                self._wake()
+                return
+            if len(self._scratch) < nbytes:
+                self._scratch = bytearray(nbytes)
+            view = memoryview(self._scratch)[:nbytes]
         self._target, self._target_pos = view, 0
         buffered = min(self._end - self._start, nbytes)
         if buffered:

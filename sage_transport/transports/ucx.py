@@ -1,8 +1,12 @@
 """UCX through ucxx (PyPI ``ucxx-cu12``): shared memory and CMA on one host, TCP/IB/RoCE across hosts.
 
-Peers reach each other by ``host:port``: that is a small TCP *link* (:mod:`.link`) that exchanges UCX
-worker addresses and then carries heartbeats. Data never touches it. Endpoints are made from worker
-addresses, and their kind is chosen per peer:
+Peers reach each other by ``host:port``: that is a small TCP *link* (:mod:`.link`). Until the channel's
+handshake succeeds the connection's frames travel on the link, size-limited and without payloads, and
+nothing of UCX is disclosed; :meth:`UcxConnection.authenticated` then exchanges worker addresses and random
+per-connection tags (a secret only the authenticated peer learns: frames on a guessed tag never match)
+and the link carries heartbeats. Data never touches it. UCX's own TCP sockets are bound to the interface of a
+non-loopback ``listen_host`` (``UCX_NET_DEVICES``) unless devices are set. Endpoints are made from worker addresses, and
+their kind is chosen per peer:
 
 * **same host** (same boot id and host name): shared memory (sysv/posix, made to accept peer error handling
   with ``MM_ERROR_HANDLING=y``), never TCP. Every endpoint has peer error handling: without it UCX aborts the
@@ -26,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import itertools
+import fcntl
 import os
 import re
+import secrets
+import socket
 import struct
 import sys
 import tempfile
@@ -37,11 +43,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 import structlog
 
-from ..config import KVTransportConfig, ProgressMode
+from ..config import KVTransportConfig, ProgressMode, is_loopback
 from ..errors import ConfigError, ConnectionClosedError, FrameTooLargeError, PeerDeadError, ProtocolError, UnsupportedError
 from ..memory import as_byte_view
 from ..placement import host_identity
-from .base import Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
+from .base import DISCARD_LIMIT, Connection, ConnectionStatistics, Frame, Listener, PayloadSink, Transport, TransportCapabilities
 from .link import Link, open_link, parse_host_port
 from .listeners import ServerListener
 from .ucx_progress import WorkerProgress
@@ -128,29 +134,18 @@ def _map_error(exc: BaseException, conn: UcxConnection) -> BaseException:
 class UcxConnection(Connection):
     """One UCX endpoint plus its liveness link."""
 
-    def __init__(
-        self,
-        transport: UcxTransport,
-        endpoint: Any,
-        link: Link,
-        send_tag: int,
-        recv_tag: int,
-        local: bool,
-        peer: str,
-        error_handling: bool = True,
-    ) -> None:
+    def __init__(self, transport: UcxTransport, link: Link, peer: str) -> None:
         self.transport = transport
         self.local_address = link.local_address
         self.peer_address = peer
-        self.same_host = local
-        self._error_handling = error_handling
+        self.same_host = False
+        self._error_handling = True
         self.ucx_transports: dict[str, list[str]] = {}
-        self._ep = endpoint
+        self._ep: Any = None  # made by authenticated(): until then frames go on the link
         self._link = link
         self._progress = transport._progress_driver()
-        tag = _ucx.UCXXTag
-        self._tag_head_out, self._tag_data_out = tag(send_tag), tag(send_tag | 1)
-        self._tag_head_in, self._tag_data_in = tag(recv_tag), tag(recv_tag | 1)
+        self._tag_head_out = self._tag_data_out = self._tag_head_in = self._tag_data_in = None
+        self._scratch = bytearray(0)  # where refused payloads are consumed (up to DISCARD_LIMIT)
         self._head_buf = bytearray(HEAD_SLOT)
         self._head_array = _Array(self._head_buf)
         self._head_pending: Any = None
@@ -164,6 +159,48 @@ class UcxConnection(Connection):
     def __repr__(self) -> str:
         kind = "same-host" if self.same_host else "remote"
         return f"<UcxConnection {self.local_address} -> {self.peer_address} ({kind})>"
+
+    def _attach(self, endpoint: Any, send_tag: int, recv_tag: int, local: bool, error_handling: bool) -> None:
+        tag = _ucx.UCXXTag
+        self._ep, self.same_host, self._error_handling = endpoint, local, error_handling
+        self._tag_head_out, self._tag_data_out = tag(send_tag), tag(send_tag | 1)
+        self._tag_head_in, self._tag_data_in = tag(recv_tag), tag(recv_tag | 1)
+
+    async def authenticated(self, max_header: int, max_payload: int) -> None:
+        """Exchange worker addresses and secret tags over the link, make the endpoint, start heartbeats."""
+        if self._ep is not None:
+            await super().authenticated(max_header, max_payload)
+            return
+        self._check_sendable()
+        recv_tag = _secret_tag()
+        link = self._link
+        await link.send_blob(self.transport._intro(recv_tag))
+        intro = _decode_intro(await link.recv_blob(), self.peer_address)
+        self.transport._open_endpoint(self, intro, recv_tag)
+        await super().authenticated(max_header, max_payload)
+
+    # ---- before the handshake: frames on the link -----------------------------------------------------
+
+    async def _link_send(self, header: bytes, payload: Any) -> None:
+        if payload is not None:
+            raise ProtocolError(f"no payload may go to {self.peer_address} before the handshake completed")
+        if len(header) > self.max_header:
+            raise FrameTooLargeError(f"a {len(header)}-byte header before the handshake (limit {self.max_header})")
+        await self._link.send_raw(_PREFIX.pack(len(header), 0) + header)
+
+    async def _link_recv(self) -> Frame:
+        prefix = await self._link.recv_exactly(_PREFIX.size)
+        hlen, plen = _PREFIX.unpack(prefix)
+        if plen == _GOODBYE:
+            self._peer_closed = True
+            raise ConnectionClosedError(f"peer {self.peer_address} closed the connection")
+        error = self._frame_error(hlen, plen - 1 if plen else 0)
+        if error:  # refused before anything is allocated; the link ends
+            self._broken = error
+            self._link.abort()
+            raise FrameTooLargeError(error)
+        self._counts[1] += 1
+        return Frame(await self._link.recv_exactly(hlen), None)
 
     # ---- liveness -----------------------------------------------------------------------------------
 
@@ -247,6 +284,10 @@ class UcxConnection(Connection):
 
     async def send(self, header: bytes, payload: Any = None) -> None:
         ep = self._check_sendable()
+        if ep is None:
+            await self._link_send(header, payload)
+            self._counts[0] += 1
+            return
         view = None if payload is None else as_byte_view(payload)
         nbytes = 0 if view is None else view.nbytes
         if nbytes > self.transport.capabilities.max_message_size:
@@ -286,6 +327,8 @@ class UcxConnection(Connection):
             raise PeerDeadError(f"peer {self.peer_address} is dead: {self._dead}")
         if self._broken:
             raise ConnectionClosedError(f"connection to {self.peer_address} is unusable: {self._broken}")
+        if self._ep is None:
+            return await self._link_recv()
         if self._head_pending is None:
             self._head_pending = self._ep.tag_recv(self._head_array, self._tag_head_in)
         await self._wait(self._head_pending, self._head_array, idle=True)
@@ -294,6 +337,10 @@ class UcxConnection(Connection):
         if plen == _GOODBYE:
             self._peer_closed = True
             raise ConnectionClosedError(f"peer {self.peer_address} closed the connection")
+        error = self._frame_error(hlen, plen - 1 if plen else 0)
+        if error:  # nothing is allocated for it; the stream is out of step from here on
+            self._broken = error
+            raise FrameTooLargeError(error)
         try:
             if hlen + _PREFIX.size <= HEAD_SLOT:
                 header = bytes(self._head_buf[_PREFIX.size : _PREFIX.size + hlen])
@@ -332,8 +379,12 @@ class UcxConnection(Connection):
         await self._wait(self._ep.tag_recv(array, self._tag_data_in), array)
 
     async def _discard(self, nbytes: int) -> None:
-        if nbytes:
-            await self._recv_into(bytearray(nbytes))
+        if nbytes > DISCARD_LIMIT:  # consuming it would allocate what the peer names: the stream ends here
+            self._broken = f"a refused {nbytes}-byte payload was not consumed"
+        elif nbytes:
+            if len(self._scratch) < nbytes:
+                self._scratch = bytearray(nbytes)
+            await self._recv_into(memoryview(self._scratch)[:nbytes])
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(*self._counts)
@@ -356,7 +407,10 @@ class UcxConnection(Connection):
                         await future
         self._closed = True
         self._progress.fail(self._waiting, ConnectionClosedError(f"connection to {self.peer_address} closed"))
-        await self._link.goodbye()
+        if self._ep is None:
+            await self._link.close()  # before the handshake the link carries frames: no goodbye byte
+        else:
+            await self._link.goodbye()
         self._close_endpoint()
         self.transport._connections.discard(self)
 
@@ -370,14 +424,13 @@ class UcxConnection(Connection):
 
 
 class _WorkerSlot:
-    """A UCX context and worker, with what must outlive any one transport on it: the tag counter (tags stay
-    unique for the worker's whole life) and the protocol tables UCX prints only once per worker."""
+    """A UCX context and worker, with what must outlive any one transport on it: the protocol tables UCX
+    prints only once per worker."""
 
-    __slots__ = ("context", "tables", "tags", "worker")
+    __slots__ = ("context", "tables", "worker")
 
     def __init__(self, context: Any, worker: Any) -> None:
         self.context, self.worker = context, worker
-        self.tags = itertools.count(1)
         self.tables: dict[bool, dict[str, list[str]]] = {}  # UCX's protocol table per endpoint locality
 
 
@@ -453,6 +506,12 @@ class UcxTransport(Transport):
 
         profile = TransportProfile.derive(TopologyManager(vendors=(), measure_memory=False).probe(), config)
         options = profile.ucx_options()
+        if "NET_DEVICES" not in options and "UCX_NET_DEVICES" not in os.environ and not is_loopback(config.listen_host):
+            # UCX's own TCP sockets listen on the interface we were told to use, not on every interface. (Not for a
+            # loopback listen_host: such a channel may still connect out to other hosts, which lo cannot reach.)
+            interface = interface_of(config.listen_host)
+            if interface is not None:
+                options["NET_DEVICES"] = interface
         transport = cls(
             tls=options.pop("TLS", None),
             progress_mode=config.progress_mode,
@@ -502,12 +561,9 @@ class UcxTransport(Transport):
         self._progress_driver()
         return msgspec.msgpack.encode(_Intro(_INTRO_VERSION, self._worker.address.tobytes(), self.host_id, recv_tag, os.getpid()))
 
-    def _new_recv_tag(self) -> int:
-        self._progress_driver()
-        assert self._slot is not None
-        return next(self._slot.tags) << 1
-
-    def _endpoint(self, intro: _Intro, link: Link, recv_tag: int, peer: str) -> UcxConnection:
+    def _open_endpoint(self, conn: UcxConnection, intro: _Intro, recv_tag: int) -> None:
+        """Make ``conn``'s endpoint to the worker ``intro`` describes and start the link's heartbeats."""
+        peer, link = conn.peer_address, conn._link
         if intro.version != _INTRO_VERSION:
             raise ProtocolError(f"{peer} speaks UCX bootstrap version {intro.version}, we speak {_INTRO_VERSION}")
         local = self.locality == "local" or (self.locality == "auto" and intro.host == self.host_id)
@@ -517,7 +573,7 @@ class UcxTransport(Transport):
             # peer error handling rules out (and which stalls between two workers of one process without it)
             same_process = local and intro.host == self.host_id and intro.pid == os.getpid()
             endpoint = _ucx.UCXEndpoint.create_from_worker_address(self._worker, address, not same_process)
-        conn = UcxConnection(self, endpoint, link, intro.recv_tag, recv_tag, local, peer, not same_process)
+        conn._attach(endpoint, intro.recv_tag, recv_tag, local, not same_process)
         table = parse_protocol_table(printed[0]) if printed else {}
         assert self._slot is not None
         tables = self._slot.tables  # UCX prints a table once per worker and endpoint configuration
@@ -526,8 +582,6 @@ class UcxTransport(Transport):
             tables[local] = table
         self._check_transports(conn)
         link.watch(self.heartbeat_interval_s, self.peer_timeout_s, conn._on_dead, conn._on_goodbye)
-        self._connections.add(conn)
-        return conn
 
     def _check_transports(self, conn: UcxConnection) -> None:
         lanes = {lane.split("/")[0] for lanes in conn.ucx_transports.values() for lane in lanes}
@@ -546,33 +600,19 @@ class UcxTransport(Transport):
     async def connect(self, address: str) -> Connection:
         host, port = parse_host_port(address)
         link = await open_link(host, port, self.connect_timeout_s)
-        try:
-            recv_tag = self._new_recv_tag()
-            async with asyncio.timeout(self.connect_timeout_s):
-                await link.send_blob(self._intro(recv_tag))
-                intro = _decode_intro(await link.recv_blob(), address)
-            return self._endpoint(intro, link, recv_tag, f"{host}:{port}")
-        except BaseException:
-            link.abort()
-            raise
+        conn = UcxConnection(self, link, f"{host}:{port}")  # UCX's endpoint comes once the peer authenticated
+        self._connections.add(conn)
+        return conn
 
     async def listen(self, address: str | None = None) -> Listener:
         host, port = parse_host_port(address, "listen address") if address else (self.host, self.port)
         self._progress_driver()
 
         def start(offer: Any) -> Any:
-            async def on_link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            def on_link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 link = Link(reader, writer)
-                try:
-                    async with asyncio.timeout(self.connect_timeout_s):
-                        intro = _decode_intro(await link.recv_blob(), link.peer_address)
-                        recv_tag = self._new_recv_tag()
-                        await link.send_blob(self._intro(recv_tag))
-                    conn = self._endpoint(intro, link, recv_tag, link.peer_address)
-                except Exception as exc:
-                    log.warning("ucx_bootstrap_failed", peer=link.peer_address, error=str(exc))
-                    link.abort()
-                    return
+                conn = UcxConnection(self, link, link.peer_address)  # nothing is disclosed before the handshake
+                self._connections.add(conn)
                 offer(conn)
 
             return asyncio.start_server(on_link, host, port)
@@ -593,6 +633,36 @@ class UcxTransport(Transport):
                 log.info("ucx_worker_parked", reason="a same-host peer died with sends in flight", parked=parked_workers())
             self._progress = None
         self._worker = self._slot = None
+
+
+def _secret_tag() -> int:
+    """A random even 64-bit tag (its odd twin carries overflow headers and payloads)."""
+    return secrets.randbits(63) << 1
+
+
+def interface_of(host: str) -> str | None:
+    """The network interface that holds address ``host`` (``lo`` for loopback); ``None`` for a wildcard, a host
+    name or an address no interface holds."""
+    if is_loopback(host):
+        return "lo" if os.path.exists("/sys/class/net/lo") else None
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        return None  # IPv6, a name or a wildcard: UCX picks
+    if packed == b"\0\0\0\0":
+        return None
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _, name in socket.if_nameindex():
+            try:
+                answer = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if answer[20:24] == packed:
+                return name
+    finally:
+        probe.close()
+    return None
 
 
 def _decode_intro(data: bytes, peer: str) -> _Intro:
