@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "sage_transport.cli"]
 A, B, HOST_A, HOST_B, PORT = "sgcodecA", "sgcodecB", "10.99.8.1", "10.99.8.2", 18555
-TOKEN = "codec-bench-token-0123"
+TOKEN = "codec-bench-token-0123-Gf7Mw2Sx5Jq9"
 DTYPES = ["bf16", "fp8_e4m3", "int4"]
 
 

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import os
 import time
 import uuid
@@ -22,6 +23,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from .attest import Attestation, AttestationServer, PeerIdentity, Presented, attest_peer, present_to, supported
 from .config import Compression, Integrity, KVTransportConfig, require_token_off_loopback
 from .errors import (
     ChecksumError,
@@ -29,6 +31,7 @@ from .errors import (
     ConnectionClosedError,
     PeerDeadError,
     PlanError,
+    ProtocolError,
     SageTransportError,
     TransferAbortedError,
     TransferTimeoutError,
@@ -49,7 +52,7 @@ from .telemetry.trace import ChunkTracer
 from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
 from .transports.base import Connection, Listener, Transport
 from .transports.registry import get_transport_class
-from .wire import Abort, Announce, Pull, PullRefused, Region, RegionUpdate, Window
+from .wire import MAX_CONTROL_BYTES, Abort, Announce, Fence, Pull, PullRefused, Region, RegionUpdate, Window
 from .wire_codec import QUANTISED, ChunkCodec, codec_throughput, local_codecs, require_codec
 
 __all__ = ["ChannelStatistics", "KVTransferChannel"]
@@ -91,6 +94,10 @@ class ChannelStatistics(msgspec.Struct, frozen=True):
     inflight_bytes: int = 0  # sent and not yet acknowledged
     failures_by_kind: dict[str, int] = {}  # failed transfers by exception type
     stale_messages: int = 0  # ignored: a NACK about an attempt already superseded, or one never sent
+    protocol_errors: int = 0  # sessions ended because the peer broke the protocol (typed refusals)
+    internal_errors: int = 0  # sessions ended by an unexpected exception here (a bug: should stay 0)
+    untrusted_refusals: int = 0  # pulls, pushes and windows refused: the peer is neither token-proven nor attested
+    connections_refused: int = 0  # closed at once: too many handshakes pending on a listener
 
 
 class PeerStatistics(msgspec.Struct, frozen=True):
@@ -105,6 +112,24 @@ class PeerStatistics(msgspec.Struct, frozen=True):
     transfers_receiving: int
     placement: str
     transport: str
+
+
+_UNTRUSTED = (
+    "not trusted: this side has no auth_token, and the kernel did not attest the peer as a process of this user on "
+    "this host (give both sides auth_token)"
+)
+_PEER_PAGE_BUDGET = 2  # pages in one peer's open transfers, as a multiple of the registered pages
+_MAX_PULLS_PER_PEER = 1024  # transfers a peer may have us send it at once
+_REFUSED_CHUNK_LIMIT = 64 << 20  # chunks of a refused transfer up to this size are discarded (staging), not fatal
+
+
+def _plan_pages(schema: KVCacheSchema, mappings: Iterable[Any]) -> int:
+    """Pages a plan moves, computed from its mappings before anything is planned."""
+    return int(schema.kv_planes * sum((m.layer_stop - m.layer_start) * len(m.dst_blocks) for m in mappings))
+
+
+def _registered_pages(memory: KVMemory) -> int:
+    return memory.schema.num_layers * memory.schema.kv_planes * memory.num_blocks
 
 
 def _same_shape(a: KVCacheSchema, b: KVCacheSchema) -> bool:
@@ -172,6 +197,7 @@ class KVTransferChannel:
         self._outgoing: dict[str, Outgoing] = {}
         self._expect: dict[str, Expectation] = {}
         self._recent: collections.OrderedDict[str, Expectation] = collections.OrderedDict()
+        self._attestation: AttestationServer | None = None
         self._open = False
         self._closed = False
 
@@ -198,7 +224,8 @@ class KVTransferChannel:
         for listener in self._listeners:
             await listener.aclose()
         for task in list(self._tasks):
-            task.cancel()
+            if not task.get_name().startswith("sage-close-"):  # closes run to their end (they are shielded)
+                task.cancel()
         for session in list(self._sessions.values()):
             self._end_session(session, ConnectionClosedError(f"channel {self.name} closed"))
         if self._tasks:
@@ -206,6 +233,8 @@ class KVTransferChannel:
         for exp in list(self._expect.values()):
             exp.finish(None, ConnectionClosedError(f"channel {self.name} closed before transfer {exp.transfer_id} arrived"))
         self._expect.clear()
+        if self._attestation is not None:
+            self._attestation.close()
         if self._placement_pool is not None:
             await asyncio.to_thread(self._placement_pool.shutdown)  # no thread may still read our memory
             self._placement_pool = None
@@ -234,23 +263,39 @@ class KVTransferChannel:
         self._memory_views = memory.views
         for session in self._sessions.values():
             session.post(RegionUpdate(self._region()))  # type: ignore[arg-type]
-            self._offer_window(session)
+            if session.peer_invite is not None:  # the peer may now write it directly: present its window
+                offer = functools.partial(self._window_for, session.conn)
+                with contextlib.suppress(OSError):
+                    session.window_offered |= present_to(session.peer_invite, offer)
 
     # ---- direct placement (same host, CMA) ----------------------------------------------------------
 
     def _segments(self) -> list[tuple[int, int]]:
         return [(buffer_address(view), view.nbytes) for view in self._memory_views]
 
-    def _offer_window(self, session: PeerSession) -> None:
-        """Let a same-host peer write our registered memory directly (only after the handshake succeeded)."""
+    def _window_for(self, conn: Connection, listener: PeerIdentity) -> tuple[Window, list[int]] | None:
+        """The window on our memory to hand the process the kernel attests behind a peer's attestation socket
+        (:mod:`.attest`), or ``None``: only with direct placement and zero-copy on, to a same-host peer, and,
+        without a token, only to a process of this user."""
         config = self.config
         if not (config.direct_placement and config.zero_copy and self._memory is not None and cma_available()):
-            return
-        if not session.conn.link_info().get("same_host"):
-            return
-        session.window_offered = True
+            return None
+        if not conn.link_info().get("same_host"):
+            return None
+        if config.auth_token is None and listener.uid != os.getuid():
+            return None
         fds = self._memory.shared_fds if len(self._memory.shared_fds) == len(self._memory_views) else []
-        session.post(Window(os.getpid(), host_identity(), [list(seg) for seg in self._segments()], list(fds)))
+        return Window(host_identity(), [list(seg) for seg in self._segments()], bool(fds)), list(fds)
+
+    def _attestation_server(self) -> AttestationServer | None:
+        if self._attestation is None and supported():
+            try:
+                self._attestation = AttestationServer()
+            except OSError as exc:
+                log.warning("attestation_unavailable", error=str(exc))
+                return None
+            self._spawn(self._attestation.serve(), f"sage-attest-{self.name}")
+        return self._attestation
 
     def _worker_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._placement_pool is None:
@@ -263,23 +308,47 @@ class KVTransferChannel:
         self._counters["placement_failures"] += 1
         log.warning("direct_placement_failed", peer=session.peer, error=str(exc), fallback="two-sided sends")
 
-    def _on_window(self, session: PeerSession, msg: Window) -> None:
-        if not self.config.direct_placement or self._memory is None or msg.host != host_identity():
-            return
-        writer: CmaWriter | ShmWriter | None = None
-        if msg.fds and len(msg.fds) == len(msg.buffers):
-            try:
-                writer = ShmWriter(msg.pid, list(msg.fds), [n for _, n in msg.buffers], self._memory_views)
-            except UnsupportedError as exc:
-                log.info("shared_memory_placement_unavailable", peer=session.peer, reason=str(exc), fallback="cma")
-        if writer is None:
-            try:
-                writer = CmaWriter(msg.pid, [(a, n) for a, n in msg.buffers], self._segments())
-                writer.check()
-            except UnsupportedError as exc:
-                log.info("direct_placement_unavailable", peer=session.peer, reason=str(exc))
+    def _on_presented(self, session: PeerSession, presented: Presented) -> None:
+        """A presentation on our attestation socket for this session (at connect time, or later when the peer
+        registered its memory): write into the peer's memory from now on, if it handed some over."""
+        fds = presented.fds
+        try:
+            if session.identity is not None and presented.identity.pid != session.identity.pid:
+                raise ProtocolError(
+                    f"peer {session.peer} presented itself as process {presented.identity.pid}, "
+                    f"but the kernel attested process {session.identity.pid} for it"
+                )
+            window = presented.window
+            if window is None or session.closed:
                 return
-        session.enable_placement(writer, self._worker_pool())
+            if not session.trusted:
+                self._counters["untrusted_refusals"] += 1
+                log.warning("window.refused", peer=session.peer, reason="the peer is neither token-proven nor attested")
+                return
+            if not self.config.direct_placement or self._memory is None or window.host != host_identity():
+                return
+            pid, sizes = presented.identity.pid, [n for _, n in window.buffers]
+            writer: CmaWriter | ShmWriter | None = None
+            if window.shared:
+                fds = []  # the writer owns them now
+                try:
+                    writer = ShmWriter(pid, presented.fds, sizes, self._memory_views)
+                except UnsupportedError as exc:
+                    log.info("shared_memory_placement_unavailable", peer=session.peer, reason=str(exc), fallback="cma")
+            if writer is None:
+                try:
+                    writer = CmaWriter(pid, [(a, n) for a, n in window.buffers], self._segments())
+                    writer.check()
+                except UnsupportedError as exc:
+                    log.info("direct_placement_unavailable", peer=session.peer, reason=str(exc))
+                    return
+            session.enable_placement(writer, self._worker_pool())
+        except ProtocolError as exc:
+            self._session_failed(session, exc)
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _region(self) -> Region | None:
         return None if self._memory is None else Region(self._memory.schema, self._memory.geometry)
@@ -328,26 +397,53 @@ class KVTransferChannel:
         return listener.address
 
     async def _accept_loop(self, listener: Listener) -> None:
+        pending = [0]  # handshakes in progress on this listener
         while True:
             try:
                 conn = await listener.accept()
             except ConnectionClosedError:
                 return
-            self._spawn(self._serve(conn), f"sage-handshake-{conn.peer_address}")
+            if pending[0] >= self.config.max_pending_handshakes:  # a flood of strangers: each costs a close only
+                self._counters["connections_refused"] += 1
+                self._spawn(conn.aclose(), "sage-refuse")
+                continue
+            pending[0] += 1
+            self._spawn(self._serve(conn, pending), f"sage-handshake-{conn.peer_address}")
 
-    async def _serve(self, conn: Connection) -> None:
+    async def _serve(self, conn: Connection, pending: list[int]) -> None:
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 outcome = await server_handshake(
                     conn, name=self.name, token=self.config.auth_token, region=self._region(), known_peers=set(self._sessions),
                     codecs=self.accepted_codecs(),
                 )  # fmt: skip
+                attestation = await self._authenticated(conn)
         except (SageTransportError, TimeoutError) as exc:
             self._counters["handshake_failures"] += 1
             log.warning("peer.refused", address=conn.peer_address, error=str(exc) or type(exc).__name__)
             await conn.aclose()
             return
-        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs)
+        finally:
+            pending[0] -= 1
+        if outcome.peer_name in self._sessions:  # connected meanwhile under the same name
+            self._revoke(attestation)
+            await conn.aclose()
+            return
+        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs, attestation)
+
+    async def _authenticated(self, conn: Connection) -> Attestation:
+        """After a handshake: lift the connection's pre-authentication limits, then learn from the kernel who the
+        peer is and exchange windows (:mod:`.attest`)."""
+        await conn.authenticated(MAX_CONTROL_BYTES, self.transport.capabilities.max_message_size)
+        return await attest_peer(conn, self._attestation_server(), lambda who: self._window_for(conn, who))
+
+    def _revoke(self, attestation: Attestation) -> None:
+        if attestation.nonce is not None and self._attestation is not None:
+            self._attestation.revoke(attestation.nonce)
+        if attestation.presented is not None:
+            for fd in attestation.presented.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     async def connect(self, address: str) -> str:
         """Connect and authenticate to the channel listening at ``address``; returns the peer's name."""
@@ -359,6 +455,7 @@ class KVTransferChannel:
                 outcome = await client_handshake(
                     conn, name=self.name, token=self.config.auth_token, caps=self._capabilities(), region=self._region()
                 )
+                attestation = await self._authenticated(conn)
         except TimeoutError:
             if conn is not None:
                 await conn.aclose()
@@ -368,18 +465,31 @@ class KVTransferChannel:
                 await conn.aclose()
             raise
         if outcome.peer_name in self._sessions:
+            self._revoke(attestation)
             await conn.aclose()
             raise ConfigError(f"already connected to a peer named {outcome.peer_name!r}")
-        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs)
+        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs, attestation)
         log.info("peer.connected", peer=outcome.peer_name, address=address)
         return outcome.peer_name
 
-    def _start_session(self, conn: Connection, peer: str, region: Region | None, codecs: frozenset[str]) -> None:
+    def _start_session(
+        self, conn: Connection, peer: str, region: Region | None, codecs: frozenset[str], attestation: Attestation
+    ) -> None:
         session = PeerSession(self, conn, peer, region)
         session.peer_codecs = codecs
+        session.identity = attestation.identity
+        session.trusted = self.config.auth_token is not None or (
+            attestation.identity is not None and attestation.identity.uid == os.getuid()
+        )
+        session.peer_invite = attestation.peer_invite
+        session.attest_nonce = attestation.nonce
+        session.window_offered = attestation.offered
         self._sessions[peer] = session
         session.start()
-        self._offer_window(session)
+        if attestation.nonce is not None and self._attestation is not None:  # later presentations: this session's
+            self._attestation.rebind(attestation.nonce, lambda presented: self._on_presented(session, presented))
+        if attestation.presented is not None:
+            self._on_presented(session, attestation.presented)
 
     def _session_failed(self, session: PeerSession, exc: BaseException) -> None:
         """A session's task hit a transport or protocol error: fail its transfers and tear it down."""
@@ -396,6 +506,10 @@ class KVTransferChannel:
         session.closed = True
         if self._sessions.get(session.peer) is session:
             del self._sessions[session.peer]
+        if session.attest_nonce is not None and self._attestation is not None:
+            self._attestation.revoke(session.attest_nonce)
+        if isinstance(cause, ProtocolError):
+            self._counters["protocol_errors"] += 1
         kind = PeerDeadError if isinstance(cause, PeerDeadError) else TransportError
         for out in list(session.outgoing.values()):
             acked = out.chunks_verified
@@ -413,6 +527,10 @@ class KVTransferChannel:
         for tid, exp in list(session.pulls.items()):
             self._finish_expectation(exp, None, kind(f"transfer {tid} asked of {session.peer} never started: {cause}"))
         session.pulls.clear()
+        for exp, exc, timer in session.fencing.values():
+            timer.cancel()
+            self._finish_expectation(exp, None, exc)
+        session.fencing.clear()
         for tid in [tid for tid, (s, _) in self._deferred_pulls.items() if s is session]:
             del self._deferred_pulls[tid]
         self._spawn(session.close(), f"sage-close-{session.peer}")
@@ -585,6 +703,7 @@ class KVTransferChannel:
             raise PlanError(f"transfer {tid} is already being received or was received; pull it under a new id")
         exp = self._expectation(tid)
         session.pulls[tid] = exp
+        session.pull_destinations[tid] = sorted((m.layer_start, m.layer_stop, m.dst_blocks) for m in plan.mappings)
         wire = plan.target_dtype.value if plan.target_dtype is not None else ""
         session.post(Pull(tid, plan.schema, list(plan.mappings), int(plan.priority), plan.deadline_s, wire))
         try:
@@ -600,6 +719,7 @@ class KVTransferChannel:
 
     def _abandon_pull(self, session: PeerSession, tid: str, exc: BaseException) -> None:
         exp = session.pulls.pop(tid, None)
+        session.pull_destinations.pop(tid, None)
         for inc in list(session.incoming.values()):
             if inc.transfer_id == tid:  # announced: abort it at the sender too
                 self._fail_incoming(session, inc, exc, notify=True)
@@ -612,6 +732,16 @@ class KVTransferChannel:
         or refuse with the reason."""
         if not self.config.allow_pull:
             return self._refuse_pull(session, msg.transfer_id, "pulls are refused here (allow_pull=false)")
+        if not session.trusted:
+            self._counters["untrusted_refusals"] += 1
+            return self._refuse_pull(session, msg.transfer_id, _UNTRUSTED)
+        if self._memory is not None:
+            pages, registered = _plan_pages(msg.schema, msg.mappings), _registered_pages(self._memory)
+            if pages > registered:
+                return self._refuse_pull(session, msg.transfer_id, f"{pages} pages asked for, {registered} registered here")
+            active = len(session.outgoing) + sum(1 for asker, _ in self._deferred_pulls.values() if asker is session)
+            if active >= _MAX_PULLS_PER_PEER:
+                return self._refuse_pull(session, msg.transfer_id, f"{active} transfers already asked for by {session.peer}")
         try:
             plan = TransferPlan(
                 transfer_id=msg.transfer_id, peer=session.peer, schema=msg.schema, mappings=tuple(msg.mappings),
@@ -683,6 +813,7 @@ class KVTransferChannel:
 
     def _on_pull_refused(self, session: PeerSession, msg: PullRefused) -> None:
         exp = session.pulls.pop(msg.transfer_id, None)
+        session.pull_destinations.pop(msg.transfer_id, None)
         if exp is not None:
             err = TransferAbortedError(f"peer {session.peer} will not send transfer {msg.transfer_id}: {msg.reason}")
             self._counters["transfers_failed"] += 1
@@ -846,15 +977,38 @@ class KVTransferChannel:
     def _fail_outgoing(self, out: Outgoing, exc: BaseException, *, notify: bool) -> None:
         if out.future.done():
             return
+        out.stopped = True  # placement threads start no further write of it
         self._release_outgoing(out)
         if notify and not out.session.closed:
-            out.session.post(Abort(out.wire_id, True, str(exc)[:1024]))
+            self._post_when_fenced(out, Abort(out.wire_id, True, str(exc)[:1024]))
         self._counters["transfers_failed"] += 1
         self._failures[type(exc).__name__] += 1
         out.finish(None, exc)
         if self.on_sent is not None:
             self.on_sent(out.plan.transfer_id, None, exc)
         log.warning("transfer.failed", transfer_id=out.plan.transfer_id, peer=out.session.peer, error=str(exc))
+
+    def _post_when_fenced(self, out: Outgoing, message: Abort | Fence) -> None:
+        """Post ``message`` once no direct write of ``out`` runs (at once when none does): the receiver may
+        reuse the blocks of an aborted transfer as soon as it reads it."""
+        if out.placing:
+            out.fence_pending = message
+        else:
+            out.session.post(message)
+
+    def _on_fence(self, session: PeerSession, wire_id: int) -> None:
+        entry = session.fencing.pop(wire_id, None)
+        if entry is not None:
+            exp, exc, timer = entry
+            timer.cancel()
+            self._finish_expectation(exp, None, exc)
+
+    def _fence_late(self, session: PeerSession, wire_id: int) -> None:
+        entry = session.fencing.pop(wire_id, None)
+        if entry is not None:
+            tid, waited = entry[0].transfer_id, self.config.ack_timeout_s
+            log.warning("transfer.fence_late", peer=session.peer, transfer_id=tid, waited_s=waited)
+            self._finish_expectation(entry[0], None, entry[1])
 
     # ---- receiving ----------------------------------------------------------------------------------
 
@@ -868,19 +1022,44 @@ class KVTransferChannel:
         tid = msg.transfer_id
 
         def refuse(reason: str) -> None:
+            # its chunks may already be on their way (senders do not wait for acceptance): discard those, within
+            # what it could send; anything larger ends the session
+            session.max_wire_id_in = max(session.max_wire_id_in, msg.wire_id)
+            session.max_incoming_chunk = max(session.max_incoming_chunk, min(msg.chunk_size + 4096, _REFUSED_CHUNK_LIMIT))
             self._counters["transfers_refused"] += 1
             session.post(Abort(msg.wire_id, False, f"refused by {self.name}: {reason}"))
             log.warning("transfer.refused", transfer_id=tid, peer=session.peer, reason=reason)
             pulled = session.pulls.pop(tid, None)
+            session.pull_destinations.pop(tid, None)
             if pulled is not None:  # we asked for it: our own pull fails with the reason
                 self._finish_expectation(pulled, None, TransferAbortedError(f"transfer {tid} from {session.peer}: {reason}"))
 
         if self._memory is None:
             return refuse("no KV memory registered")
+        asked = session.pull_destinations.get(tid)
+        if asked is None:  # a push: only from a trusted peer, and only where pushes are accepted
+            if not session.trusted:
+                self._counters["untrusted_refusals"] += 1
+                return refuse(_UNTRUSTED)
+            if not self.config.accept_push:
+                return refuse("pushes are refused here (accept_push=false): pull instead")
+        elif sorted((m.layer_start, m.layer_stop, m.dst_blocks) for m in msg.mappings) != asked:
+            return refuse(f"transfer {tid} writes other destination blocks than our pull asked for")
         if not _same_shape(msg.schema, self._memory.schema):
             return refuse(f"schema {msg.schema} does not match ours {self._memory.schema}")
         if msg.integrity not in {m.value for m in Integrity}:
             return refuse(f"integrity={msg.integrity!r} is not supported")
+        if msg.integrity == Integrity.NONE.value and self.config.integrity is not Integrity.NONE:
+            return refuse(f"integrity=none: this side verifies every chunk (integrity={self.config.integrity.value})")
+        pages = _plan_pages(msg.schema, msg.mappings)
+        registered = _registered_pages(self._memory)
+        if pages > registered:
+            return refuse(f"the plan moves {pages} pages, more than the {registered} registered here")
+        if session.incoming_pages + pages > _PEER_PAGE_BUDGET * registered:
+            return refuse(
+                f"{session.incoming_pages} pages already in flight from {session.peer}; {pages} more exceed its budget "
+                f"({_PEER_PAGE_BUDGET}x the {registered} registered here)"
+            )
         exp = self._expect.get(tid)
         if exp is not None and exp.announced:
             return refuse(f"transfer id {tid} is already being received")
@@ -910,6 +1089,7 @@ class KVTransferChannel:
                 f"the sender's {msg.num_chunks} / {msg.total_bytes}"
             )
         session.pulls.pop(tid, None)
+        session.pull_destinations.pop(tid, None)
         if exp is None:
             self._recent.pop(tid, None)
             exp = self._expect[tid] = Expectation(tid)
@@ -927,6 +1107,11 @@ class KVTransferChannel:
             peer=session.peer,
         )
         inc.codec = codec
+        inc.pages = pages
+        session.incoming_pages += pages
+        session.max_wire_id_in = max(session.max_wire_id_in, msg.wire_id)
+        largest = table.max_chunk_bytes
+        session.max_incoming_chunk = max(session.max_incoming_chunk, codec.bound(largest) if codec is not None else largest)
         self.telemetry.comm_begin()
         if msg.deadline_s:
             # the sender's own timer fires first and aborts; this one covers a sender that went silent
@@ -955,6 +1140,7 @@ class KVTransferChannel:
     def _incoming_complete(self, session: PeerSession, inc: Incoming) -> None:
         if session.incoming.pop(inc.wire_id, None) is not None:
             self.telemetry.comm_end()
+            session.incoming_pages -= inc.pages
         if inc.deadline_timer is not None:
             inc.deadline_timer.cancel()
         wall = time.perf_counter() - inc.expectation.started_at
@@ -987,15 +1173,21 @@ class KVTransferChannel:
         self.telemetry.comm_end()
         if inc.deadline_timer is not None:
             inc.deadline_timer.cancel()
-        if notify and not session.closed:
-            session.post(Abort(inc.wire_id, False, str(exc)[:1024]))
+        session.incoming_pages -= inc.pages
         self._counters["transfers_failed"] += 1
         self._failures[type(exc).__name__] += 1
-        self._finish_expectation(inc.expectation, None, exc)
         log.warning("transfer.failed", transfer_id=inc.transfer_id, peer=session.peer, error=str(exc))
+        if notify and not session.closed:
+            session.post(Abort(inc.wire_id, False, str(exc)[:1024]))
+            if session.window_offered:  # it may be writing our memory: the failure is final once it fences
+                timer = asyncio.get_running_loop().call_later(self.config.ack_timeout_s, self._fence_late, session, inc.wire_id)
+                session.fencing[inc.wire_id] = (inc.expectation, exc, timer)
+                return
+        self._finish_expectation(inc.expectation, None, exc)
 
     def _on_abort(self, session: PeerSession, msg: Abort) -> None:
-        if msg.from_sender:
+        if msg.from_sender:  # a sender aborts only once none of its direct writes runs: it fences too
+            self._on_fence(session, msg.wire_id)
             inc = session.incoming.get(msg.wire_id)
             if inc is not None:
                 err = TransferAbortedError(f"peer {session.peer} aborted transfer {inc.transfer_id}: {msg.reason}")
@@ -1005,6 +1197,9 @@ class KVTransferChannel:
             if out is not None:
                 err = TransferAbortedError(f"peer {session.peer} aborted transfer {out.plan.transfer_id}: {msg.reason}")
                 self._fail_outgoing(out, err, notify=False)
+                self._post_when_fenced(out, Fence(out.wire_id))
+            elif msg.wire_id <= session.last_wire_id:  # over already (an Abort of it may still be on its way)
+                session.post(Fence(msg.wire_id))
 
     async def wait_received(self, transfer_id: str) -> TransferResult:
         """Wait until transfer ``transfer_id`` has fully arrived here and been verified (the announcement may
@@ -1067,6 +1262,10 @@ class KVTransferChannel:
             checksum_failures=c["checksum_failures"],
             duplicates=c["duplicates"],
             stale_messages=c["stale_messages"],
+            protocol_errors=c["protocol_errors"],
+            internal_errors=c["internal_errors"],
+            untrusted_refusals=c["untrusted_refusals"],
+            connections_refused=c["connections_refused"],
             inflight_chunks=sched.inflight,
             queued_chunks=sched.queued_chunks,
             handshake_failures=c["handshake_failures"],

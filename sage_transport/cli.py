@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--md", dest="md_path", type=Path, default=None, help="write the Markdown report to PATH")
     d.add_argument("--png", dest="png_path", type=Path, default=None, help="plot to PATH (needs matplotlib)")
     _config_arguments(d)
+    t = sub.add_parser("token", help="print a fresh auth_token (32 random bytes), or write it to a file only you can read")
+    t.add_argument("--file", type=Path, default=None, help="write it to FILE (mode 0600; refuses to overwrite)")
     s = sub.add_parser("serve", help="run the receiving side of migrate and print its address")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=0, help="job port (default 0: any free port, printed)")
@@ -344,6 +347,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    from .config import generate_token
+
+    token = generate_token()
+    if args.file is None:
+        print(token)
+        return 0
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise SageTransportError(f"--file={str(args.file)!r}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"wrote a new token to {args.file}; use auth_token_file={args.file} (SAGE_TRANSPORT_AUTH_TOKEN_FILE) on every peer")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(getattr(args, "log_json", False), getattr(args, "verbose", False))
@@ -352,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "token":
+            return _token(args)
         if args.command == "probe":
             return _probe(args)
         if args.command == "presets":

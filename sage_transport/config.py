@@ -10,7 +10,9 @@ from __future__ import annotations
 import difflib
 import enum
 import ipaddress
+import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -106,8 +108,12 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     one scale per ``codec_group_size`` elements) and ``compression`` compresses it (``lz4``, ``zstd``);
     ``codec_policy=auto`` applies them only on links slower than the codec (never to a same-host peer),
     ``always`` on every link; ``accept_codecs`` is what this side accepts from senders (``all``, ``none`` or names
-    joined by ``+``). ``allow_pull`` lets connected peers ask for transfers of this side's registered KV
-    (:meth:`~sage_transport.channel.KVTransferChannel.pull`, how vLLM and LMDeploy decode sides fetch KV).
+    joined by ``+``). ``allow_pull`` lets trusted peers ask for transfers of this side's registered KV
+    (:meth:`~sage_transport.channel.KVTransferChannel.pull`, how vLLM and LMDeploy decode sides fetch KV);
+    ``accept_push`` lets them send transfers this side did not ask for. A peer is trusted when it proved
+    ``auth_token`` (or ``auth_token_file``, a file only its owner may read) or, without a token, when the kernel
+    attests it as a process of this user on this host. ``max_pending_handshakes`` bounds the connections a
+    listener holds before they authenticate.
     ``kv_dtype`` is accepted as another name of ``target_dtype``. ``telemetry`` keeps
     chunk-latency and transfer-duration histograms (counters are always kept); ``metrics_host``/``metrics_port``
     are where a :class:`~sage_transport.telemetry.TelemetryServer` listens (port 0: any free one).
@@ -127,12 +133,15 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     codec_group_size: int = 128
     accept_codecs: str = "all"
     allow_pull: bool = True
+    accept_push: bool = True
     integrity: Integrity = Integrity.XXH3
     max_retries: int = 3
     connect_timeout_s: float = 10.0
     transfer_timeout_s: float | None = None
     ack_timeout_s: float = 5.0
     auth_token: str | None = None
+    auth_token_file: str | None = None
+    max_pending_handshakes: int = 256
     direct_placement: bool = True
     progress_mode: ProgressMode = ProgressMode.BLOCKING
     ucx_tls: str | None = None
@@ -156,6 +165,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             ("max_retries", 0, 100),
             ("listen_port", 0, 65535),
             ("codec_group_size", 2, 1 << 20),
+            ("max_pending_handshakes", 1, 1 << 16),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -191,8 +201,13 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             or self.ucx_rndv_threshold < 0
         ):
             raise ConfigError(f"ucx_rndv_threshold={self.ucx_rndv_threshold!r} must be a size in bytes")
-        if self.auth_token is not None and len(self.auth_token) < 8:
-            raise ConfigError("auth_token must be at least 8 characters (value hidden)")
+        if self.auth_token_file is not None:
+            if self.auth_token is not None:
+                raise ConfigError(f"auth_token_file={self.auth_token_file!r}: give auth_token or auth_token_file, not both")
+            msgspec.structs.force_setattr(self, "auth_token", read_token_file(self.auth_token_file))
+            msgspec.structs.force_setattr(self, "auth_token_file", None)  # read once: the token is what counts
+        if self.auth_token is not None:
+            check_token_strength(self.auth_token, "auth_token")
 
     def __repr__(self) -> str:
         shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "auth_token"}
@@ -309,6 +324,9 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "transfer_timeout_s": _optional(parse_duration),
     "ack_timeout_s": parse_duration,
     "auth_token": _optional(_str),
+    "auth_token_file": _optional(_str),
+    "max_pending_handshakes": _int,
+    "accept_push": parse_bool,
     "direct_placement": parse_bool,
     "progress_mode": _enum(ProgressMode),
     "ucx_tls": _optional(_str),
@@ -359,3 +377,61 @@ def require_token_off_loopback(host: str, auth_token: str | None, what: str = "l
             f"{what}={host!r} is not a loopback address: set auth_token (SAGE_TRANSPORT_AUTH_TOKEN) so that every "
             "peer must prove the shared token before anything is exchanged"
         )
+
+
+#: The least estimated entropy of an ``auth_token``: HMAC proofs travel before the peer is known (a listener
+#: shows any client a proof over a nonce the client chose), so a weak token can be searched for offline.
+MIN_TOKEN_BITS = 128
+
+
+def token_strength_bits(token: str) -> float:
+    """An upper estimate of a token's entropy: its length times log2 of the alphabet its character classes span
+    (lower case, upper case, digits, other), counting each distinct character at most four times (``aaaa...``
+    and ``abababab...`` are weak whatever their length)."""
+    classes = [
+        any(c.islower() for c in token) * 26,
+        any(c.isupper() for c in token) * 26,
+        any(c.isdigit() for c in token) * 10,
+        any(not c.isalnum() for c in token) * 33,
+    ]
+    alphabet = max(2, sum(classes))
+    counts: dict[str, int] = {}
+    for c in token:
+        counts[c] = counts.get(c, 0) + 1
+    effective = sum(min(n, 4) for n in counts.values())
+    return effective * math.log2(alphabet)
+
+
+def check_token_strength(token: str, field: str = "auth_token") -> None:
+    """Refuse a token of under :data:`MIN_TOKEN_BITS` estimated bits (the value is never shown)."""
+    bits = token_strength_bits(token)
+    if bits < MIN_TOKEN_BITS:
+        raise ConfigError(
+            f"{field} is too weak: about {bits:.0f} bits of entropy, at least {MIN_TOKEN_BITS} needed (value hidden); "
+            "generate one with `sage-transport token` (32 random bytes, URL-safe base64)"
+        )
+
+
+def generate_token() -> str:
+    """A fresh token: 32 random bytes as URL-safe base64 (43 characters, 256 bits)."""
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace stripped). The file must be readable by its owner only
+    (mode 0600 or 0400), as ssh requires of a private key."""
+    try:
+        info = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"auth_token_file={path!r} cannot be read: {exc.strerror or exc}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"auth_token_file={path!r} is accessible by group or others (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 {path}"
+        )
+    if not token:
+        raise ConfigError(f"auth_token_file={path!r} is empty")
+    return token

@@ -30,7 +30,7 @@ from .wire import (
     handshake_proof,
 )
 
-__all__ = ["Capabilities", "HandshakeOutcome", "client_handshake", "server_handshake"]
+__all__ = ["Capabilities", "HandshakeOutcome", "client_handshake", "expect", "server_handshake"]
 
 _M = TypeVar("_M")
 
@@ -48,7 +48,8 @@ class HandshakeOutcome(msgspec.Struct, frozen=True):
     peer_codecs: frozenset[str] = frozenset()  # what the peer decodes
 
 
-async def _expect(conn: Connection, kind: type[_M], stage: str) -> _M:
+async def expect(conn: Connection, kind: type[_M], stage: str) -> _M:
+    """The next frame, which must be a ``kind`` message without payload (a ``Reject`` raises its reason)."""
     frame = await conn.recv()
     if frame.payload is not None:
         raise ProtocolError(f"{stage}: unexpected payload from {conn.peer_address}")
@@ -75,7 +76,7 @@ async def client_handshake(
     await conn.send(
         encode_message(Hello(PROTOCOL_VERSION, name, nonce, caps.integrity, caps.memory_kinds, caps.max_chunk, caps.codecs))
     )
-    welcome = await _expect(conn, Welcome, "handshake")
+    welcome = await expect(conn, Welcome, "handshake")
     if welcome.version != PROTOCOL_VERSION:
         raise VersionMismatchError(f"{conn.peer_address} speaks protocol {welcome.version}, we speak {PROTOCOL_VERSION}")
     expected = handshake_proof(token, b"server", nonce, welcome.nonce, (name, welcome.name))
@@ -85,7 +86,7 @@ async def client_handshake(
         raise AuthError(f"peer {welcome.name} at {conn.peer_address} {what}")
     proof = handshake_proof(token, b"client", welcome.nonce, nonce, (name, welcome.name))
     await conn.send(encode_message(Proof(proof, region)))
-    ready = await _expect(conn, Ready, "handshake")
+    ready = await expect(conn, Ready, "handshake")
     region = ready.region if ready.region is not None else welcome.region
     return HandshakeOutcome(welcome.name, region, frozenset(ready.codecs))
 
@@ -99,7 +100,7 @@ async def server_handshake(
     known_peers: set[str],
     codecs: list[str] | None = None,
 ) -> HandshakeOutcome:
-    hello = await _expect(conn, Hello, "handshake")
+    hello = await expect(conn, Hello, "handshake")
     if hello.version != PROTOCOL_VERSION:
         await _reject(conn, f"protocol version {hello.version} is not supported (we speak {PROTOCOL_VERSION})")
         raise VersionMismatchError(f"{conn.peer_address} speaks protocol {hello.version}, we speak {PROTOCOL_VERSION}")
@@ -110,7 +111,7 @@ async def server_handshake(
     proof = handshake_proof(token, b"server", hello.nonce, nonce, (hello.name, name))
     # nothing about our memory goes out before the client has proven the token: the region rides on Ready
     await conn.send(encode_message(Welcome(PROTOCOL_VERSION, name, nonce, proof, None)))
-    reply = await _expect(conn, Proof, "handshake")
+    reply = await expect(conn, Proof, "handshake")
     expected = handshake_proof(token, b"client", nonce, hello.nonce, (hello.name, name))
     if not hmac.compare_digest(expected, reply.proof):
         await _reject(conn, "auth failed: the client's proof does not match our token")

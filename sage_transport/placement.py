@@ -12,6 +12,7 @@ ptrace (same user, and Yama's ``ptrace_scope`` where set): :meth:`CmaWriter.chec
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -78,26 +79,37 @@ def _check_bounds(pid: int, sizes: np.ndarray, segs: np.ndarray, offs: np.ndarra
 
 
 class ShmWriter:
-    """Writes into a same-host peer's shared-memory KV cache (memfds it listed in its ``Window``) with numpy
-    copies, which release the GIL: pages of one chunk go in one vectorised scatter, several chunks at once."""
+    """Writes into a same-host peer's shared-memory KV cache with numpy copies, which release the GIL: pages of
+    one chunk go in one vectorised scatter, several chunks at once. The memory is exactly the memfds the peer
+    handed over itself (``SCM_RIGHTS`` on the attestation socket, :mod:`.attest`); this takes ownership of
+    ``fds`` and closes them once mapped."""
 
     def __init__(self, pid: int, fds: list[int], remote_sizes: list[int], local: list[memoryview]) -> None:
         import mmap
+        import stat
 
         self.pid = pid
         self._remote: list[np.ndarray] = []
-        for fd, size in zip(fds, remote_sizes):
-            try:
-                handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
-            except OSError as exc:
-                raise UnsupportedError(f"cannot open process {pid}'s shared KV memory (fd {fd}): {exc}") from exc
-            try:
-                if os.fstat(handle).st_size < size:
-                    raise UnsupportedError(f"process {pid}'s fd {fd} is smaller than its window ({size} bytes)")
+        try:
+            for i, (fd, size) in enumerate(zip(fds, remote_sizes)):
+                try:
+                    info = os.fstat(fd)
+                except OSError as exc:
+                    raise UnsupportedError(f"process {pid}'s shared buffer {i} (fd {fd}) cannot be used: {exc}") from exc
+                if not stat.S_ISREG(info.st_mode) or info.st_size < size:
+                    raise ProtocolError(
+                        f"process {pid}'s shared buffer {i} is {info.st_size} bytes of a "
+                        f"{'file' if stat.S_ISREG(info.st_mode) else 'non-file'}, its window says {size}"
+                    )
                 flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # fault the pages in now, not per chunk
-                self._remote.append(np.frombuffer(mmap.mmap(handle, size, flags=flags), dtype=np.uint8))
-            finally:
-                os.close(handle)
+                try:
+                    self._remote.append(np.frombuffer(mmap.mmap(fd, size, flags=flags), dtype=np.uint8))
+                except (OSError, ValueError) as exc:
+                    raise UnsupportedError(f"cannot map process {pid}'s shared KV memory (buffer {i}): {exc}") from exc
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._remote_size = np.array(remote_sizes, dtype=np.uint64)
         self._local = [np.frombuffer(view, dtype=np.uint8) for view in local]
         self._local_size = np.array([v.nbytes for v in local], dtype=np.uint64)

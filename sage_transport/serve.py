@@ -33,7 +33,18 @@ from .schema import KVCacheSchema, Layout
 from .telemetry.trace import ChunkTracer
 from .wire_codec import local_codecs
 
-__all__ = ["JobChallenge", "JobDone", "JobReady", "JobReceived", "JobSpec", "cache_digest", "cpu_seconds", "job_proof", "serve"]
+__all__ = [
+    "JobChallenge",
+    "JobDone",
+    "JobReady",
+    "JobReceived",
+    "JobSpec",
+    "cache_digest",
+    "cpu_seconds",
+    "job_proof",
+    "serve",
+    "trust_line",
+]
 
 log = structlog.get_logger("sage_transport.serve")
 
@@ -157,7 +168,8 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
         raise AuthError("job rejected: the sender did not prove the shared auth_token")
     schema = job_schema(spec)
     blocks = schema.blocks_for_tokens(spec.tokens)
-    settings = {k: v for k, v in spec.config.items() if k != "auth_token"}  # never a client's token
+    # never a client's token (nor a token file it names: it would choose who is trusted here)
+    settings = {k: v for k, v in spec.config.items() if k not in ("auth_token", "auth_token_file")}
     config = KVTransportConfig.resolve({**settings, "listen_host": host, "auth_token": auth_token}, env={})
     # touched (a live KV cache has its pages) and shared, so a same-host sender can place chunks by memory copy
     memory = KVMemory.allocate(schema, blocks, fill=0x5A, shared=True)
@@ -191,6 +203,17 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
         await send_job_message(writer, JobBye(cpu_seconds=busy, ucx_transports=transports, trace=trace))
 
 
+def trust_line(auth_token: str | None) -> str:
+    """Who may send KV to (or pull it from) this process, as ``serve`` says when it starts."""
+    if auth_token is not None:
+        return "peers must prove the shared auth_token (HMAC challenge); only they may push, pull or write directly"
+    return (
+        "no auth_token: only processes of this user on this host (attested by the kernel) may push, pull or write "
+        "directly; set SAGE_TRANSPORT_AUTH_TOKEN or SAGE_TRANSPORT_AUTH_TOKEN_FILE (`sage-transport token`) in every "
+        "deployment"
+    )
+
+
 async def serve(
     host: str = "127.0.0.1", port: int = 0, *, once: bool = False, ready: Any = None, auth_token: str | None = None
 ) -> None:
@@ -220,6 +243,7 @@ async def serve(
         ready(address)
     else:
         print(f"sage-transport serve: listening on {address}", flush=True)
+        print(f"sage-transport serve: {trust_line(auth_token)}", flush=True)
     async with server:
         if once:
             await finished.wait()

@@ -18,13 +18,13 @@ from .wire import (
     Ack,
     Announce,
     Chunk,
+    Fence,
     Nack,
     Placed,
     Pull,
     PullRefused,
     Region,
     RegionUpdate,
-    Window,
     decode_message,
     encode_message,
 )
@@ -32,8 +32,10 @@ from .wire import (
 if TYPE_CHECKING:
     import concurrent.futures
 
+    from .attest import PeerIdentity
     from .channel import KVTransferChannel
     from .placement import CmaWriter
+    from .wire import Attest
     from .wire_codec import ChunkCodec
 
 __all__ = ["PeerSession"]
@@ -77,6 +79,19 @@ class PeerSession:
         # zero_copy off: payloads land in staging and reach the KV cache only once verified
         self._zero_copy = channel.config.zero_copy
         self.tasks: list[asyncio.Task[None]] = []
+        # who the peer is: kernel-attested process (None: unknown, e.g. another host), and whether it may pull,
+        # push and be handed our memory (token proven, or attested as this user on this host)
+        self.identity: PeerIdentity | None = None
+        self.trusted = False
+        self.peer_invite: Attest | None = None  # the peer's attestation socket: where we present a window later
+        self.attest_nonce: bytes | None = None  # our invitation's nonce, revoked when the session ends
+        self.pull_destinations: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {}  # what our pulls asked for
+        # fence: receiver-side aborts of transfers the peer may still be writing directly, until its Fence
+        self.fencing: dict[int, tuple[Expectation, BaseException, asyncio.TimerHandle]] = {}
+        # incoming chunk sizes the peer may use: the largest chunk (on the wire) of any transfer it announced
+        self.max_incoming_chunk = 0
+        self.max_wire_id_in = 0
+        self.incoming_pages = 0  # pages planned in this peer's open incoming transfers (bounded)
         # direct placement: chunks of accepted transfers are written into the peer's memory by worker threads
         self.window_offered = False
         self.placer: CmaWriter | ShmWriter | None = None
@@ -107,6 +122,11 @@ class PeerSession:
             asyncio.create_task(self._run(self._reader()), name=f"sage-reader-{self.peer}"),
         ]
 
+    @property
+    def last_wire_id(self) -> int:
+        """The highest wire id this side gave a transfer it sends to the peer."""
+        return self._next_wire_id
+
     def new_wire_id(self) -> int:
         self._next_wire_id += 1
         return self._next_wire_id
@@ -125,6 +145,7 @@ class PeerSession:
         except (TransportError, ProtocolError) as exc:
             self.channel._session_failed(self, exc)
         except Exception as exc:
+            self.channel._counters["internal_errors"] += 1
             self.channel._session_failed(self, TransportError(f"session with {self.peer} crashed: {exc!r}"))
             raise
 
@@ -257,7 +278,6 @@ class PeerSession:
         return memoryview(bytearray(largest)), memoryview(bytearray(need))
 
     def _start_placement(self, out: Outgoing, seq: int) -> None:
-        table = out.table
         ptr = out.lists["piece_ptr"]
         first, last = ptr[seq], ptr[seq + 1]
         attempt = out.attempts[seq]
@@ -277,19 +297,24 @@ class PeerSession:
             self._placement_pool,
             _place,
             self.placer,
-            table,
+            out,
             first,
             last,
             self.channel._memory_views,
             self.channel._checksum_pieces,
         )
         self._placing += 1
+        out.placing += 1
         future.add_done_callback(lambda f: self._placed(out, seq, attempt, f))
 
     def _placed(self, out: Outgoing, seq: int, attempt: int, future: asyncio.Future[int]) -> None:
         self._placing -= 1
+        out.placing -= 1
         self.wake.set()
-        if self.closed or future.cancelled():
+        if out.placing == 0 and out.fence_pending is not None:  # the transfer is over and no write of it runs
+            message, out.fence_pending = out.fence_pending, None
+            self.post(message)
+        if self.closed or future.cancelled() or out.stopped:
             return
         exc = future.exception()
         if exc is not None:  # fall back to sending the bytes; the chunk goes again
@@ -316,20 +341,32 @@ class PeerSession:
         if type(msg) is not Chunk:
             raise ProtocolError(f"{type(msg).__name__} from {self.peer} carried a {nbytes}-byte payload")
         inc = self.incoming.get(msg.wire_id)
-        if inc is None or msg.seq >= len(inc.verified) or inc.verified[msg.seq]:
-            if inc is not None and msg.seq >= len(inc.verified):
+        if inc is None:  # a transfer already over (its chunks still in flight): discard, within what it could send
+            if msg.wire_id > self.max_wire_id_in or nbytes > self.max_incoming_chunk:
                 raise ProtocolError(
-                    f"chunk {msg.seq} of transfer {inc.transfer_id} from {self.peer}: only {len(inc.verified)} chunks"
+                    f"a {nbytes}-byte chunk of transfer {msg.wire_id} from {self.peer}, which it never announced "
+                    f"(or larger than any chunk it announced: {self.max_incoming_chunk} bytes)"
                 )
             self._target_kind = 2
             return self._staging(nbytes)
         lists = inc.lists
         seq = msg.seq
+        if seq >= len(inc.verified):
+            raise ProtocolError(f"chunk {seq} of transfer {inc.transfer_id} from {self.peer}: only {len(inc.verified)} chunks")
+        if inc.verified[seq]:  # a duplicate: re-acknowledged, its bytes discarded (no larger than the chunk)
+            stored = lists["chunk_nbytes"][seq]
+            if nbytes > (inc.codec.bound(stored) if inc.codec is not None else stored):
+                raise ProtocolError(
+                    f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} came again with {nbytes} bytes, "
+                    f"more than its {stored}"
+                )
+            self._target_kind = 2
+            return self._staging(nbytes)
         if inc.codec is not None:
-            if seq in inc.decoding:  # a copy is being decoded: its ack follows
+            stored = lists["chunk_nbytes"][seq]
+            if seq in inc.decoding and nbytes <= inc.codec.bound(stored):  # a copy is being decoded: its ack follows
                 self._target_kind = 4
                 return self._staging(nbytes)
-            stored = lists["chunk_nbytes"][seq]
             if not 0 < nbytes <= inc.codec.bound(stored):
                 raise ProtocolError(
                     f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes on the wire, "
@@ -566,8 +603,8 @@ class PeerSession:
             self._on_placed(msg)
         elif kind is RegionUpdate:
             self.region = msg.region
-        elif kind is Window:
-            channel._on_window(self, msg)
+        elif kind is Fence:
+            channel._on_fence(self, msg.wire_id)
         elif kind is Pull:
             channel._on_pull(self, msg)
         elif kind is PullRefused:
@@ -624,14 +661,18 @@ def _encode(
     return payload, checksum(payload) if checksum else 0
 
 
-def _place(placer: CmaWriter | ShmWriter, table: Any, first: int, last: int, views: list[memoryview], checksum: Any) -> int:
+def _place(placer: CmaWriter | ShmWriter, out: Outgoing, first: int, last: int, views: list[memoryview], checksum: Any) -> int:
     """Worker thread: checksum pieces ``first:last`` of a chunk (which brings them into cache for the copy),
-    then write them into the peer; returns the checksum."""
+    then write them into the peer, unless the transfer ended meanwhile; returns the checksum."""
+    if out.stopped:
+        return 0
+    table = out.table
     src_seg, src_off, lengths = table.src_seg[first:last], table.src_off[first:last], table.piece_len[first:last]
     value = 0
     if checksum is not None:
         value = int(
             checksum([views[seg][off : off + n] for seg, off, n in zip(src_seg.tolist(), src_off.tolist(), lengths.tolist())])
         )
-    placer.write(src_seg, src_off, table.dst_seg[first:last], table.dst_off[first:last], lengths)
+    if not out.stopped:  # an abort fences writes: none starts once the transfer is over
+        placer.write(src_seg, src_off, table.dst_seg[first:last], table.dst_off[first:last], lengths)
     return value

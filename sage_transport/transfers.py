@@ -66,15 +66,18 @@ class Outgoing:
         "codec",
         "counted",
         "deadline_timer",
+        "fence_pending",
         "first_send_at",
         "future",
         "lists",
+        "placing",
         "plan",
         "planned_at",
         "retries",
         "sent_at",
         "session",
         "status",
+        "stopped",
         "submitted_at",
         "table",
         "wire_bytes",
@@ -104,6 +107,9 @@ class Outgoing:
         self.counted = False  # counted as communication in flight by the channel's Telemetry
         self.codec: ChunkCodec | None = None  # the chunks' wire form when not as stored
         self.wire_bytes: list[int] | None = None  # per chunk, payload bytes of its last copy (with a codec)
+        self.placing = 0  # chunks being written straight into the peer's memory right now
+        self.stopped = False  # over: placement threads start no further write of it
+        self.fence_pending: object = None  # the Abort or Fence to post once `placing` drops to 0
 
     def finish(self, result: TransferResult | None, exc: BaseException | None) -> None:
         if self.deadline_timer is not None:
@@ -161,6 +167,7 @@ class Incoming:
         "layer_lo",
         "layers_left",
         "lists",
+        "pages",
         "peer",
         "pending_acks",
         "remaining",
@@ -183,6 +190,7 @@ class Incoming:
         ack_every: int,
         peer: str,
     ) -> None:
+        self.pages = 0  # pages its plan moves (counted against the peer's budget)
         self.transfer_id = transfer_id
         self.wire_id = wire_id
         self.table = table

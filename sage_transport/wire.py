@@ -6,9 +6,11 @@ field has a length bound, so a hostile peer cannot make us allocate more than ``
 worth of objects. No pickle anywhere.
 
 Connection: client ``Hello`` → server ``Welcome`` (proof over the nonces) → client ``Proof`` →
-server ``Ready`` (or ``Reject``). Transfers: sender ``Announce`` then ``Chunk`` headers with
+server ``Ready`` (or ``Reject``); then each side ``Attest`` → ``Attested`` (:mod:`.attest`).
+Transfers: sender ``Announce`` then ``Chunk`` headers with
 payloads (in the announced wire codec), or ``Placed`` headers for chunks written straight into a same-host receiver's memory after
-its ``Window``; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``. A receiver may ask
+its ``Window``; receiver ``Ack`` (batched) / ``Nack`` (bad checksum); either side ``Abort``; a sender answers
+a receiver's ``Abort`` with ``Fence`` once no direct write of that transfer runs. A receiver may ask
 for a transfer with ``Pull``; the sender answers with its ``Announce`` or ``PullRefused``.
 """
 
@@ -30,13 +32,17 @@ __all__ = [
     "Abort",
     "Ack",
     "Announce",
+    "Attest",
+    "Attested",
     "Chunk",
+    "Fence",
     "Hello",
     "MAX_CONTROL_BYTES",
     "Message",
     "Nack",
     "PROTOCOL_VERSION",
     "Placed",
+    "Presentation",
     "Proof",
     "Pull",
     "PullRefused",
@@ -51,7 +57,7 @@ __all__ = [
     "handshake_proof",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: attestation after the handshake, windows on the attestation socket, fences
 MAX_CONTROL_BYTES = 4 << 20
 MAX_MAPPINGS = 4096
 MAX_ACK_BATCH = 1 << 16
@@ -160,15 +166,44 @@ class Nack(msgspec.Struct, frozen=True, array_like=True, tag="n"):
     reason: Reason
 
 
-class Window(msgspec.Struct, frozen=True, array_like=True, tag="w"):
-    """Sent after the handshake by a side that lets a same-host peer write its registered memory directly:
-    its process id, host identity, each registered buffer's address and size (for CMA) and, when the memory
-    is shared (memfd), the descriptors the peer may map (``/proc/PID/fd/N``)."""
+class Window(msgspec.Struct, frozen=True, array_like=True):
+    """The registered memory a side lets a same-host peer write directly: its host identity, each buffer's
+    address and size (for CMA, into the process the kernel attested) and whether the buffers are shared
+    memory, in which case one memfd per buffer is handed over with ``SCM_RIGHTS``. Never sent on a
+    connection: it rides in a :class:`Presentation` on the peer's attestation socket (:mod:`.attest`)."""
 
-    pid: U32
     host: Annotated[str, Meta(max_length=512)]
-    buffers: Annotated[list[Annotated[list[U64], Meta(min_length=2, max_length=2)]], Meta(max_length=4096)]
-    fds: Annotated[list[U32], Meta(max_length=4096)] = []  # memfds of shared-memory buffers, one per buffer
+    buffers: Annotated[list[Annotated[list[U64], Meta(min_length=2, max_length=2)]], Meta(min_length=1, max_length=4096)]
+    shared: bool = False
+
+
+class Presentation(msgspec.Struct, frozen=True, array_like=True):
+    """What a same-host peer sends on this side's attestation socket: the nonce of this side's ``Attest`` and,
+    if it lets this side write its memory, its ``Window``."""
+
+    nonce: Nonce
+    window: Window | None = None
+
+
+class Attest(msgspec.Struct, frozen=True, array_like=True, tag="t"):
+    """Right after the handshake, each side's invitation: connect to abstract Unix socket ``socket`` (empty:
+    none) and present ``nonce``; the kernel then tells us who you are."""
+
+    socket: Annotated[str, Meta(max_length=100)]
+    nonce: Nonce
+
+
+class Attested(msgspec.Struct, frozen=True, array_like=True, tag="d"):
+    """The answer to an ``Attest``: whether this side presented itself on the peer's socket."""
+
+    presented: bool
+
+
+class Fence(msgspec.Struct, frozen=True, array_like=True, tag="f"):
+    """Sender → receiver after the receiver aborted transfer ``wire_id``: none of its direct writes runs any
+    more or will start; the receiver may reuse the blocks."""
+
+    wire_id: U32
 
 
 class Placed(msgspec.Struct, frozen=True, array_like=True, tag="p"):
@@ -209,7 +244,23 @@ class Abort(msgspec.Struct, frozen=True, array_like=True, tag="x"):
 
 
 Message = Union[
-    Hello, Welcome, Proof, Ready, Reject, RegionUpdate, Announce, Chunk, Ack, Nack, Abort, Window, Placed, Pull, PullRefused
+    Hello,
+    Welcome,
+    Proof,
+    Ready,
+    Reject,
+    RegionUpdate,
+    Announce,
+    Chunk,
+    Ack,
+    Nack,
+    Abort,
+    Placed,
+    Pull,
+    PullRefused,
+    Attest,
+    Attested,
+    Fence,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -30,7 +30,7 @@ from .conftest import SMALL, filled, rss_bytes
 
 #: Inputs the decoder gets in CI; SAGE_FUZZ_N raises it for longer runs (documented in bench/RELIABILITY.md).
 FUZZ_N = int(os.environ.get("SAGE_FUZZ_N", "100000"))
-TOKEN = "intruder-test-token"
+TOKEN = "intruder-test-token-Hn3Vb7Qx2Lm9Kp4Z"
 
 
 def _samples() -> list[bytes]:

@@ -81,7 +81,7 @@ def test_shared_memory_writer_scatters_pages_and_checks_bounds() -> None:
     target = KVMemory.allocate(schema, 8, fill=0, shared=True)
     assert len(target.shared_fds) == 1
     src = np.arange(4 * 2048, dtype=np.uint8)  # four pages
-    writer = ShmWriter(os.getpid(), target.shared_fds, [target.nbytes], [memoryview(src)])
+    writer = ShmWriter(os.getpid(), [os.dup(target.shared_fds[0])], [target.nbytes], [memoryview(src)])  # takes the fd
     # a contiguous source run scattered to pages 5, 0, 7, 2 (the vectorised path)
     order = np.array([5, 0, 7, 2])
     n = len(order)
@@ -100,3 +100,12 @@ def test_shared_memory_writer_scatters_pages_and_checks_bounds() -> None:
 def test_shared_memory_writer_refuses_a_missing_descriptor() -> None:
     with pytest.raises(UnsupportedError, match="fd"):
         ShmWriter(os.getpid(), [999_999], [4096], [memoryview(bytearray(4096))])
+
+
+def test_shared_memory_writer_refuses_a_descriptor_smaller_than_its_window_and_closes_it() -> None:
+    small = os.memfd_create("small")
+    os.ftruncate(small, 4096)
+    with pytest.raises(ProtocolError, match="4096 bytes of a file, its window says 8192"):
+        ShmWriter(os.getpid(), [small], [8192], [memoryview(bytearray(4096))])
+    with pytest.raises(OSError):
+        os.fstat(small)  # handed over, so closed

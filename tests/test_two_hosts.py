@@ -55,7 +55,7 @@ def two_namespaces() -> Iterator[tuple[str, str, str]]:
 
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "two-hosts-shared-secret"
+TOKEN = "two-hosts-shared-secret-Rk8Tz3Wm6Nq1"
 #: a serve bound beyond loopback requires a token, and so does everyone who talks to it
 ENV = {**os.environ, "SAGE_TRANSPORT_AUTH_TOKEN": TOKEN}
 
@@ -78,7 +78,7 @@ def test_serve_beyond_loopback_needs_a_token_and_a_sender_must_prove_it(tmp_path
         try:
             assert server.stdout is not None
             address = server.stdout.readline().rsplit("listening on ", 1)[1].strip()
-            for env in (bare, {**bare, "SAGE_TRANSPORT_AUTH_TOKEN": "a-wrong-token-value"}):
+            for env in (bare, {**bare, "SAGE_TRANSPORT_AUTH_TOKEN": "a-wrong-token-value-Yh2Cp5Xv9Bd4"}):
                 proc = subprocess.run(
                     _cli(sender_ns, "migrate", "--peer", address, "--transport", "tcp", "--tokens", "256"),
                     capture_output=True, text=True, timeout=60, env=env,

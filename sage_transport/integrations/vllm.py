@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -245,7 +246,14 @@ class SageKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         for key in ("listen_host", "listen_port"):
             if key in extra:
                 settings[key] = extra[key]
-        base = KVTransportConfig.resolve(str(extra.get("sage_config", "")))
+        spec = str(extra.get("sage_config", ""))
+        if getattr(self._kv_transfer_config, "kv_role", None) == "kv_consumer":
+            # a decode instance only pulls: the prefill a request points it at (remote_address) may neither read
+            # nor write its KV unasked, unless the deployment says otherwise
+            for key in ("allow_pull", "accept_push"):
+                if key not in spec and f"SAGE_TRANSPORT_{key.upper()}" not in os.environ:
+                    settings[key] = False
+        base = KVTransportConfig.resolve(spec)
         self.config = base.replace(**settings) if settings else base
         self.hold_timeout_s = float(extra.get("hold_timeout_s", 120.0))
         self.engine_id = str(self._kv_transfer_config.engine_id or "vllm")
