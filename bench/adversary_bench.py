@@ -66,7 +66,7 @@ async def _genuine_peer_served(kind: str, address: str, token: str | None) -> bo
 
 async def run(kind: str, frames: int, preauth: int, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"transport": kind}
-    config = KVTransportConfig(chunk_size=1024, connect_timeout_s=2.0)
+    config = KVTransportConfig(chunk_size=1024, connect_timeout_s=0.5)
     async with KVTransferChannel(kind, config, name="victim") as victim:
         victim.register(KVMemory.allocate(SCHEMA, 16, fill=1))
         address = await victim.listen()
@@ -84,6 +84,14 @@ async def run(kind: str, frames: int, preauth: int, seed: int) -> dict[str, Any]
         rng = random.Random(seed)
         hello = hello_frame()
         start = time.perf_counter()
+        failures_before = victim.statistics().handshake_failures
+        gate = asyncio.Semaphore(128)  # strangers at once, under max_pending_handshakes
+
+        async def stranger(data: bytes) -> None:
+            async with gate:
+                await raw_frames(address, data, wait_s=10)  # returns once the victim closed the connection
+
+        frames_sent = []
         for _ in range(preauth):
             data = bytearray(hello)
             if rng.random() < 0.7:
@@ -91,10 +99,16 @@ async def run(kind: str, frames: int, preauth: int, seed: int) -> dict[str, Any]
                     data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
             else:
                 data = bytearray(rng.randbytes(rng.randint(1, 96)))
-            await raw_frames(address, bytes(data), wait_s=5)
+            frames_sent.append(bytes(data))
+        await asyncio.gather(*(stranger(d) for d in frames_sent))
         took = time.perf_counter() - start
         stats = victim.statistics()
-        out["before_handshake"] = {"frames": preauth, "seconds": round(took, 2), "frames_per_s": round(preauth / took)}
+        out["before_handshake"] = {
+            "connections": preauth,
+            "closed_by_victim": stats.handshake_failures - failures_before,
+            "seconds": round(took, 2),
+            "per_s": round(preauth / took),
+        }
         out["victim"] = {
             "internal_errors": stats.internal_errors,
             "protocol_errors": stats.protocol_errors,

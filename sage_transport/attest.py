@@ -260,8 +260,13 @@ def present_to(invite: Attest, window_for: WindowOffer) -> bool:
     return offer is not None
 
 
-async def attest_peer(conn: Connection, server: AttestationServer | None, window_for: WindowOffer) -> Attestation:
-    """Run the exchange on a connection that just passed the handshake (bounded by the caller's deadline)."""
+async def attest_peer(
+    conn: Connection, server: AttestationServer | None, window_for: WindowOffer, *, initiator: bool
+) -> Attestation:
+    """Run the exchange on a connection that just passed the handshake (bounded by the caller's deadline). The
+    ``initiator`` (the side that connected) says ``Attested`` first; the other side answers only once it holds the
+    initiator's presentation, and can start its session at once: the initiator sends nothing before it reads that
+    answer, so its first frames find the session reading."""
     creds = conn.peer_credentials()
     identity = PeerIdentity(*creds) if creds is not None else None
     invite: Attest | None = None
@@ -286,12 +291,15 @@ async def attest_peer(conn: Connection, server: AttestationServer | None, window
                 presented = True
             except OSError as exc:  # not on this host, or in another network namespace
                 log.debug("attestation.unreachable", peer=conn.peer_address, error=str(exc))
-        await conn.send(encode_message(Attested(presented)))
+        if initiator:
+            await conn.send(encode_message(Attested(presented)))
         done = await expect(conn, Attested, "attestation")
         received = None
         if waiter is not None and done.presented:
             received = await waiter
             identity = received.identity
+        if not initiator:
+            await conn.send(encode_message(Attested(presented)))
         return Attestation(identity, received, theirs if theirs.socket else None, invite.nonce if invite else None, offered)
     except BaseException:
         if invite is not None and server is not None:

@@ -417,7 +417,7 @@ class KVTransferChannel:
                     conn, name=self.name, token=self.config.auth_token, region=self._region(), known_peers=set(self._sessions),
                     codecs=self.accepted_codecs(),
                 )  # fmt: skip
-                attestation = await self._authenticated(conn)
+                attestation = await self._authenticated(conn, initiator=False)
         except (SageTransportError, TimeoutError) as exc:
             self._counters["handshake_failures"] += 1
             log.warning("peer.refused", address=conn.peer_address, error=str(exc) or type(exc).__name__)
@@ -431,11 +431,12 @@ class KVTransferChannel:
             return
         self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs, attestation)
 
-    async def _authenticated(self, conn: Connection) -> Attestation:
+    async def _authenticated(self, conn: Connection, *, initiator: bool) -> Attestation:
         """After a handshake: lift the connection's pre-authentication limits, then learn from the kernel who the
         peer is and exchange windows (:mod:`.attest`)."""
         await conn.authenticated(MAX_CONTROL_BYTES, self.transport.capabilities.max_message_size)
-        return await attest_peer(conn, self._attestation_server(), lambda who: self._window_for(conn, who))
+        offer = functools.partial(self._window_for, conn)
+        return await attest_peer(conn, self._attestation_server(), offer, initiator=initiator)
 
     def _revoke(self, attestation: Attestation) -> None:
         if attestation.nonce is not None and self._attestation is not None:
@@ -455,7 +456,7 @@ class KVTransferChannel:
                 outcome = await client_handshake(
                     conn, name=self.name, token=self.config.auth_token, caps=self._capabilities(), region=self._region()
                 )
-                attestation = await self._authenticated(conn)
+                attestation = await self._authenticated(conn, initiator=True)
         except TimeoutError:
             if conn is not None:
                 await conn.aclose()
@@ -712,6 +713,10 @@ class KVTransferChannel:
         except TimeoutError:
             err = TransferTimeoutError(f"transfer {tid} pulled from {plan.peer} missed its {plan.deadline_s:g}s deadline")
             self._abandon_pull(session, tid, err)
+            if not exp.done.done():  # the sender may be writing our memory directly: wait for its fence
+                with contextlib.suppress(BaseException):
+                    async with asyncio.timeout(self.config.ack_timeout_s + 1):
+                        await asyncio.shield(exp.done)
             raise err from None
         except asyncio.CancelledError:
             self._abandon_pull(session, tid, TransferAbortedError(f"transfer {tid} pulled from {plan.peer}: cancelled"))

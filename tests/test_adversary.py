@@ -404,3 +404,83 @@ def test_ucx_binds_its_own_sockets_to_the_interface_of_listen_host() -> None:
     transport = UcxTransport.from_config(KVTransportConfig(listen_host=address, auth_token=TOKEN))
     if "UCX_NET_DEVICES" not in os.environ:
         assert transport.options.get("NET_DEVICES") == name
+
+
+# ---- tokens and what serve says ------------------------------------------------------------------------------
+
+
+def test_token_command_and_token_files(tmp_path: Any, capsys: Any) -> None:
+    from sage_transport.cli import main
+    from sage_transport.config import MIN_TOKEN_BITS, token_strength_bits
+    from sage_transport.errors import ConfigError
+
+    assert main(["token"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert len(token) == 43 and token_strength_bits(token) >= MIN_TOKEN_BITS
+    path = tmp_path / "token"
+    assert main(["token", "--file", str(path)]) == 0
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    config = KVTransportConfig.resolve(f"auth_token_file={path}", env={})
+    assert config.auth_token == path.read_text().strip() and config.auth_token not in repr(config)
+    assert main(["token", "--file", str(path)]) == 2  # never overwrites
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="accessible by group or others .*0644"):
+        KVTransportConfig.resolve(f"auth_token_file={path}", env={})
+    weak = tmp_path / "weak"
+    weak.write_text("password1234")
+    os.chmod(weak, 0o600)
+    with pytest.raises(ConfigError, match="auth_token is too weak"):
+        KVTransportConfig.resolve({"auth_token_file": str(weak)}, env={})
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_serve_says_who_is_trusted_when_it_starts(token: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_TRANSPORT_AUTH")}
+    if token:
+        env["SAGE_TRANSPORT_AUTH_TOKEN"] = token
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "sage_transport.cli", "serve"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert serve.stdout is not None
+        assert "listening on 127.0.0.1:" in serve.stdout.readline()
+        said = serve.stdout.readline()
+        if token:
+            assert "peers must prove the shared auth_token" in said, said
+        else:
+            assert "no auth_token: only processes of this user on this host" in said, said
+    finally:
+        serve.kill()
+        serve.communicate()
+
+
+def test_hypothesis_frames_after_the_handshake_never_crash_the_victim() -> None:
+    """Property: whatever header bytes and payload a peer sends after the handshake, the victim refuses or ignores
+    them with a typed error and keeps serving (the in-memory transport: fast enough for many examples)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        frames=st.lists(
+            st.tuples(st.binary(max_size=160), st.one_of(st.none(), st.binary(max_size=64))), min_size=1, max_size=6
+        )
+    )
+    def check(frames: list[tuple[bytes, bytes | None]]) -> None:
+        async def run() -> None:
+            async with _victim("mock") as (victim, _memory, adversary, _network):
+                async with adversary(region=_region()) as evil:
+                    for header, payload in frames:
+                        try:
+                            await evil.send(header, payload)
+                        except Exception:
+                            break  # the victim ended the session
+                    await asyncio.sleep(0)
+                async with adversary(region=_region()) as friend:
+                    await friend.send(Pull("ok", SMALL, [BlockMapping(0, 4, (0,), (0,))], 0, 5.0))
+                    assert isinstance(await friend.recv_until(Announce, timeout=5), Announce)
+                assert victim.statistics().internal_errors == 0
+
+        asyncio.run(run())
+
+    check()

@@ -111,7 +111,7 @@ class Adversary:
             sock, _ = listener_identity(invite.socket)
             present(sock, invite.nonce, self.window, self.fds)
             presented = True
-        await conn.send(encode_message(Attested(presented)))
+        await conn.send(encode_message(Attested(presented)))  # the connecting side says it first
         await expect(conn, Attested, "attestation")
         return outcome.peer_name
 
