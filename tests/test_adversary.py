@@ -438,9 +438,7 @@ def test_serve_says_who_is_trusted_when_it_starts(token: str | None) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_TRANSPORT_AUTH")}
     if token:
         env["SAGE_TRANSPORT_AUTH_TOKEN"] = token
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "sage_transport.cli", "serve"], stdout=subprocess.PIPE, text=True, env=env
-    )
+    serve = subprocess.Popen([sys.executable, "-m", "sage_transport.cli", "serve"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert serve.stdout is not None
         assert "listening on 127.0.0.1:" in serve.stdout.readline()
@@ -462,9 +460,7 @@ def test_hypothesis_frames_after_the_handshake_never_crash_the_victim() -> None:
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
-        frames=st.lists(
-            st.tuples(st.binary(max_size=160), st.one_of(st.none(), st.binary(max_size=64))), min_size=1, max_size=6
-        )
+        frames=st.lists(st.tuples(st.binary(max_size=160), st.one_of(st.none(), st.binary(max_size=64))), min_size=1, max_size=6)
     )
     def check(frames: list[tuple[bytes, bytes | None]]) -> None:
         async def run() -> None:
