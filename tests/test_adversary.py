@@ -480,3 +480,24 @@ def test_hypothesis_frames_after_the_handshake_never_crash_the_victim() -> None:
         asyncio.run(run())
 
     check()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "ucx"])
+async def test_a_presentation_from_another_process_ends_the_session_and_binds_nothing(kind: str) -> None:
+    """The invitation's nonce leaks to a second process, which presents a window of its own: the kernel attests a
+    pid other than the session's, so the victim ends that session (ProtocolError naming the peer) and places nothing."""
+    async with _victim(kind) as (victim, _memory, adversary, _network):
+        async with adversary(region=_region()) as evil:
+            invite = evil.victim_invite
+            assert invite is not None and invite.socket
+            script = (
+                "import sys; from sage_transport.attest import listener_identity, present; "
+                "from sage_transport.wire import Window; from sage_transport.placement import host_identity; "
+                "sock, _ = listener_identity(sys.argv[1]); "
+                "present(sock, bytes.fromhex(sys.argv[2]), Window(host_identity(), [[4096, 4096]]), [])"
+            )
+            child = await asyncio.create_subprocess_exec(sys.executable, "-c", script, invite.socket, invite.nonce.hex())
+            assert await child.wait() == 0
+            assert await evil.closed_by_victim(), "the session survived a presentation from another process"
+        stats = victim.statistics()
+        assert stats.protocol_errors == 1 and stats.chunks_placed == 0 and stats.internal_errors == 0
