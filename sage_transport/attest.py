@@ -44,6 +44,7 @@ __all__ = [
     "PeerIdentity",
     "Presented",
     "attest_peer",
+    "close_fds",
     "listener_identity",
     "present",
     "present_to",
@@ -92,7 +93,8 @@ def _credentials(sock: socket.socket) -> PeerIdentity:
     return PeerIdentity(pid, uid, gid)
 
 
-def _close_all(fds: list[int]) -> None:
+def close_fds(fds: list[int]) -> None:
+    """Close descriptors received in a presentation that nothing took over."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -114,7 +116,6 @@ class AttestationServer:
             raise
         self._handlers: dict[bytes, Callable[[Presented], None]] = {}
         self._reading = 0
-        self.refused = 0  # connections closed: unknown nonce, malformed, too many at once, too slow
 
     def invite(self, handler: Callable[[Presented], None]) -> Attest:
         """A fresh invitation; presentations with its nonce go to ``handler`` until :meth:`revoke`."""
@@ -136,8 +137,7 @@ class AttestationServer:
         try:
             while True:
                 conn, _ = await loop.sock_accept(self._sock)
-                if self._reading >= _CONCURRENT:
-                    self.refused += 1
+                if self._reading >= _CONCURRENT:  # more strangers at once: closed unread
                     conn.close()
                     continue
                 task = asyncio.create_task(self._read(conn), name="sage-attest-read")
@@ -167,8 +167,7 @@ class AttestationServer:
             if handler is None:
                 raise ProtocolError("presentation with an unknown nonce")
         except (TimeoutError, OSError, ProtocolError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.refused += 1
-            _close_all(fds)
+            close_fds(fds)
             log.info("attestation.refused", reason=str(exc) or type(exc).__name__)
             return
         finally:
@@ -276,7 +275,7 @@ async def attest_peer(
 
         def arrived(presented: Presented, waiter: asyncio.Future[Presented] = waiter) -> None:
             if waiter.done():
-                _close_all(presented.fds)
+                close_fds(presented.fds)
             else:
                 waiter.set_result(presented)
 
@@ -305,5 +304,5 @@ async def attest_peer(
         if invite is not None and server is not None:
             server.revoke(invite.nonce)
         if waiter is not None and waiter.done() and not waiter.cancelled():
-            _close_all(waiter.result().fds)
+            close_fds(waiter.result().fds)
         raise

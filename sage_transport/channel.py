@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from .attest import Attestation, AttestationServer, PeerIdentity, Presented, attest_peer, present_to, supported
+from .attest import Attestation, AttestationServer, PeerIdentity, Presented, attest_peer, close_fds, present_to, supported
 from .config import Compression, Integrity, KVTransportConfig, require_token_off_loopback
 from .errors import (
     ChecksumError,
@@ -346,9 +346,7 @@ class KVTransferChannel:
         except ProtocolError as exc:
             self._session_failed(session, exc)
         finally:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_fds(fds)
 
     def _region(self) -> Region | None:
         return None if self._memory is None else Region(self._memory.schema, self._memory.geometry)
@@ -442,9 +440,7 @@ class KVTransferChannel:
         if attestation.nonce is not None and self._attestation is not None:
             self._attestation.revoke(attestation.nonce)
         if attestation.presented is not None:
-            for fd in attestation.presented.fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_fds(attestation.presented.fds)
 
     async def connect(self, address: str) -> str:
         """Connect and authenticate to the channel listening at ``address``; returns the peer's name."""
