@@ -111,6 +111,9 @@ def run_producer() -> None:
             delay, finished = scheduler.request_finished(request, blocks)
             print(json.dumps({"delay": delay, "params": finished}), flush=True)
         elif "finished" in command:
+            # the next step, as vLLM runs it: the scheduler tells the worker which finished requests it holds
+            worker.bind_connector_metadata(scheduler.build_connector_meta(SchedulerOutput.make_empty()))
+            worker.start_load_kv(None)
             deadline = time.time() + 30
             while time.time() < deadline:
                 sending, _ = worker.get_finished({command["finished"]})
