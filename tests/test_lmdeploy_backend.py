@@ -6,10 +6,14 @@ is not installed."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import pickle
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -24,6 +28,8 @@ with warnings.catch_warnings():
     from lmdeploy.pytorch.disagg.messages import AssignmentInstruct, MigrationAssignment, MigrationExecutionBatch
     from lmdeploy.pytorch.engine.cache_engine.engine import CacheEngine
     from lmdeploy.pytorch.engine.cache_engine.layout import CacheAllocation, CachePool
+    from lmdeploy.pytorch.engine.engine_loop import EngineLoop
+    from lmdeploy.pytorch.engine.request import Response, ResponseType
 
     from sage_transport.errors import ConfigError
     from sage_transport.integrations import lmdeploy as adapter
@@ -100,9 +106,22 @@ def read_tagged(stream: object, tag: str) -> str:
     raise AssertionError(f"the prefill process ended before printing {tag!r}")
 
 
+def test_the_backend_has_a_name_of_its_own_in_lmdeploys_registry_and_cli() -> None:
+    assert adapter.REGISTERED_AS == "SageTransport"
+    assert MIGRATION_BACKENDS.module_dict["SageTransport"] is adapter.SageMigrationBackend
+    assert MigrationBackend["SageTransport"].name == "SageTransport" and MigrationBackend.DLSlime.name == "DLSlime"
+    assert pickle.loads(pickle.dumps(MigrationBackend["SageTransport"])) is MigrationBackend["SageTransport"]
+    assert MIGRATION_BACKENDS.module_dict.get("DLSlime") is not adapter.SageMigrationBackend  # LMDeploy's own stays
+    from lmdeploy.cli.utils import ArgumentHelper
+
+    parser = argparse.ArgumentParser()
+
+    action = ArgumentHelper.migration_backend(parser)
+    assert action.choices == ["DLSlime", "Mooncake", "SageTransport"]
+    assert parser.parse_args(["--migration-backend", "SageTransport"]).migration_backend == "SageTransport"
+
+
 def test_the_decode_engine_pulls_the_prefills_pools_into_the_blocks_lmdeploy_paired() -> None:
-    assert adapter.REGISTERED_AS in ("DLSlime", "Mooncake")
-    assert MIGRATION_BACKENDS.module_dict[adapter.REGISTERED_AS] is adapter.SageMigrationBackend
     prefill = subprocess.Popen([sys.executable, "-c", PREFILL], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     decode = make_engine(DECODE_BLOCKS, fill=False)
     try:
@@ -134,6 +153,14 @@ def test_the_decode_engine_pulls_the_prefills_pools_into_the_blocks_lmdeploy_pai
         asyncio.run(decode.migrate(MigrationExecutionBatch(protocol=MigrationProtocol.TCP, requests=[("prefill", [(5, 6)])])))
         assert torch.equal(kv[:, 6], expected_kv[:, 5]) and torch.equal(scales[:, 6], expected_scales[:, 5])
 
+        # LMDeploy's migration loop: a request whose migration fails fails alone, the others migrate
+        loop = FakeEngineLoop(decode)
+        lost, good = migrating(1, "nobody", [(5, 7)]), migrating(2, "prefill", [(6, 8)])
+        asyncio.run(loop.run([lost, good]))
+        assert torch.equal(kv[:, 8], expected_kv[:, 6])
+        assert loop.failed() == {1: "KV migration from engine 'nobody' failed"} and loop.stopped == [1]
+        assert sorted(loop.notified) == [("nobody", 101), ("prefill", 102)]  # both prefills may free the blocks
+
         stray = MigrationAssignment(
             protocol=MigrationProtocol.TCP, remote_engine_id="nobody",
             batch=[AssignmentInstruct(mr_key=0, target_offset=0, source_offset=0, length=KV_BYTES)],
@@ -143,6 +170,10 @@ def test_the_decode_engine_pulls_the_prefills_pools_into_the_blocks_lmdeploy_pai
         prefill.stdin.write("done\n")
         prefill.stdin.flush()
         assert prefill.wait(timeout=60) == 0
+        # the prefill is gone: our backend's error (not LMDeploy's) fails that request alone, and the loop lives on
+        asyncio.run(loop.run([migrating(3, "prefill", [(7, 9)])]))
+        assert loop.failed()[3] == "KV migration from engine 'prefill' failed" and loop.stopped == [1, 3]
+        assert "nothing answers at 127.0.0.1:" in loop.reasons[3]  # our channel's error, passed on as the cause
     finally:
         if decode.migration_backend_impl is not None:
             decode.migration_backend_impl.close()
@@ -154,13 +185,60 @@ def test_the_decode_engine_pulls_the_prefills_pools_into_the_blocks_lmdeploy_pai
                 pipe.close()
 
 
+def migrating(session: int, remote: str, pairs: list[tuple[int, int]]) -> SimpleNamespace:
+    """A decode sequence LMDeploy's scheduler hands the migration loop: the prefill's blocks, and ours."""
+    request = SimpleNamespace(
+        is_dummy_prefill=False, remote_block_ids=[p for p, _ in pairs], remote_engine_id=remote,
+        remote_session_id=100 + session, protocol=MigrationProtocol.TCP,
+    )  # fmt: skip
+    resp = Response(type=ResponseType.SUCCESS, sender_id=0, event=None)  # type: ignore[arg-type]
+    return SimpleNamespace(
+        session_id=session, migration_request=request, resp=resp, num_token_ids=0, decode=[d for _, d in pairs]
+    )
+
+
+class FakeEngineLoop:
+    """What LMDeploy's ``EngineLoop._migration_loop_migrate`` reads, around a real CacheEngine; runs the method as
+    LMDeploy defines it (with the hook this module installs)."""
+
+    def __init__(self, cache_engine: CacheEngine) -> None:
+        self.executor = SimpleNamespace(migrate=cache_engine.migrate)
+        self.stopped: list[int] = []
+        self.notified: list[tuple[str, int]] = []
+        self.resp_queue: asyncio.Queue[dict[int, Any]] = asyncio.Queue()
+        self.reasons: dict[int, str] = {}
+        loop = self
+        self.scheduler = SimpleNamespace(get_block_tables=lambda msgs: [m.decode for m in msgs], stop_session=self.stopped.append)
+
+        class Conn:
+            async def zmq_send(self, remote_engine_id: str, remote_session_id: int) -> None:
+                loop.notified.append((remote_engine_id, remote_session_id))
+
+        self.engine_conn = Conn()
+
+    async def run(self, msgs: list[Any]) -> None:
+        ready = list(msgs)
+        self.resp_queue = asyncio.Queue()
+        await EngineLoop._migration_loop_migrate(self, ready)
+        self.ready = ready
+
+    def failed(self) -> dict[int, str]:
+        failures = {}
+        while not self.resp_queue.empty():
+            for session, out in self.resp_queue.get_nowait().items():
+                assert out.finish and out.resp.type is ResponseType.INTERNAL_ENGINE_ERROR
+                self.reasons[session] = out.resp.err_msg
+                failures[session] = out.resp.err_msg.split(":")[0]
+        assert all(m.session_id not in failures for m in self.ready)  # failed requests leave the batch
+        return failures
+
+
 def test_a_name_whose_engine_is_installed_is_not_taken_without_replace(monkeypatch: pytest.MonkeyPatch) -> None:
     taken = adapter.REGISTERED_AS
     assert taken is not None
     try:
         monkeypatch.setattr(adapter, "_installed", lambda module: True)
-        with pytest.raises(ConfigError, match="belongs to an installed engine"):
-            adapter.register()
+        assert adapter.register() == "SageTransport"  # our own name: nothing installed is ever replaced
         with pytest.raises(ConfigError, match="is installed and would be replaced"):
             adapter.register("Mooncake")
         assert adapter.register("Mooncake", replace=True) == "Mooncake"

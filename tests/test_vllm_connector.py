@@ -34,11 +34,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 4, 64, 16, 2, 64
 
 
-def make_connector(kv_role: str, role: KVConnectorRole, hold_timeout_s: float = 60) -> Any:
+def make_connector(kv_role: str, role: KVConnectorRole, hold_timeout_s: float = 60, **extra: Any) -> Any:
     config = VllmConfig(
         kv_transfer_config=KVTransferConfig(
             kv_connector="SageKVConnector", kv_connector_module_path="sage_transport.integrations.vllm", kv_role=kv_role,
-            engine_id=f"test-{kv_role}", kv_connector_extra_config={"hold_timeout_s": hold_timeout_s},
+            engine_id=f"test-{kv_role}", kv_connector_extra_config={"hold_timeout_s": hold_timeout_s, **extra},
         )
     )  # fmt: skip
     config.cache_config.block_size = BLOCK_SIZE
@@ -309,3 +309,41 @@ def test_a_request_without_remote_parameters_is_left_to_vllm() -> None:
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     assert scheduler.request_finished(request, [1, 2]) == (False, None)
     assert scheduler.build_connector_meta(None).loads == []
+
+
+def routable_address() -> str | None:
+    """This host's address on its default route (no packet is sent), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def test_the_readmes_cross_host_settings_listen_on_the_address_with_the_token_file(tmp_path: Any) -> None:
+    from sage_transport.cli import main as sage_transport_cli
+    from sage_transport.errors import ConfigError
+
+    host = routable_address()
+    if host is None:
+        pytest.skip("no routable address here")
+    with pytest.raises(ConfigError, match="auth_token"):
+        make_connector("kv_producer", KVConnectorRole.WORKER, sage_config="preset=high-bw", listen_host=host)
+    token = tmp_path / "token"
+    sage_transport_cli(["token", "--file", str(token)])
+    settings = {"sage_config": f"preset=high-bw,auth_token_file={token}", "listen_host": host}
+    prefill = make_connector("kv_producer", KVConnectorRole.WORKER, **settings)
+    decode = make_connector("kv_consumer", KVConnectorRole.WORKER, **settings)
+    try:
+        assert prefill.get_handshake_metadata().address.startswith(f"{host}:")
+        prefill.register_kv_caches(kv_caches(fill=True))
+        decode.register_kv_caches(kv_caches(fill=False))
+        peer = decode._loop.call(decode._channel.connect(prefill.get_handshake_metadata().address), timeout=30)
+        assert peer == prefill._channel.name  # the token was accepted by both
+    finally:
+        prefill.shutdown()
+        decode.shutdown()

@@ -8,8 +8,14 @@ blocks are compared by digest on both sides, per TP rank. Skipped where vLLM is 
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +33,12 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore")]
 
 BLOCK = 128  # vLLM's CPU block size
 HOLD_S = 6.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def prompt(seed: int, tokens: int = 5 * BLOCK + 37) -> list[int]:
@@ -189,3 +201,70 @@ def test_tp2_decode_ranks_each_pull_their_own_heads_from_the_matching_prefill_ra
     finally:
         prefill.close()
         decode.close()
+
+
+def api_server(model: Path, port: int, kv_transfer_config: str, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m vllm.entrypoints.openai.api_server`` with a ``--kv-transfer-config`` as the README gives it."""
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+        "--kv-transfer-config", kv_transfer_config, "--max-model-len", "4096", "--enforce-eager", "--dtype", "float16",
+        "--kv-cache-memory-bytes", str(64 << 20), "--no-enable-prefix-caching", "--seed", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def complete(port: int, model: Path, text: str, max_tokens: int, kv_transfer_params: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": str(model), "prompt": text, "max_tokens": max_tokens, "temperature": 0}
+    if kv_transfer_params is not None:
+        body["kv_transfer_params"] = kv_transfer_params
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())  # type: ignore[no-any-return]
+
+
+def test_vllms_api_servers_serve_disaggregated_requests_with_the_readmes_kv_transfer_config(model: Path, tmp_path: Path) -> None:
+    """The README's ``--kv-transfer-config`` (same host, so no token) through vLLM's OpenAI server, as a proxy drives
+    a prefill and a decode instance: the decode's text is what it would have written having prefilled itself."""
+    ports = [free_port(), free_port()]
+    config = {
+        "kv_connector": "SageKVConnector", "kv_connector_module_path": "sage_transport.integrations.vllm",
+        "kv_connector_extra_config": {"sage_config": "preset=high-bw"},
+    }  # fmt: skip
+    servers = [
+        api_server(model, port, json.dumps({**config, "kv_role": role}), tmp_path / f"{role}.log")
+        for port, role in zip(ports, ("kv_producer", "kv_consumer"))
+    ]
+    try:
+        for port, server in zip(ports, servers):
+            deadline = time.monotonic() + 600
+            while True:
+                assert server.poll() is None, (tmp_path / "kv_producer.log").read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the API server did not come up"
+                    time.sleep(1)
+        text = " ".join(f"t{token}" for token in prompt(17))
+        reference = complete(ports[1], model, text, 8)["choices"][0]["text"]
+        prefilled = complete(ports[0], model, text, 1, {"do_remote_decode": True})
+        params = prefilled["kv_transfer_params"]
+        assert params["do_remote_prefill"] and params["remote_block_ids"]
+        decoded = complete(ports[1], model, text, 8, params)
+        assert decoded["choices"][0]["finish_reason"] == "length"
+        assert decoded["choices"][0]["text"] == reference
+        other = complete(ports[0], model, " ".join(f"t{token}" for token in prompt(18)), 1, {"do_remote_decode": True})
+        control = complete(ports[1], model, text, 8, other["kv_transfer_params"])["choices"][0]["text"]
+        assert control != reference  # over another prompt's KV: the decode's text came from the pull
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

@@ -2,14 +2,16 @@
 
 LMDeploy's PyTorch engine picks a migration backend by name from ``MIGRATION_BACKENDS``, and its
 ``MigrationBackend`` enum only knows ``DLSlime`` and ``Mooncake``. Importing this module registers
-:class:`SageMigrationBackend` under the first of those names whose engine is not installed here (``dlslime`` /
-``mooncake.engine``), so an installed backend is never replaced; ``SAGE_TRANSPORT_LMDEPLOY_AS=DLSlime`` (or
-``Mooncake``) picks the name, and naming an installed one is refused unless ``SAGE_TRANSPORT_LMDEPLOY_REPLACE=1``.
-:data:`REGISTERED_AS` says which name was taken. Launch either engine through this module, so that LMDeploy's
-spawned worker processes import it too::
+:class:`SageMigrationBackend` under a name of its own, ``SageTransport``, added to that enum and to the CLI's
+``--migration-backend`` choices (:mod:`.lmdeploy_hooks`); ``SAGE_TRANSPORT_LMDEPLOY_AS=DLSlime`` (or ``Mooncake``)
+takes one of LMDeploy's names instead, and naming one whose engine is installed is refused unless
+``SAGE_TRANSPORT_LMDEPLOY_REPLACE=1``. :data:`REGISTERED_AS` says which name was taken. Importing it also makes a
+failed migration fail its request alone (an ``INTERNAL_ENGINE_ERROR`` naming the cause) instead of ending LMDeploy's
+migration loop. Launch either engine through this module, so that LMDeploy's spawned worker processes import it
+too::
 
     python -m sage_transport.integrations.lmdeploy serve api_server MODEL --backend pytorch \\
-        --role Decode --migration-backend DLSlime      # the name REGISTERED_AS printed
+        --role Decode --migration-backend SageTransport
 
 (or ``import sage_transport.integrations.lmdeploy`` at the top of your own launch script).
 
@@ -21,7 +23,9 @@ own, as a KV cache of ``rows`` layers with one page per (row, block) entry (the 
 ``cache_pools`` metadata), coalesces adjacent assignments, turns them into block mappings and pulls them
 (:meth:`~sage_transport.channel.KVTransferChannel.pull`, decode-critical priority). Pools are moved as bytes: they
 hold K, V and any scales together, so the wire codec never quantises them (lossless compression still applies).
-Host memory only: a CUDA pool raises :class:`~sage_transport.errors.UnsupportedError` at registration.
+Host memory only: a CUDA pool raises :class:`~sage_transport.errors.UnsupportedError` at registration. LMDeploy
+0.18 always allocates its cache pools on the device (it has no CPU device), so until GPU KV lands this backend
+cannot serve a real LMDeploy deployment; the tests run LMDeploy's ``CacheEngine`` over CPU pools, a stand-in.
 
 Settings come from ``SAGE_TRANSPORT_*`` variables (:meth:`KVTransportConfig.resolve`): ``listen_host`` (an address
 other than loopback needs ``auth_token``), ``listen_port`` (pool ``i`` listens on ``listen_port + i``; 0: any free
@@ -378,39 +382,44 @@ class SageMigrationBackend(MigrationBackendImpl):  # type: ignore[misc]
         return link
 
 
+OWN_NAME = "SageTransport"
+
+
 def register(name: str | None = None, *, replace: bool | None = None) -> str:
     """Register :class:`SageMigrationBackend` in LMDeploy's ``MIGRATION_BACKENDS``; returns the name taken.
 
-    ``name`` (default ``SAGE_TRANSPORT_LMDEPLOY_AS``, else the first of DLSlime, Mooncake whose engine is not
-    installed) must be a ``MigrationBackend`` member; a name whose engine is installed is refused unless
-    ``replace`` (default ``SAGE_TRANSPORT_LMDEPLOY_REPLACE=1``)."""
+    By default the name is our own, ``SageTransport`` (added to LMDeploy's ``MigrationBackend`` and to its CLI's
+    ``--migration-backend`` choices, :mod:`.lmdeploy_hooks`), so no other engine's name is taken.
+    ``name`` (default ``SAGE_TRANSPORT_LMDEPLOY_AS``) may instead be one of LMDeploy's own members, for a launcher
+    that cannot pass a new name; one whose engine is installed is refused unless ``replace`` (default
+    ``SAGE_TRANSPORT_LMDEPLOY_REPLACE=1``). Either way a request whose migration fails fails alone
+    (:func:`~.lmdeploy_hooks.fail_migrations_alone`)."""
     if not LMDEPLOY_AVAILABLE:
         raise ImportError("SageMigrationBackend needs LMDeploy (pip install lmdeploy)")
     import lmdeploy.pytorch.disagg.backend  # noqa: F401  (registers LMDeploy's own backends first)
     from lmdeploy.pytorch.disagg.backend.backend import MIGRATION_BACKENDS
     from lmdeploy.pytorch.disagg.config import MigrationBackend
 
-    name = name or os.environ.get("SAGE_TRANSPORT_LMDEPLOY_AS") or None
+    from .lmdeploy_hooks import add_backend_name, fail_migrations_alone
+
+    name = name or os.environ.get("SAGE_TRANSPORT_LMDEPLOY_AS") or OWN_NAME
     if replace is None:
         replace = os.environ.get("SAGE_TRANSPORT_LMDEPLOY_REPLACE", "") in ("1", "true", "yes")
-    installed = {n for n, module in _ENGINE_MODULES.items() if _installed(module)}
-    members = [m.name for m in MigrationBackend]
-    if name is None:
-        free = [n for n in members if n not in installed]
-        if not free:
+    if name == OWN_NAME:
+        add_backend_name(name)
+    else:
+        members = [m.name for m in MigrationBackend if m.name != OWN_NAME]
+        if name not in members:
             raise ConfigError(
-                f"every MigrationBackend name ({', '.join(members)}) belongs to an installed engine; set "
-                "SAGE_TRANSPORT_LMDEPLOY_AS and SAGE_TRANSPORT_LMDEPLOY_REPLACE=1 to take one deliberately"
+                f"SAGE_TRANSPORT_LMDEPLOY_AS={name!r} is not a MigrationBackend name ({', '.join(members)}, or {OWN_NAME})"
             )
-        name = free[0]
-    elif name not in members:
-        raise ConfigError(f"SAGE_TRANSPORT_LMDEPLOY_AS={name!r} is not a MigrationBackend name ({', '.join(members)})")
-    elif name in installed and not replace:
-        raise ConfigError(
-            f"SAGE_TRANSPORT_LMDEPLOY_AS={name!r}: {_ENGINE_MODULES[name]} is installed and would be replaced; "
-            "set SAGE_TRANSPORT_LMDEPLOY_REPLACE=1 to do so"
-        )
+        if name in _ENGINE_MODULES and _installed(_ENGINE_MODULES[name]) and not replace:
+            raise ConfigError(
+                f"SAGE_TRANSPORT_LMDEPLOY_AS={name!r}: {_ENGINE_MODULES[name]} is installed and would be replaced; "
+                "set SAGE_TRANSPORT_LMDEPLOY_REPLACE=1 to do so"
+            )
     MIGRATION_BACKENDS.register_module(name, module=SageMigrationBackend, force=True)
+    fail_migrations_alone()
     return name
 
 

@@ -39,19 +39,25 @@ TINY_LLAMA = {
 
 
 def write_tiny_llama(path: str | Path, seed: int = 0) -> Path:
-    """A two-layer Llama (2 KV heads of 64, vocabulary 512) with seeded random weights, as a local checkpoint.
+    """A two-layer Llama (2 KV heads of 64, vocabulary 512) with seeded random weights, as a local checkpoint, and
+    a word-level tokenizer (token ``i`` is the word ``t<i>``) so that vLLM's API server serves it as it is.
 
     ``initializer_range`` 0.3 (not 0.02) so that attention is sharp: what a request's KV holds changes its output.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
-    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+    if (path / "model.safetensors").exists() and (path / "tokenizer.json").exists():
         return path
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     model.save_pretrained(path, safe_serialization=True)
+    vocab_size = int(TINY_LLAMA["vocab_size"])  # type: ignore[call-overload]
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(path)
     return path
 
 
