@@ -139,8 +139,8 @@ def main() -> None:
     ttft: list[float] = []
     bare: list[float] = []
     for run in range(args.runs):
-        remote = rng.permutation(blocks)[:need].tolist()
-        local = rng.permutation(blocks)[:need].tolist()
+        remote = (rng.permutation(blocks - 1)[:need] + 1).tolist()  # block 0 is vLLM's null block
+        local = (rng.permutation(blocks - 1)[:need] + 1).tolist()
         for request_id in (f"r{run}", f"bare{run}"):  # the prefill ran: its connector knows the request's blocks
             producer.stdin.write(json.dumps({"request_id": request_id, "blocks": remote}) + "\n")
             producer.stdin.flush()
@@ -169,7 +169,7 @@ def main() -> None:
         async def pull(run: int = run, remote: list[int] = remote, local: list[int] = local) -> float:
             channel: KVTransferChannel = worker._channel
             peer = next(iter(channel.peers))
-            plan = TransferPlan.for_blocks(peer, worker._schema, remote, local, transfer_id=f"bare{run}")
+            plan = TransferPlan.for_blocks(peer, worker._paged.schema, remote, local, transfer_id=f"bare{run}")
             t = time.perf_counter()
             await channel.pull(plan)
             return time.perf_counter() - t

@@ -168,7 +168,12 @@ class EngineProcess:
             }  # fmt: skip
         argv = [sys.executable, "-m", "sage_transport.testing.vllm_engine", str(model), json.dumps(kv_config),
                 str(tensor_parallel_size), str(kv_cache_mb)]  # fmt: skip
-        child_env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONWARNINGS": "ignore", **(env or {})}
+        # several engines share the cores here: unbound OpenMP threads that sleep when idle (spinning ones steal
+        # the next engine's time)
+        child_env = {
+            **os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore",
+            **(env or {}),
+        }  # fmt: skip
         self.log_path = Path(log_path) if log_path else None
         self._log: IO[str] | None = open(self.log_path, "w") if self.log_path else None
         self.proc = subprocess.Popen(
