@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # vLLM and torch warn at import (deprecations);
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
     from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
-    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.request import Request
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
@@ -34,7 +34,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 LAYERS, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 4, 64, 16, 2, 64
 
 
-def make_connector(kv_role: str, role: KVConnectorRole, hold_timeout_s: float = 60, **extra: Any) -> Any:
+def make_connector(
+    kv_role: str, role: KVConnectorRole, hold_timeout_s: float = 60, groups: list[list[str]] | None = None, **extra: Any
+) -> Any:
     config = VllmConfig(
         kv_transfer_config=KVTransferConfig(
             kv_connector="SageKVConnector", kv_connector_module_path="sage_transport.integrations.vllm", kv_role=kv_role,
@@ -42,8 +44,10 @@ def make_connector(kv_role: str, role: KVConnectorRole, hold_timeout_s: float = 
         )
     )  # fmt: skip
     config.cache_config.block_size = BLOCK_SIZE
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float16)
+    kv_groups = [KVCacheGroupSpec(names, spec) for names in groups or []]
     return KVConnectorFactory.create_connector(
-        config, role, KVCacheConfig(num_blocks=BLOCKS, kv_cache_tensors=[], kv_cache_groups=[])
+        config, role, KVCacheConfig(num_blocks=BLOCKS, kv_cache_tensors=[], kv_cache_groups=kv_groups)
     )
 
 
@@ -347,3 +351,70 @@ def test_the_readmes_cross_host_settings_listen_on_the_address_with_the_token_fi
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def test_hybrid_kv_cache_groups_move_each_groups_blocks_into_that_groups_layers() -> None:
+    """Two KV cache groups (layers 0 and 2 full attention, 1 and 3 a sliding window whose early blocks are vLLM's null
+    block): vLLM calls request_finished_all_groups with each group's blocks, and the decode's pull pairs every
+    layer with its own group's blocks (null blocks are neither sent nor written)."""
+    names = list(kv_caches(fill=False))
+    groups = [[names[0], names[2]], [names[1], names[3]]]
+    prefill_scheduler = make_connector("kv_producer", KVConnectorRole.SCHEDULER, groups=groups)
+    prefill = make_connector("kv_producer", KVConnectorRole.WORKER, groups=groups)
+    prefill.register_kv_caches(kv_caches(fill=True))
+    prefill_scheduler.set_xfer_handshake_metadata({0: prefill.get_handshake_metadata()})
+    full, window = [7, 3, 40, 12, 63], [0, 0, 0, 21, 22]  # group 1 kept only the last two blocks
+    params = {"do_remote_decode": True}
+    request = Request(
+        "hma-1", list(range(5 * BLOCK_SIZE)), SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params}), None
+    )
+    prefill_scheduler.update_state_after_alloc(request, KVCacheBlocks(([], [])), 0)
+    step = SchedulerOutput.make_empty()
+    step.scheduled_new_reqs = [NewRequestData.from_request(request, (full, window))]
+    step.num_scheduled_tokens = {"hma-1": 5 * BLOCK_SIZE}
+    prefill.bind_connector_metadata(prefill_scheduler.build_connector_meta(step))
+    prefill.start_load_kv(None)
+    prefill.wait_for_save()
+    held, answer = prefill_scheduler.request_finished_all_groups(request, (full, window))
+    assert held is True and answer["remote_block_ids"] == [full, [21, 22]]
+    prefill.bind_connector_metadata(prefill_scheduler.build_connector_meta(SchedulerOutput.make_empty()))
+    prefill.start_load_kv(None)  # the step that tells the worker it holds hma-1
+
+    decode_scheduler = make_connector("kv_consumer", KVConnectorRole.SCHEDULER, groups=groups)
+    decode = make_connector("kv_consumer", KVConnectorRole.WORKER, groups=groups)
+    caches = kv_caches(fill=False)
+    decode.register_kv_caches(caches)
+    wanted = Request(
+        "hma-d", list(range(5 * BLOCK_SIZE)), SamplingParams(max_tokens=4, extra_args={"kv_transfer_params": answer}), None
+    )
+    count, _ = decode_scheduler.get_num_new_matched_tokens(wanted, 0)
+    null = KVCacheBlock(0)
+    null.is_null = True
+    local_full, local_window = [1, 2, 5, 9, 11], [30, 31]
+    allocated = KVCacheBlocks(
+        ([KVCacheBlock(b) for b in local_full], [null, null, null, *(KVCacheBlock(b) for b in local_window)])
+    )
+    decode_scheduler.update_state_after_alloc(wanted, allocated, count)
+    decode.bind_connector_metadata(decode_scheduler.build_connector_meta(None))
+    decode.start_load_kv(None)
+    deadline = time.time() + 30
+    while True:
+        results = decode.get_transfer_results(set())
+        if "hma-d" in results.finished_recving:
+            break
+        assert time.time() < deadline, "the pull never finished"
+        time.sleep(0.01)
+    assert results.failed_recving == set()
+    for layer in (0, 2):
+        assert all(holds(caches, layer, r, loc) for r, loc in zip(full, local_full))
+    for layer in (1, 3):
+        assert all(holds(caches, layer, r, loc) for r, loc in zip([21, 22], local_window))
+        untouched = [b for b in range(1, BLOCKS) if b not in local_window]
+        assert not bool(list(caches.values())[layer][:, untouched].any())
+    sent: set[str] = set()
+    while "hma-1" not in sent:  # the prefill frees the request's blocks once pulled
+        assert time.time() < deadline
+        sent |= prefill.get_transfer_results({"hma-1"}).finished_sending
+        time.sleep(0.01)
+    decode.shutdown()
+    prefill.shutdown()

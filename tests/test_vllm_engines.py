@@ -175,10 +175,21 @@ def test_engines_survive_the_hold_timeout_and_an_expired_hold_fails_only_its_dec
 
 
 def test_kv_both_engines_prefill_for_each_other(model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    first, second = start(model, tmp_path_factory.mktemp("both"), ("first", "kv_both", {}), ("second", "kv_both", {}))
+    """Each engine prefills for the other; the second runs vLLM's ``recompute`` policy, so a request whose load
+    fails is computed locally instead and answers as if nothing had been asked of the connector."""
+    first, second = start(
+        model, tmp_path_factory.mktemp("both"), ("first", "kv_both", {}),
+        ("second", "kv_both", {"kv_failure_policy": "recompute"}),
+    )  # fmt: skip
     try:
         check_disaggregated(first, second, (10, 11))
         check_disaggregated(second, first, (12, 13))
+        a = prompt(19)
+        reference = decode_with(second, {"ref": (a, None)})["ref"]["token_ids"]
+        held = prefill_for_decode(first, {"pre": a})["pre"]
+        short = {**held, "remote_block_ids": held["remote_block_ids"][:1]}
+        answer = decode_with(second, {"recomputed": (a, short)})["recomputed"]
+        assert answer["finish_reason"] == "length" and answer["token_ids"] == reference
     finally:
         first.close()
         second.close()
