@@ -86,7 +86,7 @@ class KVInspector:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
         connector = get_kv_transfer_group()
-        return {"tp_rank": connector._tp_rank, "loads": list(connector.recent_loads)}
+        return {"tp_rank": connector._tp_rank, "loads": list(connector.recent_loads.copy())}  # appended on the loop
 
 
 def _page_of(paged: Any, layer: int, block: int, page: int) -> tuple[Any, int]:
