@@ -1308,8 +1308,9 @@ class KVTransferChannel:
     def reconfigure(self, **changes: Any) -> KVTransportConfig:
         """Change settings of a live channel (validated like any configuration; unknown or not-live keys are a
         ``ConfigError``). The window (``prefetch_depth``), ``max_inflight`` and ``overlap_streams`` apply at once,
-        also to transfers in flight; ``chunk_size`` applies to transfers submitted from now on (a transfer in flight
-        keeps the chunk table both sides agreed on)."""
+        also to transfers in flight; ``ack_timeout_s`` from every session's next wait for acknowledgements;
+        ``chunk_size`` applies to transfers submitted from now on (a transfer in flight keeps the chunk table both
+        sides agreed on)."""
         for key in changes:
             if key not in self.LIVE_SETTINGS:
                 raise ConfigError(f"{key!r} cannot change on a live channel; live settings: {', '.join(self.LIVE_SETTINGS)}")

@@ -154,7 +154,6 @@ class PeerSession:
     async def _writer(self) -> None:
         channel, conn, outbox = self.channel, self.conn, self.outbox
         scheduler = channel._scheduler
-        ack_timeout = channel.config.ack_timeout_s
         while True:
             while outbox:
                 await conn.send(outbox.popleft())
@@ -176,7 +175,8 @@ class PeerSession:
                 continue
             waiting_for_acks = scheduler.inflight(self.peer) > 0
             try:
-                async with asyncio.timeout(ack_timeout if waiting_for_acks else None):
+                # read at every wait: reconfigure(ack_timeout_s=...) applies to live sessions at once
+                async with asyncio.timeout(channel.config.ack_timeout_s if waiting_for_acks else None):
                     await self.wake.wait()
             except TimeoutError:
                 resent = scheduler.resend_inflight(self.peer)

@@ -12,6 +12,7 @@ import sage_transport
 PACKAGE = pathlib.Path(sage_transport.__file__).parent
 CORE_MODULES = ["planner.py", "scheduler.py", "channel.py", "session.py", "transfers.py", "handshake.py", "wire.py"]
 FORBIDDEN_IN_CORE = {"ucxx", "ucp", "torch", "prometheus_client"}
+SEAM = {"transports.base", "transports.registry"}  # all the core may import of the transports package
 
 
 def test_import_pulls_no_heavy_backend() -> None:
@@ -40,10 +41,27 @@ def test_async_core_imports_only_the_transport_seam() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 names = [("." * node.level) + (node.module or "")]
+            if isinstance(node, ast.ImportFrom) and node.level and node.module == "transports":
+                names = [f".transports.{a.name}" for a in node.names]  # from .transports import tcp
             for name in names:
                 root = name.lstrip(".").split(".")[0]
                 assert root not in FORBIDDEN_IN_CORE, f"{module} imports {name}"
-                assert ".transports.mock" not in name and not name.startswith("..transports.mock"), f"{module} imports the mock"
+                if "transports" in name.split("."):
+                    assert name.lstrip(".") in SEAM, f"{module} imports {name}: the core may import only {sorted(SEAM)}"
+
+
+def test_the_core_loads_no_transport_implementation_even_indirectly() -> None:
+    """What the core's own imports pull in, transitively: the seam and the registry, no transport and no heavy
+    backend (transports are imported by name, lazily, when a channel opens one)."""
+    modules = ", ".join(f"sage_transport.{m.removesuffix('.py')}" for m in CORE_MODULES)
+    code = (
+        f"import sys, {modules}; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('sage_transport.transports') "
+        "or m.split('.')[0] in ('torch', 'ucxx', 'ucp', 'prometheus_client'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert loaded <= {"sage_transport.transports", *(f"sage_transport.{name}" for name in SEAM)}, loaded
 
 
 def test_no_pickle_anywhere_in_the_package() -> None:

@@ -21,6 +21,8 @@ def test_readme_transfer_example_runs() -> None:
 
 def test_readme_gives_the_two_setup_commands_that_ci_runs() -> None:
     text = README.read_text()
-    ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci in text, "README's test command and .ci/run differ"
+    test_command = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/pytest"
+    assert f"```bash\n{test_command}\n```" in text, "README's test command changed: update this test and .ci/run"
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci, "README's test command is not a line of .ci/run"
     assert "pip install -q . && .venv/bin/sage-transport migrate\n" in text

@@ -171,6 +171,52 @@ async def test_control_endpoint_changes_a_live_channel_and_the_metrics_show_it()
         assert comm.fusion_policy == CommFusion(bucket_bytes=65536)
 
 
+async def test_a_refused_control_change_changes_nothing_anywhere() -> None:
+    """apply() validates every part first: a bad overlap, or a key live on no channel, leaves the channels and the
+    collectives as they were (it once reconfigured the channels, then failed on the overlap)."""
+    async with channel_pair(blocks=4) as p:
+        comm = MockCommGroup(1).backend(0)
+        server = TelemetryServer(SageCollector([p.sender, p.receiver], comm=[comm]), auth_token=TOKEN, port=0)
+        before = (p.sender.config, p.receiver.config, comm.get_stats().overlap.limit)
+        for bad, reason in (
+            ({"chunk_size": "4KiB", "overlap": 0}, "overlap=0"),
+            ({"chunk_size": "4KiB", "overlap": "many"}, "overlap='many'"),
+            ({"chunk_size": "4KiB", "listen_port": 80}, "cannot change on a live channel"),
+        ):
+            with pytest.raises(ConfigError, match=reason):
+                server.apply(bad)
+            assert (p.sender.config, p.receiver.config, comm.get_stats().overlap.limit) == before
+
+
+async def test_a_malformed_content_length_is_a_400_and_the_socket_closes() -> None:
+    async with channel_pair(blocks=4) as p:
+        async with TelemetryServer(SageCollector([p.sender]), auth_token=TOKEN, port=0) as server:
+            for length in ("ten", "-1", "1e3"):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                writer.write(f"POST /control HTTP/1.1\r\nContent-Length: {length}\r\n\r\n".encode())
+                await writer.drain()
+                reply = await asyncio.wait_for(reader.read(), 5)  # read() returns only once the server closes
+                writer.close()
+                assert reply.startswith(b"HTTP/1.1 400") and b"is not a byte count" in reply, reply
+            assert (await asyncio.to_thread(_get, server.url + "/summary"))[0] == 200  # and it serves on
+
+
+async def test_ack_timeout_s_applies_to_live_sessions() -> None:
+    """A chunk whose acknowledgement never comes is resent after ack_timeout_s: changed on a live channel, the
+    next wait of its running session uses the new value (each session once read it only when it started)."""
+    from sage_transport.transports.mock import FaultAction, FaultRule
+
+    config = KVTransportConfig(chunk_size=1024, prefetch_depth=4, ack_timeout_s=30.0)
+    async with channel_pair(blocks=16, config=config) as p:
+        await p.sender.transfer(TransferPlan.for_blocks(p.peer, SMALL, range(2), range(2), transfer_id="warm"))
+        p.sender.reconfigure(ack_timeout_s=0.05)
+        p.network.faults.add(FaultRule(FaultAction.DROP, src="mock://prefill", after=0, times=1))
+        result = await asyncio.wait_for(
+            p.sender.transfer(TransferPlan.for_blocks(p.peer, SMALL, range(16), range(16), transfer_id="dropped")), 10
+        )
+        assert result.bytes > 0 and p.sender.statistics().retries >= 1  # resent on the new timeout
+
+
 async def test_control_plane_is_closed_without_a_token() -> None:
     async with channel_pair(blocks=4) as p:
         async with TelemetryServer(SageCollector([p.sender]), port=0) as server:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Any
 
 import msgspec
 
 from ..errors import ConfigError
 
-__all__ = ["OverlapWindow", "OverlapStatistics"]
+__all__ = ["OverlapWindow", "OverlapStatistics", "check_overlap"]
 
 
 class OverlapStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +89,11 @@ class OverlapWindow:
             if not future.done():
                 self._take()
                 future.set_result(None)
+
+
+def check_overlap(value: Any) -> int:
+    """``value`` as an overlap window (communication ops in flight), or a ``ConfigError`` naming it."""
+    return _check(value)
 
 
 def _check(value: int) -> int:

@@ -25,6 +25,11 @@ from .topology import TopologyInfo
 
 __all__ = ["INLINE_THRESHOLD", "MAX_RAILS", "TransportProfile"]
 
+#: Whether KV in GPU memory can be registered and moved. Not yet: every transport moves host memory only, so the
+#: profile configures no GPU IPC transport (``cuda_ipc``, ``rocm_ipc``) and no GPUDirect RDMA, whatever GPUs the
+#: probe finds (it still reports them and their links).
+GPU_KV = False
+
 #: Payloads up to this size ride inside the UCX transport's head message (one message, no rendezvous).
 INLINE_THRESHOLD = 8192
 MAX_RAILS = 4
@@ -77,14 +82,19 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
         vendors = {d.vendor for d in topology.accelerators} | _gpu_vendors_from_pci(topology)
 
         same_host = ["sm", "cma"]
-        if "nvidia" in vendors:
+        if GPU_KV and "nvidia" in vendors:
             same_host += ["cuda_copy", "cuda_ipc"]
-        if "amd" in vendors:
+        if GPU_KV and "amd" in vendors:
             same_host += ["rocm_copy", "rocm_ipc"]
         same_host.append("self")
         reasons.append(
             f"same-host peers: {','.join(same_host)} (shared memory, CMA{', GPU IPC' if len(same_host) > 3 else ''}; never TCP)"
         )
+        if vendors & {"nvidia", "amd"} and not GPU_KV:
+            reasons.append(
+                f"{'/'.join(sorted(vendors & {'nvidia', 'amd'}))} GPUs here, but KV is moved from host memory only: no "
+                "transport registers GPU memory yet, so no GPU IPC transport or GPUDirect RDMA is configured"
+            )
 
         ports = [p for p in topology.rdma_ports if p.active and p.rate_gbps > 0]
         rails_ports = _nearest(ports, numa, lambda p: p.numa_node, lambda p: p.rate_gbps)[:MAX_RAILS]
@@ -125,8 +135,9 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
 
         gpu = kind in (DeviceKind.GPU, DeviceKind.DCU, DeviceKind.NPU, DeviceKind.MLU, DeviceKind.XPU)
         gpu_direct = (
-            gpu and bool(rails_ports) and bool({"nvidia_peermem", "nv_peer_mem", "amdgpu_peermem"} & set(topology.kernel_modules))
-        )
+            GPU_KV and gpu and bool(rails_ports)
+            and bool({"nvidia_peermem", "nv_peer_mem", "amdgpu_peermem"} & set(topology.kernel_modules))
+        )  # fmt: skip
         alignment = 65536 if gpu else 4096
         reasons.append(
             f"alignment {alignment} B ({'GPU pages' if gpu else 'host pages: CMA, memfd windows and RDMA registration'})"

@@ -9,7 +9,6 @@ variant: with priorities (c) a request's KV goes ahead of it, otherwise they sha
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import random
@@ -26,14 +25,14 @@ from ..config import KVTransportConfig
 from ..memory import KVMemory
 from ..plan import Priority, TransferPlan
 from ..schema import KVCacheSchema
-from .nixl_peer import NixlSide, nixl_api
+from .nixl_peer import POLL_S, NixlSide, nixl_api
 from .timing import ComputeModel
 from .workload import Request
 
 __all__ = ["RequestRecord", "VARIANTS", "run_variant"]
 
 VARIANTS = {
-    "a": "after prefill, per-block pull (vLLM NixlConnector pattern)",
+    "a": "after prefill, per-block READs posted as vLLM's NixlConnector does (prepped descriptors, async)",
     "b": "sage_transport, after prefill, no priorities",
     "c": "sage_transport, layer-wise overlap + priorities",
 }
@@ -199,7 +198,7 @@ class DecodeInstance:
         self.variant, self.schema, self.config, self.hello, self.name = variant, schema, config, hello, name
         self.src_blocks, self.bulk_gbps = src_blocks, bulk_gbps
         self.bulk_blocks = max(1, (bulk_mib << 20) // schema.bytes_per_block) if bulk_mib and bulk_gbps > 0 else 0
-        self.dst_blocks = longest + max(1, self.bulk_blocks)  # the longest request, the bulk stream apart
+        self.dst_blocks = longest + max(1, self.bulk_blocks)  # room for the requests in flight, the bulk stream apart
         self.use_nixl = variant == "a" and nixl_api() is not None and hello.get("nixl") is not None
         self.rng = random.Random(seed)
         self.memory = KVMemory.allocate(schema, self.dst_blocks, fill=0)
@@ -210,7 +209,6 @@ class DecodeInstance:
         self.peer = ""
         self.nixl: NixlSide | None = None
         self.nixl_peer = ""
-        self.nixl_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nixl") if self.use_nixl else None
         self.stop = asyncio.Event()
         self.bulk_bytes = 0
         self._bulk: asyncio.Future[None] | None = None
@@ -221,18 +219,27 @@ class DecodeInstance:
         self.peer = await self.channel.connect(self.hello["address"])
         if self.use_nixl:
             base = int(np.frombuffer(self.memory.views[0], np.uint8).ctypes.data)
-            self.nixl = NixlSide(self.name, base, self.memory.views[0].nbytes)
-            self.nixl_peer = self.nixl.add_peer(bytes.fromhex(self.hello["nixl"]["metadata"]))
+            self.nixl = NixlSide(self.name, base, self.memory.views[0].nbytes, self.schema.page_bytes)
+            remote = self.hello["nixl"]
+            self.nixl_peer = self.nixl.add_peer(bytes.fromhex(remote["metadata"]), remote["base"], remote["nbytes"])
         self.decoder.thread.start()
         if self.bulk_blocks:
             self._bulk = asyncio.ensure_future(self._bulk_stream())
 
-    async def _nixl_read(self, pairs: list[tuple[int, int]]) -> None:
-        assert self.nixl is not None and self.nixl_thread is not None
-        pages = _page_pairs(self.schema, self.src_blocks, self.dst_blocks, pairs)
-        await self.loop.run_in_executor(  # one NIXL thread, as vLLM's worker drives its agent
-            self.nixl_thread, self.nixl.read, self.nixl_peer, self.hello["nixl"]["base"], pages, self.schema.page_bytes
-        )
+    async def _nixl_read(self, pairs: list[tuple[int, int]], request_id: str) -> tuple[float, float]:
+        """One READ of these blocks' pages, posted without blocking (others stay in flight meanwhile) and checked
+        every millisecond, as vLLM's NixlConnector runs it (``nixl_peer``); (descriptor ids and posting, transfer)
+        seconds."""
+        assert self.nixl is not None
+        start = time.perf_counter()
+        remote_ids, local_ids = _page_ids(self.schema, self.src_blocks, self.dst_blocks, pairs)
+        handle = self.nixl.post_read(self.nixl_peer, remote_ids, local_ids, request_id)
+        posted = time.perf_counter()
+        while (state := self.nixl.state(handle)) == "PROC":  # noqa: ASYNC110 (NIXL signals nothing: polled, as vLLM does)
+            await asyncio.sleep(POLL_S)
+        if state != "DONE":
+            raise RuntimeError(f"NIXL READ of {len(local_ids)} pages for {request_id} ended {state}")
+        return posted - start, time.perf_counter() - posted
 
     async def _bulk_stream(self) -> None:  # paced: the same offered load in every variant, on the variant's own path
         i = 0
@@ -240,8 +247,8 @@ class DecodeInstance:
         while not self.stop.is_set():
             began = time.monotonic()
             src = [self.rng.randrange(self.src_blocks) for _ in range(self.bulk_blocks)]
-            if self.use_nixl:  # NIXL has no priorities: bulk READs queue with the KV's on the agent's thread
-                await self._nixl_read(list(zip(src, range(self.bulk_blocks))))
+            if self.use_nixl:  # NIXL has no priorities: bulk READs share the agent and the link with the KV's
+                await self._nixl_read(list(zip(src, range(self.bulk_blocks))), f"bulk-{self.name}-{i}")
             else:
                 plan = TransferPlan.for_blocks(
                     self.peer, self.schema, src, range(self.bulk_blocks), transfer_id=f"bulk-{self.name}-{i}",
@@ -276,9 +283,7 @@ class DecodeInstance:
                 record.transfer_start = time.monotonic()
                 pairs = list(zip(finished["src"], dst))
                 if self.use_nixl:
-                    assert self.nixl is not None
-                    await self._nixl_read(pairs)
-                    record.nixl_prep_s, record.nixl_xfer_s = self.nixl.last
+                    record.nixl_prep_s, record.nixl_xfer_s = await self._nixl_read(pairs, request_id)
                 else:
                     plan = TransferPlan.for_blocks(  # a without NIXL: one message per block and layer
                         self.peer, schema, [s for s, _ in pairs], dst, transfer_id=request_id,
@@ -305,8 +310,6 @@ class DecodeInstance:
             await asyncio.gather(self._bulk, return_exceptions=True)
         if self.nixl is not None:
             self.nixl.close()
-        if self.nixl_thread is not None:
-            self.nixl_thread.shutdown(wait=True)
         await self.channel.aclose()
 
 
@@ -337,16 +340,20 @@ async def run_variant(
     schema = KVCacheSchema.for_model(model)
     compute = ComputeModel.for_model(model, scale)
     longest = max(schema.blocks_for_tokens(r.tokens) for r in requests)
-    src_blocks = min(longest, 2048)  # source blocks are drawn with replacement: the prefill's KV is emulated
+    # the prefill holds the longest request's blocks, distinct (a peer's plan may not ask more pages than it holds);
+    # the decodes have room for as many of the longest requests in flight as fit in 12 GiB, so that requests in flight
+    # together write distinct blocks, as an engine's do (a receiver bounds a peer's pages in flight by its memory)
+    src_blocks = longest
+    room = max(1, min(len(requests), (12 << 30) // decodes // (longest * schema.bytes_per_block))) * longest
     prefill = await _Prefill.start(model, src_blocks, _config_spec(config), seed, scale)
     events = asyncio.ensure_future(prefill.events())
     setup = {
         "variant": variant, "model": model, "config": _config_spec(config), "seed": seed, "scale": scale,
-        "bulk_mib": bulk_mib, "bulk_gbps": bulk_gbps / decodes, "longest": longest, "src_blocks": src_blocks,
+        "bulk_mib": bulk_mib, "bulk_gbps": bulk_gbps / decodes, "longest": room, "src_blocks": src_blocks,
         "hello": prefill.hello,
     }  # fmt: skip
     local = DecodeInstance(
-        variant, schema, compute, config, prefill.hello, longest=longest, src_blocks=src_blocks, seed=seed,
+        variant, schema, compute, config, prefill.hello, longest=room, src_blocks=src_blocks, seed=seed,
         bulk_mib=bulk_mib, bulk_gbps=bulk_gbps / decodes, name="decode0",
     )  # fmt: skip
     await local.open()
@@ -507,16 +514,15 @@ async def _worker_main() -> None:
             return
 
 
-def _page_pairs(schema: KVCacheSchema, src_blocks: int, dst_blocks: int, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(remote offset, local offset) of every page of ``pairs``: one per layer × K/V × block, as NixlConnector reads."""
-    page = schema.page_bytes
-    out: list[tuple[int, int]] = []
-    for layer in range(schema.num_layers):
-        for plane in range(schema.kv_planes):
-            remote_row = (layer * schema.kv_planes + plane) * src_blocks
-            local_row = (layer * schema.kv_planes + plane) * dst_blocks
-            out.extend(((remote_row + s) * page, (local_row + d) * page) for s, d in pairs)
-    return out
+def _page_ids(
+    schema: KVCacheSchema, src_blocks: int, dst_blocks: int, pairs: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptor ids (page indices of each pool, layer-major) of every page of ``pairs``: one per layer × K/V ×
+    block, as NixlConnector computes them from block ids."""
+    rows = np.arange(schema.num_layers * schema.kv_planes, dtype=np.int64)[:, None]
+    src = np.fromiter((s for s, _ in pairs), dtype=np.int64, count=len(pairs))[None, :]
+    dst = np.fromiter((d for _, d in pairs), dtype=np.int64, count=len(pairs))[None, :]
+    return (rows * src_blocks + src).ravel(), (rows * dst_blocks + dst).ravel()
 
 
 def _config_spec(config: KVTransportConfig) -> str:

@@ -84,7 +84,7 @@ class PrefillInstance:
             job = await self.queue.get()
             tid, tokens = job["id"], int(job["tokens"])
             blocks = self.schema.blocks_for_tokens(tokens)
-            src = [self.rng.randrange(self.pool.num_blocks) for _ in range(blocks)]
+            src = self.rng.sample(range(self.pool.num_blocks), blocks)  # distinct, as an engine's blocks are
             self.running[tid] = src
             self.emit({"started": tid, "t": time.monotonic()})
             if tid in self.channel.deferred_pulls:
@@ -132,9 +132,9 @@ class PrefillInstance:
                 import numpy as np
 
                 base = int(np.frombuffer(view, np.uint8).ctypes.data)
-                self.nixl = NixlSide("prefill", base, view.nbytes)
+                self.nixl = NixlSide("prefill", base, view.nbytes, self.pool.schema.page_bytes)
                 self.nixl.serve()
-                nixl = {"metadata": self.nixl.metadata().hex(), "base": base}
+                nixl = {"metadata": self.nixl.metadata().hex(), "base": base, "nbytes": view.nbytes}
             self.emit({"address": address, "pool_blocks": self.pool.num_blocks, "nixl": nixl})
             worker = asyncio.ensure_future(self.prefills())
             try:

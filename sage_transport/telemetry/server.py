@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from ..collectives.overlap import check_overlap
 from ..errors import ConfigError
 from ..ports import port_from_env
 from ..units import parse_duration, parse_size
@@ -92,8 +93,12 @@ class TelemetryServer:
                 status, ctype, body = await self._respond(reader)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             status, ctype, body = 400, "text/plain", b"bad request\n"
+        except Exception as exc:  # a bug answering one request: that request gets a 500, the socket still closes
+            log.warning("telemetry.request_failed", error=repr(exc))
+            status, ctype, body = 500, "text/plain", b"internal error\n"
         try:
-            reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}.get(status, "Error")
+            reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                      500: "Internal Server Error"}.get(status, "Error")  # fmt: skip
             head = (
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
@@ -123,7 +128,10 @@ class TelemetryServer:
             if method == "GET":
                 return 200, "application/json", msgspec.json.encode(self.settings())
             if method == "POST":
-                length = int(headers.get("content-length", "0") or 0)
+                text = headers.get("content-length", "0") or "0"
+                if not text.isdigit():
+                    return 400, "text/plain", f"Content-Length={text[:40]!r} is not a byte count\n".encode()
+                length = int(text)
                 if length > _MAX_BODY:
                     return 400, "text/plain", b"body too large\n"
                 body = await reader.readexactly(length) if length else b""
@@ -165,7 +173,14 @@ class TelemetryServer:
         if (fusion is not None or overlap is not None) and not self.collector.comm:
             raise ConfigError("no collective backend is served here: fusion and overlap have nothing to change")
         policy = _fusion_policy(fusion, self.collector.comm[0].fusion_policy) if fusion is not None else None
-        for channel in channels:  # validate on a copy first so a bad key changes nothing anywhere
+        if overlap is not None:
+            check_overlap(overlap)
+        for channel in channels:  # validate on a copy first so a bad key or value changes nothing anywhere
+            for key in changes:
+                if key not in channel.LIVE_SETTINGS:
+                    raise ConfigError(
+                        f"{key!r} cannot change on a live channel; live settings: {', '.join(channel.LIVE_SETTINGS)}"
+                    )
             channel.config.replace(**changes)
         for channel in channels:
             if changes:
