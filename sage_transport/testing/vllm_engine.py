@@ -90,13 +90,18 @@ class KVInspector:
 
 
 def _page_of(paged: Any, layer: int, block: int, page: int) -> tuple[Any, int]:
+    """The buffer (as bytes) holding a page of one schema layer and block, and the page's byte offset in it,
+    addressed as the channel addresses it (``KVGeometry.strides``); ``paged.schema`` has one plane."""
     import torch
 
-    from ..schema import Layout
+    from ..memory import KVMemory
 
-    if paged.schema.layout is Layout.LAYER_BLOCK_KV:
-        return paged.buffers[layer].view(torch.uint8), block * page
-    return paged.buffers[0].view(torch.uint8), (block * paged.schema.num_layers + layer) * page
+    geometry = KVMemory(paged.schema, paged.num_blocks, list(paged.buffers)).geometry
+    in_buffer, segment = geometry.strides(paged.schema)
+    index = {"layer": layer, "plane": 0, "block": block}
+    buffer = sum(index[axis] * stride for axis, stride in segment.items())
+    offset = sum(index[axis] * stride for axis, stride in in_buffer.items()) * page
+    return paged.buffers[buffer].view(torch.uint8), offset
 
 
 def _sampling(sampling_params: Any, job: dict[str, Any]) -> Any:
