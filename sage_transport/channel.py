@@ -21,8 +21,10 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
+import numpy as np
 import structlog
 
+from . import kernels
 from .attest import Attestation, AttestationServer, PeerIdentity, Presented, attest_peer, close_fds, present_to, supported
 from .config import Compression, Integrity, KVTransportConfig, require_token_off_loopback
 from .errors import (
@@ -190,6 +192,7 @@ class KVTransferChannel:
         self._deferred_pulls: dict[str, tuple[PeerSession, TransferPlan]] = {}
         self._memory: KVMemory | None = None
         self._memory_views: list[memoryview] = []
+        self._memory_base = np.zeros(0, dtype=np.uint64)  # each registered buffer's address (compiled loops)
         self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._sessions: dict[str, PeerSession] = {}
         self._listeners: list[Listener] = []
@@ -261,6 +264,7 @@ class KVTransferChannel:
             raise UnsupportedError(f"transport {self.transport.name!r} moves {kinds} memory, not {memory.kind}")
         self._memory = memory
         self._memory_views = memory.views
+        self._memory_base = np.array([buffer_address(view) for view in memory.views], dtype=np.uint64)
         for session in self._sessions.values():
             session.post(RegionUpdate(self._region()))  # type: ignore[arg-type]
             if session.peer_invite is not None:  # the peer may now write it directly: present its window
@@ -503,6 +507,7 @@ class KVTransferChannel:
         session.closed = True
         if self._sessions.get(session.peer) is session:
             del self._sessions[session.peer]
+            self._scheduler.widen(session.peer, 1)
         if session.attest_nonce is not None and self._attestation is not None:
             self._attestation.revoke(session.attest_nonce)
         if isinstance(cause, ProtocolError):
@@ -1104,6 +1109,7 @@ class KVTransferChannel:
             exp,
             checksum=checksum_function(mode),
             checksum_pieces=streaming_checksum_function(mode),
+            hash_in_place=mode is Integrity.XXH3 and kernels.AVAILABLE,
             ack_every=msg.ack_every,
             peer=session.peer,
         )

@@ -97,7 +97,13 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     limit; ``gather`` packs short non-contiguous runs into one chunk (one staging copy per side) instead of
     sending one message per run; ``ack_timeout_s`` resends chunks whose acknowledgement is that late.
     ``direct_placement`` lets a same-host sender write chunks straight into this side's registered memory
-    (``overlap_streams`` chunks at once) once a transfer is accepted; it needs ``zero_copy``.
+    (``overlap_streams`` chunks at once) once a transfer is accepted; it needs ``zero_copy``. ``verify_placed``
+    says who checks a placed chunk: ``writer`` (the sender copies each page and checksums it at the source and
+    where it landed in the same pass, while both are in its cache; the receiver accepts the chunk when the two
+    agree) or ``receiver`` (the receiver reads its pages back and compares them with the source checksum: one
+    more pass over memory, for a receiver that wants its own reading). A writer is always a process the kernel
+    attests as this user on this host, which already holds write access to the memory, so its reading
+    protects against what the receiver's would (a faulty copy), short of our two sides disagreeing on offsets.
     ``overlap_streams`` is also how many chunk sends a peer's writer keeps in flight on the transport.
     ``progress_mode``, ``ucx_tls``, ``listen_host``/``listen_port`` and the heartbeat settings configure
     the transport. ``ucx_tls``/``ucx_net_devices`` override the topology profile's UCX transports and
@@ -143,6 +149,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     auth_token_file: str | None = None
     max_pending_handshakes: int = 256
     direct_placement: bool = True
+    verify_placed: str = "writer"
     progress_mode: ProgressMode = ProgressMode.BLOCKING
     ucx_tls: str | None = None
     ucx_net_devices: str | None = None
@@ -193,6 +200,8 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         if self.codec_group_size % 2:
             raise ConfigError(f"codec_group_size={self.codec_group_size!r} must be even (int4 packs two per byte)")
         msgspec.structs.force_setattr(self, "accept_codecs", _codec_list(self.accept_codecs, "accept_codecs"))
+        if self.verify_placed not in ("writer", "receiver"):
+            raise ConfigError(f"verify_placed={self.verify_placed!r} is not valid; choose one of writer, receiver")
         if self.ucx_endpoint not in ("auto", "local", "remote"):
             raise ConfigError(f"ucx_endpoint={self.ucx_endpoint!r} is not valid; choose one of auto, local, remote")
         if self.ucx_rndv_threshold is not None and (
@@ -328,6 +337,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "max_pending_handshakes": _int,
     "accept_push": parse_bool,
     "direct_placement": parse_bool,
+    "verify_placed": lambda v, f: _str(v, f).lower(),
     "progress_mode": _enum(ProgressMode),
     "ucx_tls": _optional(_str),
     "ucx_net_devices": _optional(_str),

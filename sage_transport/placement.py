@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import kernels
 from .errors import ProtocolError, TransportError, UnsupportedError
 
 __all__ = ["IOV_MAX", "CmaWriter", "ShmWriter", "buffer_address", "cma_available", "host_identity"]
@@ -111,11 +112,25 @@ class ShmWriter:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._remote_size = np.array(remote_sizes, dtype=np.uint64)
+        self._remote_base = np.array([int(r.ctypes.data) for r in self._remote], dtype=np.uint64)
         self._local = [np.frombuffer(view, dtype=np.uint8) for view in local]
         self._local_size = np.array([v.nbytes for v in local], dtype=np.uint64)
+        self._local_base = np.array([int(v.ctypes.data) if v.size else 0 for v in self._local], dtype=np.uint64)
 
     def check(self) -> None:
         """Opening and mapping the peer's memory already proved access."""
+
+    def write_checked(
+        self, src_seg: np.ndarray, src_off: np.ndarray, dst_seg: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray
+    ) -> tuple[int, int]:
+        """Copy every piece and checksum it at the source and where it landed, in one pass per page (the compiled
+        loop of :mod:`.kernels`; call from a worker thread). Returns ``(source checksum, landed checksum)``."""
+        lengths = lengths.astype(np.uint64, copy=False)
+        _check_bounds(self.pid, self._remote_size, dst_seg, dst_off, lengths, f"process {self.pid}'s")
+        _check_bounds(self.pid, self._local_size, src_seg, src_off, lengths, "this process's")
+        src = self._local_base[src_seg] + src_off.astype(np.uint64)
+        dst = self._remote_base[dst_seg] + dst_off.astype(np.uint64)
+        return kernels.copy_pages(src, dst, lengths, 2)
 
     def write(
         self, src_seg: np.ndarray, src_off: np.ndarray, dst_seg: np.ndarray, dst_off: np.ndarray, lengths: np.ndarray
@@ -157,6 +172,12 @@ class CmaWriter:
         self._remote_size = np.array([n for _, n in remote], dtype=np.uint64)
         self._local_base = np.array([a for a, _ in local], dtype=np.uint64)
         self._local_size = np.array([n for _, n in local], dtype=np.uint64)
+
+    def source_checksum(self, src_seg: np.ndarray, src_off: np.ndarray, lengths: np.ndarray) -> int:
+        """XXH3 of the pieces of this process's registered memory, as one stream (compiled, without the GIL)."""
+        lengths = lengths.astype(np.uint64, copy=False)
+        _check_bounds(self.pid, self._local_size, src_seg, src_off, lengths, "this process's")
+        return kernels.hash_pages(self._local_base[src_seg] + src_off.astype(np.uint64), lengths)
 
     def check(self) -> None:
         """Probe permission and the window: read one byte of the peer's first buffer (reading changes nothing)."""

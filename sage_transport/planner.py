@@ -41,7 +41,7 @@ class ChunkTable:
     dst_seg: np.ndarray
     dst_off: np.ndarray
     piece_len: np.ndarray
-    _lists: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _lists: dict[str, list[int]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.chunk_nbytes)
@@ -63,10 +63,10 @@ class ChunkTable:
         return h.intdigest() & ((1 << 63) - 1)
 
     def lists(self) -> dict[str, list[int]]:
-        """Python-int lists of the arrays, built once: indexing them is the cheapest per-chunk access."""
-        if not self._lists:
-            for name in ("piece_ptr", "chunk_nbytes", "src_seg", "src_off", "dst_seg", "dst_off", "piece_len"):
-                self._lists[name] = getattr(self, name).tolist()
+        """Python-int lists of the arrays, each built on its first use: indexing them is the cheapest per-chunk
+        access, and a path that reads the per-piece arrays with numpy (direct placement) never builds those."""
+        if self._lists is None:
+            self._lists = _LazyLists(self)
         return self._lists
 
     def layer_chunk_ranges(self) -> list[tuple[int, int]]:
@@ -111,6 +111,17 @@ class ChunkTable:
             priority=priority,
             wire_dtype=wire_dtype or self.schema.dtype,
         )
+
+
+class _LazyLists(dict[str, list[int]]):
+    def __init__(self, table: ChunkTable) -> None:
+        super().__init__()
+        self._table = table
+
+    def __missing__(self, name: str) -> list[int]:
+        value: list[int] = getattr(self._table, name).tolist()
+        self[name] = value
+        return value
 
 
 def _locate(

@@ -115,7 +115,17 @@ class Scheduler:
         self._queues: dict[str, tuple[list[_Entry], list[_Entry], list[_Entry]]] = {}
         self._peer_inflight: collections.Counter[str] = collections.Counter()
         self._peer_load: collections.Counter[str] = collections.Counter()  # window units in flight
+        self._peer_widths: dict[str, int] = {}  # window multipliers (peers written by direct placement)
         self._inflight = 0
+
+    def widen(self, peer: str, factor: int = 1) -> None:
+        """``peer``'s window is ``factor`` times ``window`` from now on (1: back to normal). For a peer whose
+        chunks are written straight into its memory: nothing is staged for them, and a window of a few
+        placement jobs would leave the copying threads waiting on acknowledgements."""
+        if factor <= 1:
+            self._peer_widths.pop(peer, None)
+        else:
+            self._peer_widths[peer] = factor
 
     def set_limits(self, *, window: int, max_inflight: int) -> None:
         """Change the per-peer window and the in-flight limit (live: the next ``next_chunk`` follows them)."""
@@ -159,7 +169,7 @@ class Scheduler:
 
     def next_for(self, peer: str) -> tuple[Hashable, int] | None:
         """The next chunk to send to ``peer`` (now in flight), or None if the window is full or nothing is eligible."""
-        if self._inflight >= self.max_inflight or self._peer_load[peer] >= self.window * _UNIT:
+        if self._inflight >= self.max_inflight or self._peer_load[peer] >= self.window * self._peer_widths.get(peer, 1) * _UNIT:
             return None
         queues = self._queues.get(peer)
         if queues is None:

@@ -7,10 +7,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from . import kernels
+from .config import Integrity
 from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
-from .placement import ShmWriter
+from .placement import ShmWriter, buffer_address
 from .transfers import Expectation, Incoming, Outgoing, TransferStatus
 from .transports.base import Connection
 from .wire import (
@@ -41,6 +46,10 @@ if TYPE_CHECKING:
 __all__ = ["PeerSession"]
 
 _YIELD_EVERY = 64
+#: bytes of one transfer's chunks one placement job writes (the loop's round trip is paid per job)
+_PLACE_BATCH_BYTES = 16 << 20
+#: a placed peer's window is this many times ``prefetch_depth`` (nothing is staged for its chunks)
+_PLACED_WINDOW_FACTOR = 4
 
 
 class PeerSession:
@@ -97,7 +106,11 @@ class PeerSession:
         self.placer: CmaWriter | ShmWriter | None = None
         self._placement_pool: concurrent.futures.Executor | None = None
         self._placing = 0
-        self._place_limit = channel.config.overlap_streams
+        self._place_limit = channel.config.overlap_streams + 1  # one job queued behind each copying thread
+        # xxh3 placement: copy and checksum (source and landed) in one compiled pass per page
+        self._held_pick: tuple[Hashable, int] | None = None  # picked after a placement batch ended: goes next
+        self._fused_place = kernels.AVAILABLE and channel.config.integrity is Integrity.XXH3
+        self._trust_writer = channel.config.verify_placed == "writer"
         self.counters: collections.Counter[str] = collections.Counter()  # chunks and bytes, this peer only
 
     @property
@@ -109,11 +122,13 @@ class PeerSession:
 
     def set_overlap(self, overlap_streams: int) -> None:
         """Chunk sends (and direct writes) in flight at once for this peer, from now on."""
-        self._send_limit = self._place_limit = overlap_streams
+        self._send_limit = overlap_streams
+        self._place_limit = overlap_streams + 1
 
     def enable_placement(self, placer: CmaWriter | ShmWriter, pool: concurrent.futures.Executor) -> None:
         """Write chunks of accepted transfers straight into the peer's memory from now on."""
         self.placer, self._placement_pool = placer, pool
+        self.channel._scheduler.widen(self.peer, _PLACED_WINDOW_FACTOR)
         self.wake.set()
 
     def start(self) -> None:
@@ -160,11 +175,13 @@ class PeerSession:
             # a codec chunk is encoded before it is sent: two at least, so one encodes while another is on the wire
             limit = max(2, self._send_limit) if self._encoding else self._send_limit
             busy = self._placing >= self._place_limit or len(self._sends) >= limit
-            pick = None if busy else scheduler.next_for(self.peer)
+            pick = None
+            if not busy:
+                pick, self._held_pick = self._held_pick or scheduler.next_for(self.peer), None
             if pick is not None:
                 out, seq = pick
                 if self.placer is not None and out.accepted and out.codec is None:  # type: ignore[attr-defined]
-                    self._start_placement(out, seq)  # type: ignore[arg-type]
+                    self._start_placement(out, self._placement_batch(out, seq))  # type: ignore[arg-type]
                 else:  # several chunks in flight: the next one goes while the transport still moves this one
                     task = asyncio.ensure_future(self._send_chunk(out, seq))  # type: ignore[arg-type]
                     self._sends.add(task)
@@ -203,6 +220,7 @@ class PeerSession:
         first, last = ptr[seq], ptr[seq + 1]
         staging = None
         codec_buffers = None
+        value: int | None = None
         checksum = self.channel._checksum
         if out.codec is not None:  # quantise / compress in a worker thread while the loop keeps other chunks moving
             codec_buffers = self._encode_buffers(out)
@@ -230,18 +248,23 @@ class PeerSession:
             staging = self._staging_free.pop() if self._staging_free else memoryview(bytearray(0))
             if staging.nbytes < nbytes:
                 staging = memoryview(bytearray(max(nbytes, out.table.max_chunk_bytes)))
-            pos = 0
-            for k in range(first, last):
-                n, offset = piece_len[k], src_off[k]
-                staging[pos : pos + n] = views[src_seg[k]][offset : offset + n]
-                pos += n
-            payload = staging[:pos]
-        if codec_buffers is None:
+            payload = staging[:nbytes]
+            if kernels.AVAILABLE:  # gather (and checksum, xxh3) in one compiled pass
+                table = out.table
+                addr = self.channel._memory_base[table.src_seg[first:last]] + table.src_off[first:last].astype(np.uint64)
+                value = _gather(addr, table.piece_len[first:last], payload, 1 if self._fused_place else 0)
+            else:
+                pos = 0
+                for k in range(first, last):
+                    n, offset = piece_len[k], src_off[k]
+                    staging[pos : pos + n] = views[src_seg[k]][offset : offset + n]
+                    pos += n
+        if codec_buffers is None and value is None:
             value = checksum(payload) if checksum else 0
         attempt = out.attempts[seq]
         if attempt < 255:
             out.attempts[seq] = attempt + 1
-        header = encode_message(Chunk(out.wire_id, seq, attempt, value))
+        header = encode_message(Chunk(out.wire_id, seq, attempt, value or 0))
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING
@@ -277,37 +300,58 @@ class PeerSession:
                 return pair
         return memoryview(bytearray(largest)), memoryview(bytearray(need))
 
-    def _start_placement(self, out: Outgoing, seq: int) -> None:
-        ptr = out.lists["piece_ptr"]
-        first, last = ptr[seq], ptr[seq + 1]
-        attempt = out.attempts[seq]
-        if attempt < 255:
-            out.attempts[seq] = attempt + 1
+    def _placement_batch(self, out: Outgoing, seq: int) -> list[int]:
+        """``seq`` and the chunks of the same transfer the scheduler gives next, up to :data:`_PLACE_BATCH_BYTES`:
+        one worker job writes them all, so the loop's round trip per job is paid once per batch."""
+        seqs, nbytes, sizes = [seq], 0, out.lists["chunk_nbytes"]
+        nbytes = sizes[seq]
+        scheduler = self.channel._scheduler
+        while nbytes < _PLACE_BATCH_BYTES:
+            pick = scheduler.next_for(self.peer)
+            if pick is None:
+                break
+            if pick[0] is not out:
+                self._held_pick = pick
+                break
+            seqs.append(pick[1])
+            nbytes += sizes[pick[1]]
+        return seqs
+
+    def _start_placement(self, out: Outgoing, seqs: list[int]) -> None:
+        attempts = []
+        for seq in seqs:
+            attempt = out.attempts[seq]
+            if attempt < 255:
+                out.attempts[seq] = attempt + 1
+            attempts.append(attempt)
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING
         if out.sent_at is not None or self.channel.tracer is not None:
             started = time.perf_counter()
-            if out.sent_at is not None:
-                out.sent_at[seq] = started
-            if self.channel.tracer is not None:
-                self.channel.tracer.sent(self.peer, out.plan.transfer_id, seq, started, started)
+            for seq in seqs:
+                if out.sent_at is not None:
+                    out.sent_at[seq] = started
+                if self.channel.tracer is not None:
+                    self.channel.tracer.sent(self.peer, out.plan.transfer_id, seq, started, started)
         assert self._placement_pool is not None and self.placer is not None
         future = asyncio.get_running_loop().run_in_executor(
             self._placement_pool,
             _place,
             self.placer,
             out,
-            first,
-            last,
+            seqs,
             self.channel._memory_views,
             self.channel._checksum_pieces,
+            self._fused_place,
         )
         self._placing += 1
         out.placing += 1
-        future.add_done_callback(lambda f: self._placed(out, seq, attempt, f))
+        future.add_done_callback(lambda f: self._placed(out, seqs, attempts, f))
 
-    def _placed(self, out: Outgoing, seq: int, attempt: int, future: asyncio.Future[int]) -> None:
+    def _placed(
+        self, out: Outgoing, seqs: list[int], attempts: list[int], future: asyncio.Future[list[tuple[int, int | None]]]
+    ) -> None:
         self._placing -= 1
         out.placing -= 1
         self.wake.set()
@@ -317,21 +361,26 @@ class PeerSession:
         if self.closed or future.cancelled() or out.stopped:
             return
         exc = future.exception()
-        if exc is not None:  # fall back to sending the bytes; the chunk goes again
+        scheduler = self.channel._scheduler
+        if exc is not None:  # fall back to sending the bytes; the chunks go again
             self.placer = None
+            scheduler.widen(self.peer, 1)
             self.channel._placement_failed(self, exc)
-            if self.channel._scheduler.resend(out, seq):
+            if any([scheduler.resend(out, seq) for seq in seqs]):
                 self.wake.set()
             return
-        self.post(Placed(out.wire_id, seq, attempt, future.result()))
-        nbytes = out.lists["chunk_nbytes"][seq]
+        sizes = out.lists["chunk_nbytes"]
+        nbytes = 0
+        for seq, attempt, (value, landed) in zip(seqs, attempts, future.result()):
+            self.post(Placed(out.wire_id, seq, attempt, value, landed))
+            nbytes += sizes[seq]
         out.bytes_sent += nbytes
         counters = self.channel._counters
-        counters["chunks_sent"] += 1
-        counters["chunks_placed"] += 1
+        counters["chunks_sent"] += len(seqs)
+        counters["chunks_placed"] += len(seqs)
         counters["bytes_sent"] += nbytes
         mine = self.counters
-        mine["chunks_sent"] += 1
+        mine["chunks_sent"] += len(seqs)
         mine["bytes_sent"] += nbytes
 
     # ---- reader -------------------------------------------------------------------------------------
@@ -441,6 +490,12 @@ class PeerSession:
         tracer = self.channel.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
         decode_buffers, self._decode_in = self._decode_in, None
+        if kind == 1 and kernels.AVAILABLE:  # staging → its pages in one compiled pass (verified first, or fused)
+            if self._scatter(inc, seq, payload, msg):
+                if tracer is not None:
+                    tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())
+                self._accept(inc, seq)
+            return
         if inc.checksum is not None and inc.checksum(payload) != msg.checksum:
             counters["checksum_failures"] += 1
             inc.bad_chunks += 1
@@ -468,6 +523,30 @@ class PeerSession:
         if tracer is not None:
             tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())
         self._accept(inc, seq)
+
+    def _scatter(self, inc: Incoming, seq: int, payload: memoryview, msg: Chunk) -> bool:
+        """Copy a staged chunk to its destination pages; False (and a Nack) when its checksum is wrong. With
+        zero-copy on (chunks may land in place unverified anyway), the copy checksums as it goes; with it off, the
+        payload is verified before any byte reaches the KV cache."""
+        table = inc.table
+        ptr = inc.lists["piece_ptr"]
+        first, last = ptr[seq], ptr[seq + 1]
+        lengths = table.piece_len[first:last]
+        dst = self.channel._memory_base[table.dst_seg[first:last]] + table.dst_off[first:last].astype(np.uint64)
+        fused = inc.hash_in_place and self._zero_copy
+        expected = msg.checksum
+        if inc.checksum is not None and not fused and inc.checksum(payload) != expected:
+            value = -1
+        else:
+            value = _scatter(payload, dst, lengths, 1 if fused else 0)
+            if not fused:
+                value = expected
+        if inc.checksum is not None and value != expected:
+            self.channel._counters["checksum_failures"] += 1
+            inc.bad_chunks += 1
+            self.post(Nack(inc.wire_id, seq, msg.attempt, "checksum mismatch"))
+            return False
+        return True
 
     def _start_decode(
         self, inc: Incoming, seq: int, payload: memoryview, buffers: tuple[memoryview, memoryview], arrived: float
@@ -539,17 +618,11 @@ class PeerSession:
         tracer = self.channel.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
         if inc.checksum_pieces is not None:
-            views, dst_seg, dst_off, piece_len = (
-                self.channel._memory_views,
-                lists["dst_seg"],
-                lists["dst_off"],
-                lists["piece_len"],
-            )
-            pieces = [
-                views[dst_seg[k]][dst_off[k] : dst_off[k] + piece_len[k]]
-                for k in range(lists["piece_ptr"][seq], lists["piece_ptr"][seq + 1])
-            ]
-            if inc.checksum_pieces(pieces) != msg.checksum:
+            if msg.landed is not None and self._trust_writer:  # the writer read where it wrote (verify_placed)
+                value = msg.landed
+            else:
+                value = self._checksum_in_place(inc, seq)
+            if value != msg.checksum:
                 counters["checksum_failures"] += 1
                 inc.bad_chunks += 1
                 self.post(Nack(inc.wire_id, seq, msg.attempt, "checksum mismatch (placed)"))
@@ -557,6 +630,18 @@ class PeerSession:
         if tracer is not None:
             tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())
         self._accept(inc, seq)
+
+    def _checksum_in_place(self, inc: Incoming, seq: int) -> int:
+        """The checksum of chunk ``seq``'s destination pages as they are in our memory now."""
+        lists = inc.lists
+        first, last = lists["piece_ptr"][seq], lists["piece_ptr"][seq + 1]
+        if inc.hash_in_place:
+            table = inc.table
+            addr = self.channel._memory_base[table.dst_seg[first:last]] + table.dst_off[first:last].astype("uint64")
+            return kernels.hash_pages(addr, table.piece_len[first:last])
+        views, dst_seg, dst_off, piece_len = self.channel._memory_views, lists["dst_seg"], lists["dst_off"], lists["piece_len"]
+        assert inc.checksum_pieces is not None
+        return int(inc.checksum_pieces([views[dst_seg[k]][dst_off[k] : dst_off[k] + piece_len[k]] for k in range(first, last)]))
 
     def _accept(self, inc: Incoming, seq: int) -> None:
         """A chunk is in place and verified: record it and acknowledge (batched)."""
@@ -661,18 +746,48 @@ def _encode(
     return payload, checksum(payload) if checksum else 0
 
 
-def _place(placer: CmaWriter | ShmWriter, out: Outgoing, first: int, last: int, views: list[memoryview], checksum: Any) -> int:
-    """Worker thread: checksum pieces ``first:last`` of a chunk (which brings them into cache for the copy),
-    then write them into the peer, unless the transfer ended meanwhile; returns the checksum."""
-    if out.stopped:
-        return 0
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths), dtype=np.uint64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return offsets
+
+
+def _gather(addr: np.ndarray, lengths: np.ndarray, staging: memoryview, hashes: int) -> int | None:
+    """Copy the pieces at ``addr`` into ``staging`` back to back; their checksum (xxh3) when ``hashes``."""
+    value = kernels.copy_pages(addr, buffer_address(staging) + _offsets(lengths), lengths, hashes)[0]
+    return value if hashes else None
+
+
+def _scatter(payload: memoryview, dst: np.ndarray, lengths: np.ndarray, hashes: int) -> int:
+    """Copy ``payload`` out to the pieces at ``dst``; its checksum (xxh3) when ``hashes``, else 0."""
+    return kernels.copy_pages(buffer_address(payload) + _offsets(lengths), dst, lengths, hashes)[0]
+
+
+def _place(
+    placer: CmaWriter | ShmWriter, out: Outgoing, seqs: list[int], views: list[memoryview], checksum: Any, fused: bool
+) -> list[tuple[int, int | None]]:
+    """Worker thread: write chunks ``seqs`` into the peer, unless the transfer ended meanwhile (an abort fences
+    writes: none starts once the transfer is over). Per chunk: the source checksum and, where the copy
+    checksummed the pages where they landed in the same pass (shared memory, xxh3), that one too."""
     table = out.table
-    src_seg, src_off, lengths = table.src_seg[first:last], table.src_off[first:last], table.piece_len[first:last]
-    value = 0
-    if checksum is not None:
-        value = int(
-            checksum([views[seg][off : off + n] for seg, off, n in zip(src_seg.tolist(), src_off.tolist(), lengths.tolist())])
-        )
-    if not out.stopped:  # an abort fences writes: none starts once the transfer is over
-        placer.write(src_seg, src_off, table.dst_seg[first:last], table.dst_off[first:last], lengths)
-    return value
+    ptr = table.piece_ptr
+    results: list[tuple[int, int | None]] = []
+    for seq in seqs:
+        if out.stopped:
+            return results
+        first, last = int(ptr[seq]), int(ptr[seq + 1])
+        src_seg, src_off, lengths = table.src_seg[first:last], table.src_off[first:last], table.piece_len[first:last]
+        dst_seg, dst_off = table.dst_seg[first:last], table.dst_off[first:last]
+        if fused and isinstance(placer, ShmWriter):
+            results.append(placer.write_checked(src_seg, src_off, dst_seg, dst_off, lengths))
+            continue
+        value = 0
+        if fused:  # CMA: the kernel copies; the source checksum runs compiled, without the GIL
+            value = placer.source_checksum(src_seg, src_off, lengths)  # type: ignore[union-attr]
+        elif checksum is not None:
+            value = int(checksum([views[s][o : o + n] for s, o, n in zip(src_seg.tolist(), src_off.tolist(), lengths.tolist())]))
+        if out.stopped:
+            return results
+        placer.write(src_seg, src_off, dst_seg, dst_off, lengths)
+        results.append((value, None))
+    return results

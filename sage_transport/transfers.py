@@ -163,6 +163,7 @@ class Incoming:
         "deadline_timer",
         "decoding",
         "expectation",
+        "hash_in_place",
         "layer_hi",
         "layer_lo",
         "layers_left",
@@ -187,6 +188,7 @@ class Incoming:
         *,
         checksum: Any,
         checksum_pieces: Any = None,
+        hash_in_place: bool = False,
         ack_every: int,
         peer: str,
     ) -> None:
@@ -203,6 +205,7 @@ class Incoming:
         self.expectation = expectation
         self.checksum = checksum
         self.checksum_pieces = checksum_pieces
+        self.hash_in_place = hash_in_place  # xxh3 of placed pages by the compiled loop (kernels), not in Python
         self.ack_every = ack_every
         self.pending_acks: list[int] = []
         self.bad_chunks = 0

@@ -57,7 +57,7 @@ __all__ = [
     "handshake_proof",
 ]
 
-PROTOCOL_VERSION = 2  # 2: attestation after the handshake, windows on the attestation socket, fences
+PROTOCOL_VERSION = 3  # 2: attestation after the handshake, windows on the attestation socket, fences; 3: Placed.landed
 MAX_CONTROL_BYTES = 4 << 20
 MAX_MAPPINGS = 4096
 MAX_ACK_BATCH = 1 << 16
@@ -207,12 +207,15 @@ class Fence(msgspec.Struct, frozen=True, array_like=True, tag="f"):
 
 
 class Placed(msgspec.Struct, frozen=True, array_like=True, tag="p"):
-    """A chunk the sender wrote straight into the receiver's memory; the receiver verifies it in place."""
+    """A chunk the sender wrote straight into the receiver's memory. ``checksum`` is of the source pages;
+    ``landed``, where the writer checksummed the pages where they landed in the same pass (``None``: it did
+    not, the receiver verifies in place)."""
 
     wire_id: U32
     seq: U64
     attempt: U32
     checksum: U64
+    landed: U64 | None = None
 
 
 class Pull(msgspec.Struct, frozen=True, array_like=True, tag="q"):

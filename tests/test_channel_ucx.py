@@ -33,9 +33,17 @@ async def ucx_channels(count: int, config: KVTransportConfig) -> AsyncIterator[l
         yield channels
 
 
-@pytest.mark.parametrize(("placement", "shared", "kind"), [(True, False, "cma"), (True, True, "shm"), (False, True, "none")])
-async def test_same_host_transfer_places_chunks_directly(placement: bool, shared: bool, kind: str) -> None:
-    config = KVTransportConfig(chunk_size=64 << 10, direct_placement=placement)
+@pytest.mark.parametrize(
+    ("placement", "shared", "kind", "verify"),
+    [
+        (True, False, "cma", "writer"),
+        (True, True, "shm", "writer"),
+        (True, True, "shm", "receiver"),
+        (False, True, "none", "writer"),
+    ],
+)
+async def test_same_host_transfer_places_chunks_directly(placement: bool, shared: bool, kind: str, verify: str) -> None:
+    config = KVTransportConfig(chunk_size=64 << 10, direct_placement=placement, verify_placed=verify)
     blocks = 96
     src, dst = filled(SCHEMA, blocks), KVMemory.allocate(SCHEMA, blocks, fill=0, shared=shared)
     order = np.random.default_rng(3).permutation(blocks).tolist()
@@ -54,6 +62,39 @@ async def test_same_host_transfer_places_chunks_directly(placement: bool, shared
     assert np.array_equal(pages(dst)[:, :, order], pages(src))
     assert (stats.chunks_placed > 0) is placement
     assert stats.placement_failures == 0
+
+
+async def test_a_placed_chunk_whose_landed_checksum_disagrees_goes_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's own reading of where a chunk landed is what the receiver trusts (verify_placed=writer): a
+    disagreement is a checksum failure, the chunk is written again, and only the good copy is acknowledged."""
+    from sage_transport import placement
+
+    real = placement.ShmWriter.write_checked
+    bad = 0
+
+    def flaky(self, *args):  # type: ignore[no-untyped-def]
+        nonlocal bad
+        source, landed = real(self, *args)
+        if bad < 2:
+            bad += 1
+            return source, landed ^ 1
+        return source, landed
+
+    monkeypatch.setattr(placement.ShmWriter, "write_checked", flaky)
+    config = KVTransportConfig(chunk_size=64 << 10)
+    blocks = 96
+    src, dst = filled(SCHEMA, blocks), KVMemory.allocate(SCHEMA, blocks, fill=0, shared=True)
+    order = np.random.default_rng(5).permutation(blocks).tolist()
+    async with ucx_channels(2, config) as (sender, receiver):
+        sender.register(src)
+        receiver.register(dst)
+        peer = await sender.connect(await receiver.listen())
+        for i in range(2):
+            plan = TransferPlan.for_blocks(peer, SCHEMA, range(blocks), order, transfer_id=f"t{i}")
+            assert (await sender.transfer(plan)).integrity.value == "verified"
+        assert sender.statistics().chunks_placed > 0
+        assert receiver.statistics().checksum_failures == bad == 2
+    assert np.array_equal(pages(dst)[:, :, order], pages(src))
 
 
 async def test_failed_placement_falls_back_to_sending_and_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -69,6 +69,7 @@ def test_from_env_alone() -> None:
         ("prefetch_depth=0", "prefetch_depth=0"),
         ("integrity=md5", "integrity='md5'.*xxh3"),
         ("gather=perhaps", "gather='perhaps'"),
+        ("verify_placed=nobody", "verify_placed='nobody' is not valid; choose one of writer, receiver"),
         ("preset=turbo", "preset='turbo' is not defined"),
         ("target_dtype=fp7", "target_dtype='fp7'"),
         ("chunk_size", "is not key=value"),
