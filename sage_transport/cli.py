@@ -28,6 +28,7 @@ def _configure_logging(json_logs: bool, verbose: bool) -> None:
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if verbose else logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # logs never interleave with a command's output
     )
 
 
@@ -42,7 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--peer", action="append", default=[], metavar="HOST:PORT", help="send to a `sage-transport serve` there (repeatable)"
     )
-    m.add_argument("--no-reference", action="store_true", help="skip the ucx_perftest reference run")
+    m.add_argument("--no-reference", action="store_true", help="skip the references (ucx_perftest, the in-process shuffled copy)")
+    m.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        choices=["nixl"],
+        help="also run the job with NIXL as vLLM's NixlConnector drives it, in the same run (needs nixl-cu12)",
+    )
     m.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on stderr (auto: on a tty)")
     m.add_argument("--model", default="qwen2.5-7b", help="model shape (llama-3-8b, llama-3-70b, qwen2.5-7b, qwen3-8b, ...)")
     m.add_argument("--tokens", type=int, default=32768, help="context length to migrate (default 32768)")
@@ -191,6 +199,7 @@ def _migrate(args: argparse.Namespace) -> int:
             reference=not args.no_reference,
             progress=progress_bar() if show else None,
             observe=observe,
+            compare=args.compare,
         )
     )
     print("\n".join(summary_lines(record)))

@@ -29,6 +29,7 @@ import numpy as np
 from .channel import KVTransferChannel
 from .config import KVTransportConfig
 from .errors import PeerDeadError, ProtocolError, SageTransportError
+from .limits import nixl_migrate, shuffled_copy_gbps
 from .memory import KVMemory
 from .plan import IntegrityStatus, Priority, TransferPlan
 from .schema import KVCacheSchema, Layout
@@ -42,6 +43,7 @@ from .serve import (
     JobSpec,
     cpu_seconds,
     job_proof,
+    peak_rss,
     read_job_message,
     send_job_message,
 )
@@ -91,6 +93,12 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     mean_abs_error: float = 0.0
     kv_data: str = "pattern"  # "pattern" (unique per 8-byte word) or "synthetic" (finite KV-like bf16 values)
     kv_dtypes: list[str] = []  # the wire dtype of each repeat (codec_policy=auto may change it)
+    reference_note: str | None = None  # why there is no ucx_perftest reference, where there is none
+    copy_gbps: float | None = None  # the same pages scattered by the same permutation in one process (limits.py)
+    copy_bytes: int = 0  # how much of the cache that copy scattered (whole layers, up to 1 GiB)
+    copy_ratio: float | None = None  # gbps / copy_gbps
+    nixl: dict[str, Any] | None = None  # --compare nixl: NIXL as vLLM drives it, in the same run (gbps, cpu, ratio, ...)
+    peak_rss: dict[str, int] = {}  # peak resident set, bytes: sender, and the largest receiver
 
 
 @dataclass
@@ -211,6 +219,7 @@ async def run_migration(
     progress: Callable[[int, int, float, bool], None] | None = None,
     pause_s: float = 0.0,
     observe: Observe | None = None,
+    compare: Sequence[str] = (),
 ) -> MigrationRecord:
     """Run the migration ``repeats`` times and return the record (see the module docstring). ``pause_s``
     idles between transfers (untimed), as an engine does between decode steps; ``observe`` serves metrics
@@ -236,7 +245,7 @@ async def run_migration(
     else:
         record = await _migrate_to_receivers(
             model, tokens, schema, blocks, src, transport, config, shuffle, repeats, rng, receivers, list(peers), reference,
-            progress, pause_s, observe, expectation,
+            progress, pause_s, observe, expectation, compare,
         )  # fmt: skip
     if expectation is not None and record.kv_dtype == config.target_dtype.value:  # type: ignore[union-attr]
         record = msgspec.structs.replace(
@@ -261,6 +270,7 @@ async def _migrate_in_process(
     pause_s: float = 0.0,
     observe: Observe | None = None,
     expectation: _Expectation | None = None,
+    compare: Sequence[str] = (),
 ) -> MigrationRecord:
     from .transports.mock import MockNetwork, MockTransport
 
@@ -409,6 +419,7 @@ async def _migrate_to_receivers(
     pause_s: float = 0.0,
     observe: Observe | None = None,
     expectation: _Expectation | None = None,
+    compare: Sequence[str] = (),
 ) -> MigrationRecord:
     from .transports.link import parse_host_port
 
@@ -505,12 +516,14 @@ async def _migrate_to_receivers(
             if channel.tracer is not None:
                 traces.append(channel.tracer.export())
         cpu_receivers = 0.0
+        peak_receiver = 0
         for node in nodes:
             assert node.writer is not None and node.reader is not None
             await send_job_message(node.writer, JobDone())
             bye = await read_job_message(node.reader, 60)
             if isinstance(bye, JobBye):
                 cpu_receivers += bye.cpu_seconds
+                peak_receiver = max(peak_receiver, bye.peak_rss)
                 if bye.trace is not None:
                     traces.append(bye.trace)
         if observe.trace_path is not None:
@@ -541,10 +554,56 @@ async def _migrate_to_receivers(
     )  # fmt: skip
     kinds = sorted({str(info.get("placement", "none")) for info in links.values()} - {"none"})
     record = msgspec.structs.replace(record, chunks_placed=placed, placement="+".join(kinds) or "none")
-    record = msgspec.structs.replace(_with_wire(record, last_results), kv_dtypes=kv_dtypes)
-    if reference and ucx_transports and not peers:
+    record = msgspec.structs.replace(
+        _with_wire(record, last_results),
+        kv_dtypes=kv_dtypes,
+        peak_rss={"sender": peak_rss(), **({"receivers": peak_receiver} if peak_receiver else {})},
+    )
+    if not reference:
+        record = msgspec.structs.replace(record, reference_note="--no-reference")
+    elif peers:
+        record = msgspec.structs.replace(record, reference_note="ucx_perftest runs on this host only; the peers are elsewhere")
+    elif not ucx_transports:
+        record = msgspec.structs.replace(
+            record, reference_note=f"the {transport} transport does not run on UCX: ucx_perftest has no like to compare"
+        )
+    else:
         record = await _with_reference(record, ucx_transports)
+    if reference and not peers:
+        record = _with_copy_reference(record, src, schema, nodes[0].dst_of_src)
+    if "nixl" in compare:
+        record = await _with_nixl(record, schema, blocks, nodes[0].dst_of_src, repeats)
     return record
+
+
+def _with_copy_reference(
+    record: MigrationRecord, src: KVMemory, schema: KVCacheSchema, dst_of_src: np.ndarray
+) -> MigrationRecord:
+    gbps, nbytes = shuffled_copy_gbps(_pages(src, schema), dst_of_src)
+    ratio = record.gbps / gbps if gbps else None
+    return msgspec.structs.replace(record, copy_gbps=gbps, copy_bytes=nbytes, copy_ratio=ratio)
+
+
+async def _with_nixl(
+    record: MigrationRecord, schema: KVCacheSchema, blocks: int, dst_of_src: np.ndarray, repeats: int
+) -> MigrationRecord:
+    result = await nixl_migrate(schema.num_layers, schema.kv_planes, blocks, schema.page_bytes, dst_of_src, repeats)
+    nbytes = blocks * schema.bytes_per_block
+    seconds = result["seconds"]
+    gbps = nbytes / float(np.median(seconds)) / 1e9
+    nixl = {
+        "gbps": gbps,
+        "gbps_min": nbytes / max(seconds) / 1e9,
+        "gbps_max": nbytes / min(seconds) / 1e9,
+        "seconds_all": seconds,
+        "cpu_seconds_per_gib": result["cpu"] / (nbytes * len(seconds) / GIB),
+        "verified": result["verified"],
+        "peak_rss_reader": result["peak_rss"],
+        "ratio": record.gbps / gbps,
+        "how": "NIXL 1.5 as vLLM's NixlConnector drives it: descriptor lists prepared once, one READ of every page "
+        "posted by the receiver, its state polled every millisecond",
+    }
+    return msgspec.structs.replace(record, nixl=nixl)
 
 
 def _with_wire(record: MigrationRecord, results: Sequence[Any]) -> MigrationRecord:
@@ -681,8 +740,13 @@ def summary_lines(record: MigrationRecord) -> list[str]:
     rows += [
         (
             "chunks",
-            f"{record.chunks}"
-            + (f" per transfer; {record.chunks_placed} written in place ({record.placement})" if record.chunks_placed else ""),
+            f"{record.chunks} per transfer"
+            + (
+                f"; {record.chunks_placed} of {record.chunks * record.repeats * record.receivers} (all transfers) "
+                f"written in place ({record.placement})"
+                if record.chunks_placed
+                else ""
+            ),
         ),
         ("seconds", f"{record.seconds:.4f} median of {record.repeats}"),
         ("bandwidth", f"{record.gbps:.2f} GB/s (min {record.gbps_min:.2f}, max {record.gbps_max:.2f})"),
@@ -694,8 +758,29 @@ def summary_lines(record: MigrationRecord) -> list[str]:
                 f"ucx_perftest {record.reference_gbps:.2f} GB/s at {format_size(record.chunk_size)}: ratio {record.ratio:.2f}",
             )
         )
+    elif record.reference_note:
+        rows.append(("reference", f"no ucx_perftest: {record.reference_note}"))
+    if record.copy_gbps is not None:
+        rows.append(
+            (
+                "limit",
+                f"shuffled copy in one process (2 threads, {format_size(record.copy_bytes)} of the same pages) "
+                f"{record.copy_gbps:.2f} GB/s: ratio {record.copy_ratio:.2f}",
+            )
+        )
+    if record.nixl is not None:
+        nixl = record.nixl
+        rows.append(
+            (
+                "nixl",
+                f"{nixl['gbps']:.2f} GB/s (min {nixl['gbps_min']:.2f}, max {nixl['gbps_max']:.2f}), vLLM's pattern, "
+                f"cpu s/GiB {nixl['cpu_seconds_per_gib']:.3f}, verified {nixl['verified']}: ratio {nixl['ratio']:.2f}",
+            )
+        )
     if record.cpu_seconds_per_gib:
         rows.append(("cpu s/GiB", ", ".join(f"{k} {v:.3f}" for k, v in record.cpu_seconds_per_gib.items())))
+    if record.peak_rss:
+        rows.append(("peak rss", ", ".join(f"{k} {format_size(v)}" for k, v in record.peak_rss.items())))
     if record.kv_dtype and (record.kv_data != "pattern" or record.compression != "none"):
         wire = f"{record.kv_dtype}" + (f" + {record.compression}" if record.compression != "none" else "")
         wire += f": {record.wire_bytes} bytes ({format_size(record.wire_bytes)}), {record.compression_ratio:.2f}x smaller"

@@ -107,6 +107,7 @@ class JobBye(msgspec.Struct, frozen=True, tag="bye", kw_only=True):
     cpu_seconds: float
     ucx_transports: dict[str, list[str]]
     trace: dict[str, Any] | None = None  # ChunkTracer.export() when the job asked for a trace
+    peak_rss: int = 0  # the receiver process's peak resident set, bytes (getrusage)
 
 
 class JobFailed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
@@ -136,6 +137,11 @@ async def read_job_message(reader: asyncio.StreamReader, timeout_s: float | None
     if isinstance(message, JobFailed):
         raise SageTransportError(f"the receiver failed: {message.reason}")
     return message
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def cpu_seconds() -> float:
@@ -200,7 +206,7 @@ async def _run_job(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h
         for info in channel.links().values():
             transports.update(info.get("ucx_transports", {}))
         trace = channel.tracer.export() if channel.tracer is not None else None
-        await send_job_message(writer, JobBye(cpu_seconds=busy, ucx_transports=transports, trace=trace))
+        await send_job_message(writer, JobBye(cpu_seconds=busy, ucx_transports=transports, trace=trace, peak_rss=peak_rss()))
 
 
 def trust_line(auth_token: str | None) -> str:

@@ -55,6 +55,9 @@ from .ucx_progress import WorkerProgress
 if TYPE_CHECKING:
     from ..hw import TransportProfile
 
+# importing ucxx sets UCX_* variables of its own (RNDV_THRESH, MAX_RNDV_RAILS, MEMTYPE_CACHE, ...) for this process's
+# contexts; what the user had is kept to hand to other UCX programs we start (environment_before_ucxx)
+_UCX_ENV_BEFORE = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX then flags
 
 try:
@@ -450,6 +453,14 @@ def _slot_key(options: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 def _env_default(name: str, value: str) -> dict[str, str]:
     return {} if f"UCX_{name}" in os.environ else {name: value}
+
+
+def environment_before_ucxx() -> dict[str, str]:
+    """This process's environment with the ``UCX_*`` variables as they were before ucxx (and we) set any: for a
+    child that runs another UCX program (NIXL's bundled UCX), which must run as its users run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")}
+    env.update(_UCX_ENV_BEFORE)
+    return env
 
 
 def parked_workers() -> int:
