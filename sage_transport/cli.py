@@ -179,11 +179,14 @@ def _migrate(args: argparse.Namespace) -> int:
         linger_s=args.linger,
         trace_path=args.trace,
         announce=lambda url: print(f"sage-transport migrate: metrics on {url}/metrics", file=sys.stderr, flush=True),
+        notice=lambda line: print(f"sage-transport migrate: {line}", file=sys.stderr, flush=True),
     )
     for name in ("tokens", "repeat", "receivers", "block_size"):
         if getattr(args, name) <= 0:
             raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    if show:
+        observe.stage = lambda text: print(f"  {text} ...", file=sys.stderr, flush=True)
     record = run_async(
         run_migration(
             model=args.model,

@@ -230,10 +230,14 @@ async def run_migration(
         raise SageTransportError(f"receivers={receivers} must be at least 1")
     schema = _schema(model, block_size)
     blocks = schema.blocks_for_tokens(tokens)
+    from .units import format_size
+
+    observe.step(f"filling the source cache ({format_size(blocks * schema.bytes_per_block)})")
     src = KVMemory.allocate(schema, blocks)
     expectation = None
     if _quantised(config, schema):
         _fill_kv_like(src, seed)
+        observe.step(f"encoding a reference copy as {config.target_dtype.value} to check the receivers against")  # type: ignore[union-attr]
         expectation = _codec_expectation(src, config)
     else:
         _fill_pattern(src, seed)
@@ -332,12 +336,19 @@ async def _migrate_in_process(
 class Observe:
     """What to observe during a migration: serve metrics on ``metrics_port`` (0: any free port) and keep serving
     ``linger_s`` after the job; write a Chrome/Perfetto chunk trace to ``trace_path``. ``announce`` receives the
-    metrics URL once the server listens."""
+    metrics URL once the server listens, ``notice`` lines for the user (the result, before a linger holds the
+    summary back), ``stage`` each set-up step as it starts."""
 
     metrics_port: int | None = None
     linger_s: float = 0.0
     trace_path: Path | None = None
     announce: Callable[[str], None] | None = None
+    notice: Callable[[str], None] | None = None
+    stage: Callable[[str], None] | None = None
+
+    def step(self, text: str) -> None:
+        if self.stage is not None:
+            self.stage(text)
 
 
 async def _start_metrics(observe: Observe, channels: list[KVTransferChannel], config: KVTransportConfig) -> Any:
@@ -355,11 +366,13 @@ async def _start_metrics(observe: Observe, channels: list[KVTransferChannel], co
     return server
 
 
-async def _stop_metrics(server: Any, observe: Observe) -> None:
+async def _stop_metrics(server: Any, observe: Observe, done: str = "") -> None:
     if server is None:
         return
     try:
         if observe.linger_s > 0:
+            if observe.notice is not None and done:  # the summary waits for the linger: say the result now
+                observe.notice(f"{done}; metrics stay up {observe.linger_s:g} s (--linger), then the summary")
             await asyncio.sleep(observe.linger_s)
     finally:
         await server.__aexit__(None, None, None)
@@ -438,6 +451,7 @@ async def _migrate_to_receivers(
         if peers:
             nodes = [_Receiver(address, None) for address in peers]
         else:
+            observe.step(f"starting {receivers} receiver process{'es' if receivers > 1 else ''}")
             nodes = list(await asyncio.gather(*(_start_local_receiver(config.listen_host) for _ in range(receivers))))
         for k, node in enumerate(nodes):
             host, port = parse_host_port(node.address, "--peer")
@@ -445,7 +459,10 @@ async def _migrate_to_receivers(
                 node.reader, node.writer = await asyncio.open_connection(host, port, limit=64 << 20)
             except OSError as exc:
                 raise PeerDeadError(f"no sage-transport serve answers at {node.address}: {exc}") from exc
-            challenge = await read_job_message(node.reader, 30)
+            try:
+                challenge = await read_job_message(node.reader, config.connect_timeout_s, "job challenge")
+            except (PeerDeadError, ProtocolError) as exc:
+                raise PeerDeadError(f"{node.address} accepted the connection but is no `sage-transport serve`: {exc}") from None
             if not isinstance(challenge, JobChallenge) or challenge.protocol != JOB_PROTOCOL:
                 raise ProtocolError(f"{node.address} speaks another job protocol (expected {JOB_PROTOCOL})")
             spec = JobSpec(
@@ -454,9 +471,10 @@ async def _migrate_to_receivers(
                 proof=job_proof(config.auth_token, challenge.nonce),
             )  # fmt: skip
             await send_job_message(node.writer, spec)
+        observe.step("waiting for the receivers to allocate their caches")
         for node in nodes:
             assert node.reader is not None
-            node.ready = await read_job_message(node.reader, 120)
+            node.ready = await read_job_message(node.reader, 120, "ready message")
             if not isinstance(node.ready, JobReady) or node.ready.blocks != blocks:
                 raise ProtocolError(f"receiver {node.address} answered {node.ready!r}")
             node.dst_of_src = rng.permutation(blocks) if shuffle else np.arange(blocks)
@@ -512,7 +530,9 @@ async def _migrate_to_receivers(
                 kv_dtypes.append(results[0].kv_dtype)
             links = channel.links()
             placed = channel.statistics().chunks_placed
-            await _stop_metrics(server, observe)
+            median = float(np.median(seconds))
+            done = f"transfers done: {blocks * schema.bytes_per_block * len(nodes) / median / 1e9:.2f} GB/s median of {repeats}"
+            await _stop_metrics(server, observe, done)
             if channel.tracer is not None:
                 traces.append(channel.tracer.export())
         cpu_receivers = 0.0

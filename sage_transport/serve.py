@@ -27,7 +27,7 @@ import structlog
 
 from .channel import KVTransferChannel
 from .config import KVTransportConfig, require_token_off_loopback
-from .errors import AuthError, ProtocolError, SageTransportError
+from .errors import AuthError, PeerDeadError, ProtocolError, SageTransportError
 from .memory import KVMemory
 from .schema import KVCacheSchema, Layout
 from .telemetry.trace import ChunkTracer
@@ -125,9 +125,16 @@ async def send_job_message(writer: asyncio.StreamWriter, message: Any) -> None:
     await writer.drain()
 
 
-async def read_job_message(reader: asyncio.StreamReader, timeout_s: float | None = None) -> Any:
-    async with asyncio.timeout(timeout_s):
-        line = await reader.readline()
+async def read_job_message(reader: asyncio.StreamReader, timeout_s: float | None = None, waiting_for: str = "") -> Any:
+    """The next job message; a :class:`PeerDeadError` saying what was awaited when none comes in ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            line = await reader.readline()
+    except TimeoutError:
+        what = waiting_for or "its next job message"
+        raise PeerDeadError(f"the job peer sent no {what} within {timeout_s:g} s") from None
+    except ValueError as exc:  # a line longer than the stream's limit: not a job peer
+        raise ProtocolError(f"the job peer sent a line too long for a job message ({exc})") from None
     if not line:
         raise ProtocolError("the job peer hung up")
     try:

@@ -90,3 +90,13 @@ def test_migrate_with_a_kv_dtype_reports_the_wire_and_the_error(tmp_path: Path, 
     record = json.loads(out.read_text())
     assert code == 0 and record["verified"] is True and record["max_abs_error"] == 0  # lossless
     assert record["kv_dtype"] == "bf16" and record["compression"] == "zstd" and record["wire_bytes"] <= record["bytes"]
+
+
+def test_verbose_logs_go_to_stderr_and_the_summary_alone_to_stdout() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sage_transport.cli", "migrate", "--transport", "mock", "--tokens", "512", "-v"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "transfer.sent" in proc.stderr and "transfer.sent" not in proc.stdout
+    assert proc.stdout.lstrip().startswith("model") and "[info" not in proc.stdout  # the summary, nothing between

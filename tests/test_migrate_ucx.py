@@ -100,7 +100,7 @@ def test_a_receiver_killed_mid_migration_fails_the_job_cleanly() -> None:
         )  # fmt: skip
         assert sender.stderr is not None
         seen = ""
-        while "GiB" not in seen:  # the progress bar: transfers are under way
+        while "GB/s" not in seen:  # the progress bar (its rate): transfers are under way
             char = sender.stderr.read(1)
             assert char, f"migrate ended before transferring: {seen}"
             seen += char
@@ -124,3 +124,27 @@ def test_migrate_int4_to_a_receiver_process_verifies_its_whole_cache(tmp_path: P
     # the receiver's digest of its whole cache equals the digest of the source through the codec
     assert record["verified"] is True and record["kv_dtypes"] == ["int4", "int4"]
     assert record["wire_bytes"] < record["bytes"] * 0.29 and record["max_abs_error"] > 0
+
+
+def test_migrate_to_a_service_that_never_answers_is_one_clear_line() -> None:
+    """A peer that accepts the connection but speaks no job protocol (here: silence) is named in one line, within
+    connect_timeout_s, with no traceback."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "sage_transport.cli", "migrate", "--peer", address, "--tokens", "1024",
+             "--config", "connect_timeout_s=1s"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        listener.close()
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{address} accepted the connection but is no `sage-transport serve`" in lines[0]
+    assert "no job challenge within 1 s" in lines[0]

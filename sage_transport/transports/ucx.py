@@ -258,6 +258,7 @@ class UcxConnection(Connection):
         if self._dead or self._closed:  # it broke while we spun: no one would ever resolve a new future
             if self._dead and self.same_host and sending:  # UCX never finishes it (see WorkerProgress.abandon)
                 self._progress.wedged += 1
+                self._progress.peer_died = True
             else:  # UCX finishes or cancels it: keep the buffer until then
                 self._progress.track(request, keepalive, idle, self, sending)
             raise _map_error(ConnectionError("connection broken"), self)
@@ -639,9 +640,13 @@ class UcxTransport(Transport):
             await conn.aclose()
         if self._progress is not None:
             await self._progress.drain(1.0)
+            died = self._progress.peer_died
             if self._progress.close() and self._slot is not None:
                 _PARKED.setdefault(_slot_key(self._context_options()), []).append(self._slot)
-                log.info("ucx_worker_parked", reason="a same-host peer died with sends in flight", parked=parked_workers())
+                if died:
+                    log.info("ucx_worker_parked", reason="a same-host peer died with sends in flight", parked=parked_workers())
+                else:  # an endpoint closed with a receive posted: ucxx keeps the cancelled request, so the worker
+                    log.debug("ucx_worker_parked", reason="an endpoint closed with requests posted", parked=parked_workers())
             self._progress = None
         self._worker = self._slot = None
 

@@ -31,6 +31,7 @@ class WorkerProgress:
         self._pending: list[tuple[Any, asyncio.Future[None], bool, Any, object, bool]] = []
         self._idle = 0  # pending receives that may wait forever (a connection's next-frame receive)
         self.wedged = 0  # requests UCX will never release (given up with a dead peer, or cancelled by a forced close)
+        self.peer_died = False  # whether any of them was given up because a same-host peer died
         self._wake = asyncio.Event()
         worker.init_blocking_progress_mode()
         self._fd = worker.epoll_file_descriptor
@@ -122,6 +123,7 @@ class WorkerProgress:
                 future.exception()
         self._pending[:] = keep
         self.wedged += dropped
+        self.peer_died |= dropped > 0
         return dropped
 
     async def drain(self, timeout_s: float) -> None:
