@@ -19,6 +19,16 @@ from .errors import SageTransportError
 __all__ = ["main"]
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is at each write (tests and embedders swap it; a bound file would go stale)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _configure_logging(json_logs: bool, verbose: bool) -> None:
     import logging
 
@@ -28,7 +38,7 @@ def _configure_logging(json_logs: bool, verbose: bool) -> None:
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if verbose else logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # logs never interleave with a command's output
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]  # logs never interleave with a command's output
     )
 
 

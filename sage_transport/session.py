@@ -50,6 +50,8 @@ _YIELD_EVERY = 64
 _PLACE_BATCH_BYTES = 16 << 20
 #: a placed peer's window is this many times ``prefetch_depth`` (nothing is staged for its chunks)
 _PLACED_WINDOW_FACTOR = 4
+#: a placement job this small is copied on the loop thread: a worker thread's round trip costs more
+_INLINE_PLACE_BYTES = 256 << 10
 
 
 class PeerSession:
@@ -335,32 +337,48 @@ class PeerSession:
                 if self.channel.tracer is not None:
                     self.channel.tracer.sent(self.peer, out.plan.transfer_id, seq, started, started)
         assert self._placement_pool is not None and self.placer is not None
-        future = asyncio.get_running_loop().run_in_executor(
-            self._placement_pool,
-            _place,
-            self.placer,
-            out,
-            seqs,
-            self.channel._memory_views,
-            self.channel._checksum_pieces,
-            self._fused_place,
-        )
+        args = (self.placer, out, seqs, self.channel._memory_views, self.channel._checksum_pieces, self._fused_place)
         self._placing += 1
         out.placing += 1
-        future.add_done_callback(lambda f: self._placed(out, seqs, attempts, f))
+        sizes = out.lists["chunk_nbytes"]
+        if sum(sizes[seq] for seq in seqs) <= _INLINE_PLACE_BYTES:  # a few pages: copying beats a thread hop
+            try:
+                results = _place(*args)
+            except Exception as exc:  # handled as a worker's failure would be
+                self._placed(out, seqs, attempts, None, exc)
+            else:
+                self._placed(out, seqs, attempts, results, None)
+            return
+        future = asyncio.get_running_loop().run_in_executor(self._placement_pool, _place, *args)
+        future.add_done_callback(lambda f: self._placement_done(out, seqs, attempts, f))
 
-    def _placed(
+    def _placement_done(
         self, out: Outgoing, seqs: list[int], attempts: list[int], future: asyncio.Future[list[tuple[int, int | None]]]
     ) -> None:
+        if future.cancelled():
+            self._placed(out, seqs, attempts, None, None)
+        elif future.exception() is not None:
+            self._placed(out, seqs, attempts, None, future.exception())
+        else:
+            self._placed(out, seqs, attempts, future.result(), None)
+
+    def _placed(
+        self,
+        out: Outgoing,
+        seqs: list[int],
+        attempts: list[int],
+        results: list[tuple[int, int | None]] | None,
+        exc: BaseException | None,
+    ) -> None:
+        """A placement job ended: with its per-chunk checksums, with ``exc``, or neither (cancelled)."""
         self._placing -= 1
         out.placing -= 1
         self.wake.set()
         if out.placing == 0 and out.fence_pending is not None:  # the transfer is over and no write of it runs
             message, out.fence_pending = out.fence_pending, None
             self.post(message)
-        if self.closed or future.cancelled() or out.stopped:
+        if self.closed or out.stopped or (results is None and exc is None):
             return
-        exc = future.exception()
         scheduler = self.channel._scheduler
         if exc is not None:  # fall back to sending the bytes; the chunks go again
             self.placer = None
@@ -371,7 +389,8 @@ class PeerSession:
             return
         sizes = out.lists["chunk_nbytes"]
         nbytes = 0
-        for seq, attempt, (value, landed) in zip(seqs, attempts, future.result()):
+        assert results is not None
+        for seq, attempt, (value, landed) in zip(seqs, attempts, results):
             self.post(Placed(out.wire_id, seq, attempt, value, landed))
             nbytes += sizes[seq]
         out.bytes_sent += nbytes
