@@ -54,7 +54,7 @@ from .telemetry.trace import ChunkTracer
 from .transfers import Expectation, Incoming, LayerArrival, Outgoing, TransferHandle
 from .transports.base import Connection, Listener, Transport
 from .transports.registry import get_transport_class
-from .wire import MAX_CONTROL_BYTES, Abort, Announce, Fence, Pull, PullRefused, Region, RegionUpdate, Window
+from .wire import MAX_CONTROL_BYTES, Abort, Ack, Announce, Fence, Pull, PullRefused, Region, RegionUpdate, Window
 from .wire_codec import QUANTISED, ChunkCodec, codec_throughput, local_codecs, require_codec
 
 __all__ = ["ChannelStatistics", "KVTransferChannel"]
@@ -1123,6 +1123,8 @@ class KVTransferChannel:
         largest = table.max_chunk_bytes
         session.max_incoming_chunk = max(session.max_incoming_chunk, codec.bound(largest) if codec is not None else largest)
         self.telemetry.comm_begin()
+        if session.window_offered and codec is None:  # a same-host writer may place every chunk from now on
+            session.post(Ack(msg.wire_id, []))  # accepted, nothing verified yet
         if msg.deadline_s:
             # the sender's own timer fires first and aborts; this one covers a sender that went silent
             grace = max(0.5, 0.1 * msg.deadline_s)

@@ -204,6 +204,11 @@ class Scheduler:
         entry.resend.append(seq)
         return True
 
+    def is_inflight(self, key: Hashable, seq: int) -> bool:
+        """Whether chunk ``seq`` of ``key`` is in flight (picked, not yet acknowledged nor given back)."""
+        entry = self._entries.get(key)
+        return entry is not None and seq in entry.inflight
+
     def resend_inflight(self, peer: str) -> int:
         """Every chunk in flight to ``peer`` goes again (its acknowledgements are overdue). Returns how many."""
         count = 0

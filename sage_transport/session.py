@@ -111,6 +111,7 @@ class PeerSession:
         self._place_limit = channel.config.overlap_streams + 1  # one job queued behind each copying thread
         # xxh3 placement: copy and checksum (source and landed) in one compiled pass per page
         self._held_pick: tuple[Hashable, int] | None = None  # picked after a placement batch ended: goes next
+        self._unaccepted: list[tuple[Outgoing, int]] = []  # large chunks picked before the receiver accepted
         self._fused_place = kernels.AVAILABLE and channel.config.integrity is Integrity.XXH3
         self._trust_writer = channel.config.verify_placed == "writer"
         self.counters: collections.Counter[str] = collections.Counter()  # chunks and bytes, this peer only
@@ -180,14 +181,24 @@ class PeerSession:
             pick = None
             if not busy:
                 pick, self._held_pick = self._held_pick or scheduler.next_for(self.peer), None
+            if self._unaccepted and not busy:
+                self._release_unaccepted()
             if pick is not None:
                 out, seq = pick
-                if self.placer is not None and out.accepted and out.codec is None:  # type: ignore[attr-defined]
-                    self._start_placement(out, self._placement_batch(out, seq))  # type: ignore[arg-type]
-                else:  # several chunks in flight: the next one goes while the transport still moves this one
-                    task = asyncio.ensure_future(self._send_chunk(out, seq))  # type: ignore[arg-type]
-                    self._sends.add(task)
-                    task.add_done_callback(self._chunk_sent)
+                if self.placer is not None and out.codec is None:  # type: ignore[attr-defined]
+                    if out.accepted:  # type: ignore[attr-defined]
+                        self._start_placement(out, self._placement_batch(out, seq))  # type: ignore[arg-type]
+                        continue
+                    if len(out.table) > 1 and out.lists["chunk_nbytes"][seq] > _INLINE_PLACE_BYTES:  # type: ignore[attr-defined]
+                        # the receiver says it took the announcement at once (an empty Ack): wait for that rather
+                        # than push large chunks through the transport, then place them (a transfer of one chunk
+                        # goes at once: the round trip would cost more than it saves)
+                        self._unaccepted.append(pick)  # type: ignore[arg-type]
+                        continue
+                # several chunks in flight: the next one goes while the transport still moves this one
+                task = asyncio.ensure_future(self._send_chunk(out, seq))  # type: ignore[arg-type]
+                self._sends.add(task)
+                task.add_done_callback(self._chunk_sent)
                 continue
             self.wake.clear()
             if outbox:
@@ -301,6 +312,38 @@ class PeerSession:
             if pair[0].nbytes >= largest and pair[1].nbytes >= need:
                 return pair
         return memoryview(bytearray(largest)), memoryview(bytearray(need))
+
+    def _release_unaccepted(self) -> None:
+        """Chunks held for their transfer's acceptance: placed once it came, sent if placement went away, dropped
+        when the transfer ended or the chunk left flight meanwhile (resent after a timeout: picked again)."""
+        scheduler = self.channel._scheduler
+        keep: list[tuple[Outgoing, int]] = []
+        ready: dict[Outgoing, list[int]] = {}
+        for out, seq in self._unaccepted:
+            if out.stopped or not scheduler.is_inflight(out, seq):
+                continue
+            if self.placer is None:
+                task = asyncio.ensure_future(self._send_chunk(out, seq))
+                self._sends.add(task)
+                task.add_done_callback(self._chunk_sent)
+            elif out.accepted:
+                ready.setdefault(out, []).append(seq)
+            else:
+                keep.append((out, seq))
+        self._unaccepted = keep
+        sizes_limit = _PLACE_BATCH_BYTES
+        for out, seqs in ready.items():
+            sizes = out.lists["chunk_nbytes"]
+            batch: list[int] = []
+            nbytes = 0
+            for seq in seqs:
+                batch.append(seq)
+                nbytes += sizes[seq]
+                if nbytes >= sizes_limit:
+                    self._start_placement(out, batch)
+                    batch, nbytes = [], 0
+            if batch:
+                self._start_placement(out, batch)
 
     def _placement_batch(self, out: Outgoing, seq: int) -> list[int]:
         """``seq`` and the chunks of the same transfer the scheduler gives next, up to :data:`_PLACE_BATCH_BYTES`:
