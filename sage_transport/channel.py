@@ -265,9 +265,7 @@ class KVTransferChannel:
         self._memory = memory
         self._memory_views = memory.views
         self._memory_base = np.array([buffer_address(view) for view in memory.views], dtype=np.uint64)
-        if kernels.AVAILABLE:  # compile the copy loops now, off the loop, rather than inside the first chunk
-            with contextlib.suppress(RuntimeError):  # no running loop: the first chunk compiles them
-                asyncio.get_running_loop().run_in_executor(None, kernels.warm_up)
+        kernels.warm_up_in_background()  # compile the copy loops now rather than inside the first chunk
         for session in self._sessions.values():
             session.post(RegionUpdate(self._region()))  # type: ignore[arg-type]
             if session.peer_invite is not None:  # the peer may now write it directly: present its window

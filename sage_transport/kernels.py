@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "copy_pages", "hash_pages", "warm_up"]
+__all__ = ["AVAILABLE", "copy_pages", "hash_pages", "warm_up", "warm_up_in_background"]
 
 _MASK = (1 << 63) - 1
 
@@ -87,6 +87,7 @@ _KERNELS = _load()
 AVAILABLE = _KERNELS is not None
 _compiled = threading.Lock()
 _warm = False
+_warming = False
 
 
 def warm_up() -> None:
@@ -101,6 +102,16 @@ def warm_up() -> None:
             _KERNELS[0](addr, addr, np.zeros(1, dtype=np.uint64), 2, np.zeros(2, dtype=np.uint64))
             _KERNELS[1](addr, np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=np.uint64))
             _warm = True
+
+
+def warm_up_in_background() -> None:
+    """Start compiling both loops on a thread of its own that ends when they are (once per process): whoever
+    calls them first then waits the rest of ~0.3 s, if anything, instead of compiling on an event loop's thread."""
+    global _warming
+    if _warm or _warming or _KERNELS is None:
+        return
+    _warming = True
+    threading.Thread(target=warm_up, name="sage-kernels-compile", daemon=True).start()
 
 
 def copy_pages(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, hashes: int = 0) -> tuple[int, int]:
