@@ -17,32 +17,44 @@ Python paths.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import threading
 from typing import Any
 
 import numpy as np
+
+from .errors import UnsupportedError
 
 __all__ = ["AVAILABLE", "copy_pages", "hash_pages", "warm_up", "warm_up_in_background"]
 
 _MASK = (1 << 63) - 1
 
 
-def _load() -> tuple[Any, Any] | None:
+def _xxhash_library() -> Any | None:
+    """python-xxhash's extension, when it exports the XXH3 C API (every wheel seen so far does)."""
     try:
-        import numba
         import xxhash._xxhash as xxhash_module
-    except ImportError:
-        return None
-    try:
+
         lib = ctypes.CDLL(xxhash_module.__file__)
-        create, free = lib.XXH3_createState, lib.XXH3_freeState
-        reset, digest = lib.XXH3_64bits_reset, lib.XXH3_64bits_digest
-        # the dispatching entry point picks the widest vector unit (AVX-512, AVX2) as python-xxhash itself does
-        update = getattr(lib, "XXH3_64bits_update_dispatch", None) or lib.XXH3_64bits_update
-        libc = ctypes.CDLL(None)
-        memcpy = libc.memcpy
-    except (OSError, AttributeError):  # a build of xxhash that does not export its C API
+        lib.XXH3_64bits_update  # noqa: B018  # present, or AttributeError
+    except (ImportError, OSError, AttributeError):
         return None
+    return lib
+
+
+def _load() -> tuple[Any, Any]:
+    # numba is imported here, at the first copy, never by importing sage_transport: engines scan sys.modules at
+    # start-up (vLLM's Triton kernel overrides trip over numba's objects), and most processes never copy
+    import numba
+
+    lib = _xxhash_library()
+    if lib is None:
+        raise UnsupportedError("python-xxhash does not export the XXH3 C API here; the compiled copy loops need it")
+    create, free = lib.XXH3_createState, lib.XXH3_freeState
+    reset, digest = lib.XXH3_64bits_reset, lib.XXH3_64bits_digest
+    # the dispatching entry point picks the widest vector unit (AVX-512, AVX2) as python-xxhash itself does
+    update = getattr(lib, "XXH3_64bits_update_dispatch", None) or lib.XXH3_64bits_update
+    memcpy = ctypes.CDLL(None).memcpy
     create.argtypes, create.restype = [], ctypes.c_void_p
     free.argtypes, free.restype = [ctypes.c_void_p], ctypes.c_int
     reset.argtypes, reset.restype = [ctypes.c_void_p], ctypes.c_int
@@ -83,24 +95,27 @@ def _load() -> tuple[Any, Any] | None:
     return copy_kernel, hash_kernel
 
 
-_KERNELS = _load()
-AVAILABLE = _KERNELS is not None
+#: whether the compiled loops can run here (numba installed, xxhash's C API exported); they load at first use
+AVAILABLE = importlib.util.find_spec("numba") is not None and _xxhash_library() is not None
+_KERNELS: tuple[Any, Any] | None = None
 _compiled = threading.Lock()
 _warm = False
 _warming = False
 
 
 def warm_up() -> None:
-    """Compile both loops now (about 0.3 s, once per process) rather than inside the first chunk."""
-    global _warm
-    if _warm or _KERNELS is None:
+    """Import numba and compile both loops now (about 0.5 s, once per process) rather than inside the first chunk."""
+    global _warm, _KERNELS
+    if _warm or not AVAILABLE:
         return
     with _compiled:
         if not _warm:
+            kernels = _load()
             scratch = np.zeros(2, dtype=np.uint64)
             addr = np.full(1, scratch.ctypes.data, dtype=np.uint64)
-            _KERNELS[0](addr, addr, np.zeros(1, dtype=np.uint64), 2, np.zeros(2, dtype=np.uint64))
-            _KERNELS[1](addr, np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=np.uint64))
+            kernels[0](addr, addr, np.zeros(1, dtype=np.uint64), 2, np.zeros(2, dtype=np.uint64))
+            kernels[1](addr, np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=np.uint64))
+            _KERNELS = kernels
             _warm = True
 
 
@@ -108,7 +123,7 @@ def warm_up_in_background() -> None:
     """Start compiling both loops on a thread of its own that ends when they are (once per process): whoever
     calls them first then waits the rest of ~0.3 s, if anything, instead of compiling on an event loop's thread."""
     global _warming
-    if _warm or _warming or _KERNELS is None:
+    if _warm or _warming or not AVAILABLE:
         return
     _warming = True
     threading.Thread(target=warm_up, name="sage-kernels-compile", daemon=True).start()
@@ -119,8 +134,8 @@ def copy_pages(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, hashes: in
 
     ``hashes``: 0 checksums nothing, 1 the source pieces, 2 the source and the destination pieces, each as one
     stream. Returns ``(source checksum, destination checksum)`` (0 where not computed)."""
-    assert _KERNELS is not None, "kernels.AVAILABLE is false"
     warm_up()
+    assert _KERNELS is not None, "kernels.AVAILABLE is false"
     out = np.zeros(2, dtype=np.uint64)
     _KERNELS[0](
         np.ascontiguousarray(src, dtype=np.uint64),
@@ -134,8 +149,8 @@ def copy_pages(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, hashes: in
 
 def hash_pages(addr: np.ndarray, lengths: np.ndarray) -> int:
     """XXH3 checksum of the pieces at ``addr[i]`` of ``lengths[i]`` bytes, as one stream, without the GIL."""
-    assert _KERNELS is not None, "kernels.AVAILABLE is false"
     warm_up()
+    assert _KERNELS is not None, "kernels.AVAILABLE is false"
     out = np.zeros(1, dtype=np.uint64)
     _KERNELS[1](np.ascontiguousarray(addr, dtype=np.uint64), np.ascontiguousarray(lengths, dtype=np.uint64), out)
     return int(out[0]) & _MASK

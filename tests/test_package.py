@@ -18,7 +18,7 @@ SEAM = {"transports.base", "transports.registry"}  # all the core may import of 
 def test_import_pulls_no_heavy_backend() -> None:
     code = (
         "import sys, sage_transport; "
-        "heavy = [m for m in ('torch', 'ucxx', 'prometheus_client', 'pynvml') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'ucxx', 'prometheus_client', 'pynvml', 'numba') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
