@@ -77,10 +77,6 @@ def test_layer_wise_overlap_hides_the_transfer_between_real_processes() -> None:
     assert c["ttft_p50_ms"] < b["ttft_p50_ms"]
 
 
-@pytest.mark.skip(
-    reason="KNOWN REGRESSION since 00da3ef (issue 21, open): variant c with two decode processes hangs (the prefill "
-    "and both decodes idle, no error); bisected to that commit, not yet found; it passes on 81c48be"
-)
 def test_requests_are_dealt_to_several_decode_processes() -> None:
     run = asyncio.run(run_variant("c", poisson_mix(4, 4.0, 3, lengths={4096: 1}), bulk_gbps=0.1, bulk_mib=8, decodes=2))
     figures = summarise(run)
@@ -118,3 +114,39 @@ def test_one_command_writes_the_json_and_markdown_reports(tmp_path: Path, capsys
     assert [s["variant"] for s in record["saturating"]["4K"]] == ["b", "c"]
     assert md_path.read_text() == capsys.readouterr().out
     assert "## Request mix, overall" in md_path.read_text()
+
+
+def test_a_pull_asked_ahead_that_comes_after_its_whole_prefill_is_still_served() -> None:
+    """Variant c asks before the prefill, but a slow decode's pull may reach the prefill only once every layer is
+    computed (the regression behind the two-decode hang): it must be served from the finished blocks, not wait."""
+    from sage_transport.channel import KVTransferChannel
+    from sage_transport.config import KVTransportConfig
+    from sage_transport.memory import KVMemory
+    from sage_transport.pd.prefill import PrefillInstance
+    from sage_transport.plan import TransferPlan
+
+    async def scenario() -> None:
+        prefill = PrefillInstance("qwen2.5-7b", 8, KVTransportConfig(allow_pull=True), seed=1, scale=0.01)
+        async with prefill.channel:
+            prefill.channel.register(prefill.pool)
+            prefill.channel.pull_resolver = prefill.resolve
+            address = await prefill.channel.listen()
+            worker = asyncio.ensure_future(prefill.prefills())
+            prefill.early.add("late")
+            prefill.queue.put_nowait({"id": "late", "tokens": 32})
+            while "late" not in prefill.prefilled_early:  # the whole prefill runs before anyone asks
+                await asyncio.sleep(0.005)
+            schema = prefill.schema
+            memory = KVMemory.allocate(schema, 4, fill=0)
+            async with KVTransferChannel(None, KVTransportConfig(), name="decode") as decode:
+                decode.register(memory)
+                peer = await decode.connect(address)
+                plan = TransferPlan.for_blocks(peer, schema, [2, 3], [2, 3], transfer_id="late")
+                result = await asyncio.wait_for(decode.pull(plan), 10)
+            worker.cancel()
+        assert result.chunks > 0 and result.bytes == 2 * schema.bytes_per_block
+        assert "late" not in prefill.prefilled_early and "late" not in prefill.serving
+        landed = sum(bytes(view).count(0x5A) for view in memory.views)  # the prefill's pool bytes, nothing else
+        assert landed == 2 * schema.bytes_per_block
+
+    asyncio.run(scenario())

@@ -46,6 +46,7 @@ class PrefillInstance:
         self.layers_done: dict[str, int] = {}
         self.serving: set[str] = set()
         self.finished: set[str] = set()  # prefills done: their pulls name our blocks
+        self.prefilled_early: dict[str, list[int]] = {}  # asked-ahead prefills done before their pull came: blocks
         self.nixl: NixlSide | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -61,23 +62,29 @@ class PrefillInstance:
             return plan
         if tid in self.running:
             self.serve_early(tid)
+        elif tid in self.prefilled_early:  # asked ahead, but the whole prefill ran before the pull came: all ready
+            self.serve_early(tid, self.prefilled_early.pop(tid))
         return None
 
-    def serve_early(self, tid: str) -> None:
+    def serve_early(self, tid: str, prefilled: list[int] | None = None) -> None:
+        """Serve a deferred pull from our blocks: those of the running prefill, each layer as it is computed, or
+        ``prefilled``, the blocks of a prefill already over (every layer ready at once)."""
         asked = self.channel.deferred_pulls.get(tid)
         if asked is None or tid in self.serving:
             return
         mapping = asked.mappings[0]
-        src = tuple(self.running[tid][: len(mapping.dst_blocks)])
+        src = tuple((self.running[tid] if prefilled is None else prefilled)[: len(mapping.dst_blocks)])
         plan = TransferPlan(
             transfer_id=tid, peer=asked.peer, schema=asked.schema, priority=asked.priority, progressive=True,
             mappings=(BlockMapping(mapping.layer_start, mapping.layer_stop, src, mapping.dst_blocks),),
         )  # fmt: skip
         self.channel.serve_pull(tid, plan)
         self.serving.add(tid)
-        done = self.layers_done.get(tid, 0)
+        done = self.schema.num_layers if prefilled is not None else self.layers_done.get(tid, 0)
         if done:
             self.channel.mark_layer_ready(tid, range(done))
+        if prefilled is not None:  # nothing more to mark: the prefill loop has let go of it
+            self.serving.discard(tid)
 
     async def prefills(self) -> None:
         while True:
@@ -102,6 +109,8 @@ class PrefillInstance:
                         self.serving.discard(tid)  # ended (failed or aborted): the decode hears it from its pull
             if tid not in self.early:
                 self.finished.add(tid)
+            elif tid not in self.serving:  # asked ahead, not pulled yet: its pull is served when it comes
+                self.prefilled_early[tid] = src
             self.emit({"prefilled": tid, "t": time.monotonic(), "src": src})
             self.running.pop(tid, None)
             self.layers_done.pop(tid, None)
