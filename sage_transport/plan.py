@@ -185,7 +185,10 @@ def _check_no_shared_destination(transfer_id: str, mappings: tuple[BlockMapping,
 
 
 class KVChunk(msgspec.Struct, frozen=True, array_like=True):
-    """Description of one message of a transfer (never a copy of the data).
+    """Description of one message of a transfer (never a copy of the data): one row of the planner's chunk table,
+    built on demand (``TransferHandle.chunk(seq)``, ``ChunkTable.chunk(seq)``) to see what a chunk a trace or a log
+    names covers. The hot path reads the table's columns instead; a chunk's checksum belongs to each copy sent (the
+    wire header), not to its description.
 
     ``src_runs``/``dst_runs`` are ``(segment, byte_offset, length)`` triples in the registered memory of each
     side; a chunk with one run each is moved zero-copy, more runs are gathered into one staging buffer.
@@ -202,7 +205,6 @@ class KVChunk(msgspec.Struct, frozen=True, array_like=True):
     nbytes: int
     priority: Priority
     wire_dtype: DType
-    checksum: int | None = None
 
     @property
     def zero_copy(self) -> bool:

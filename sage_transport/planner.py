@@ -42,7 +42,7 @@ class ChunkTable:
     dst_seg: np.ndarray
     dst_off: np.ndarray
     piece_len: np.ndarray
-    _lists: dict[str, list[int]] | None = field(default=None, repr=False)
+    _lists: PieceLists | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.chunk_nbytes)
@@ -63,11 +63,11 @@ class ChunkTable:
             h.update(np.ascontiguousarray(arr, dtype=_I64).tobytes())
         return h.intdigest() & ((1 << 63) - 1)
 
-    def lists(self) -> dict[str, list[int]]:
+    def lists(self) -> PieceLists:
         """Python-int lists of the arrays, each built on its first use: indexing them is the cheapest per-chunk
         access, and a path that reads the per-piece arrays with numpy (direct placement) never builds those."""
         if self._lists is None:
-            self._lists = _LazyLists(self)
+            self._lists = PieceLists(self)
         return self._lists
 
     def layer_chunk_ranges(self) -> list[tuple[int, int]]:
@@ -114,14 +114,26 @@ class ChunkTable:
         )
 
 
-class _LazyLists(dict[str, list[int]]):
+class PieceLists:
+    """A :class:`ChunkTable`'s columns as Python-int lists (``lists.piece_ptr``, ``lists.chunk_nbytes``, ...), each
+    built from its array on first access and an ordinary attribute after that (no lookup by name per chunk)."""
+
+    piece_ptr: list[int]
+    chunk_nbytes: list[int]
+    src_seg: list[int]
+    src_off: list[int]
+    dst_seg: list[int]
+    dst_off: list[int]
+    piece_len: list[int]
+
     def __init__(self, table: ChunkTable) -> None:
-        super().__init__()
         self._table = table
 
-    def __missing__(self, name: str) -> list[int]:
+    def __getattr__(self, name: str) -> list[int]:  # only for a column not built yet
+        if name.startswith("_"):
+            raise AttributeError(name)
         value: list[int] = getattr(self._table, name).tolist()
-        self[name] = value
+        setattr(self, name, value)
         return value
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .plan import TransferPlan, TransferResult
+from .plan import KVChunk, TransferPlan, TransferResult
 from .planner import ChunkTable
 
 if TYPE_CHECKING:
@@ -231,8 +231,14 @@ class Incoming:
 class TransferHandle:
     """What :meth:`KVTransferChannel.submit` returns: await :meth:`wait`, mark layers ready, cancel."""
 
-    def __init__(self, outgoing: Outgoing) -> None:
+    def __init__(
+        self,
+        outgoing: Outgoing,
+        mark_ready: Callable[[Outgoing, Iterable[int]], None],
+        cancel: Callable[[Outgoing, str], None],
+    ) -> None:
         self._out = outgoing
+        self._mark_ready, self._cancel = mark_ready, cancel  # the owning channel's
 
     @property
     def transfer_id(self) -> str:
@@ -256,16 +262,21 @@ class TransferHandle:
 
     def mark_layer_ready(self, layer: int) -> None:
         """Layer ``layer`` of the source is final: its chunks may go (progressive plans)."""
-        self._out.session.channel._mark_ready(self._out, (layer,))
+        self._mark_ready(self._out, (layer,))
 
     def mark_layers_ready(self, layers: Iterable[int] | None = None) -> None:
         """Several layers at once (``None``: all)."""
         chosen = range(self._out.plan.schema.num_layers) if layers is None else layers
-        self._out.session.channel._mark_ready(self._out, chosen)
+        self._mark_ready(self._out, chosen)
 
     def cancel(self, reason: str = "cancelled by the caller") -> None:
         """Abort the transfer here and at the peer; :meth:`wait` raises ``TransferAbortedError``."""
-        self._out.session.channel._cancel_outgoing(self._out, reason)
+        self._cancel(self._out, reason)
+
+    def chunk(self, seq: int) -> KVChunk:
+        """What chunk ``seq`` of this transfer covers: its layers, source and destination runs, offset and size."""
+        out = self._out
+        return out.table.chunk(seq, transfer_id=out.plan.transfer_id, priority=out.plan.priority, wire_dtype=out.plan.target_dtype)
 
     def progress(self) -> TransferProgress:
         out = self._out

@@ -65,6 +65,23 @@ async def test_shuffled_transfer_is_byte_identical_and_verified(chunk_size: int,
         assert await pair.receiver.wait_received(plan.transfer_id) == received  # late waiters get the result
 
 
+async def test_a_handle_describes_each_chunk_as_the_planner_cut_it() -> None:
+    async with channel_pair(config=KVTransportConfig(chunk_size=4096)) as pair:
+        dst = shuffled(16)
+        handle = pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, range(16), dst, priority=Priority.BULK))
+        chunks = [handle.chunk(seq) for seq in range(handle.progress().chunks)]
+        await handle.wait()
+    assert [c.seq for c in chunks] == list(range(len(chunks))) and all(c.transfer_id == handle.transfer_id for c in chunks)
+    assert sum(c.nbytes for c in chunks) == handle.plan.total_bytes
+    assert [c.offset for c in chunks] == [sum(c.nbytes for c in chunks[:i]) for i in range(len(chunks))]
+    for c in chunks:  # the runs cover the chunk on both sides, within its layers
+        assert sum(n for _, _, n in c.src_runs) == sum(n for _, _, n in c.dst_runs) == c.nbytes <= 4096
+        assert 0 <= c.layer_start < c.layer_stop <= SMALL.num_layers and c.priority is Priority.BULK
+    assert chunks[0].wire_dtype == SMALL.dtype
+    with pytest.raises(IndexError, match=f"chunk {len(chunks)} out of range"):
+        handle.chunk(len(chunks))
+
+
 async def test_sides_may_use_different_layouts_and_buffer_splits() -> None:
     network = MockNetwork()
     src_schema = KVCacheSchema(num_layers=3, num_kv_heads=2, head_dim=8, block_size=2, layout="block_layer_kv")

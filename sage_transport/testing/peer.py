@@ -74,7 +74,7 @@ def _arm(phase: str, how: str, role: str, chunks: int) -> None:
                 _die(how)
             return original(self, *args, **kwargs)
 
-        KVTransferChannel._on_announce = on_announce  # type: ignore[method-assign]
+        KVTransferChannel._on_announce = on_announce  # type: ignore[method-assign,assignment]
     elif role == "receiver" and phase == "payload":
         sink = PeerSession._sink
 
@@ -83,7 +83,7 @@ def _arm(phase: str, how: str, role: str, chunks: int) -> None:
                 _die(how)
             return sink(self, header, nbytes)
 
-        PeerSession._sink = on_sink  # type: ignore[method-assign]
+        PeerSession._sink = on_sink  # type: ignore[method-assign,assignment]
     elif role == "receiver" and phase == "ack":
         flush = PeerSession._flush_acks
 
@@ -92,7 +92,7 @@ def _arm(phase: str, how: str, role: str, chunks: int) -> None:
                 _die(how)
             flush(self, inc)
 
-        PeerSession._flush_acks = on_flush  # type: ignore[method-assign]
+        PeerSession._flush_acks = on_flush  # type: ignore[method-assign,assignment]
     elif role == "sender" and phase in ("header", "payload"):
         send = PeerSession._send_chunk
         count = [0]
@@ -103,7 +103,7 @@ def _arm(phase: str, how: str, role: str, chunks: int) -> None:
                 _die(how)
             await send(self, out, seq)
 
-        PeerSession._send_chunk = on_send  # type: ignore[method-assign]
+        PeerSession._send_chunk = on_send  # type: ignore[method-assign,assignment]
     elif role == "sender" and phase == "ack":
         on_ack = KVTransferChannel._on_ack
 
