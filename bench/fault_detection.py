@@ -28,7 +28,7 @@ from sage_transport import KVMemory, KVTransferChannel, KVTransportConfig, Trans
 from sage_transport.errors import TransportError  # noqa: E402
 from sage_transport.testing.peer import PEER_SCHEMA  # noqa: E402
 
-CONFIG = "chunk_size=8KiB,direct_placement=false,prefetch_depth=4"
+CONFIG = "chunk_size=8KiB,direct_placement=false,peer_window=4"
 BLOCKS = 32
 
 

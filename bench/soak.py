@@ -56,7 +56,7 @@ def pages(memory: KVMemory) -> np.ndarray:
 
 async def one_round(rng: random.Random, totals: collections.Counter[str], kinds: collections.Counter[str]) -> None:
     network = MockNetwork(seed=rng.randrange(1 << 30))
-    config = KVTransportConfig(chunk_size=16 << 10, prefetch_depth=8, max_retries=6, ack_timeout_s=0.2)
+    config = KVTransportConfig(chunk_size=16 << 10, peer_window=8, max_retries=6, ack_timeout_s=0.2)
     src = KVMemory.allocate(SCHEMA, BLOCKS)
     pages(src)[:] = np.frombuffer(rng.randbytes(pages(src).size), np.uint8).reshape(pages(src).shape)
     async with KVTransferChannel(MockTransport(network, name="s"), config, name="s") as sender:

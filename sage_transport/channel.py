@@ -28,7 +28,7 @@ from .channel_pulls import PullSide
 from .channel_receiving import ReceivingSide
 from .channel_sending import SendingSide
 from .channel_stats import ChannelStatistics, PeerStatistics, StatisticsView
-from .config import KVTransportConfig
+from .config import KVTransportConfig, canonical_key
 from .errors import (
     ConfigError,
     ConnectionClosedError,
@@ -169,7 +169,7 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
                 num_chunks=len(table),
                 total_bytes=table.total_bytes,
                 digest=table.digest,
-                ack_every=max(1, min(self.config.prefetch_depth // 2, 256)),
+                ack_every=max(1, min(self.config.peer_window // 2, 256)),
                 wire_dtype=codec.wire_dtype.value if codec is not None and codec.wire_dtype is not None else "",
                 group_size=codec.group_size if codec is not None else 0,
                 compression=codec.compression.value if codec is not None else "none",
@@ -218,23 +218,24 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
                     return True
         return False
 
-    LIVE_SETTINGS = ("chunk_size", "prefetch_depth", "max_inflight", "overlap_streams", "ack_timeout_s", "telemetry")
+    LIVE_SETTINGS = ("chunk_size", "peer_window", "max_inflight", "send_lanes", "ack_timeout_s", "telemetry")
 
     def reconfigure(self, **changes: Any) -> KVTransportConfig:
         """Change settings of a live channel (validated like any configuration; unknown or not-live keys are a
-        ``ConfigError``). The window (``prefetch_depth``), ``max_inflight`` and ``overlap_streams`` apply at once,
+        ``ConfigError``). The window (``peer_window``), ``max_inflight`` and ``send_lanes`` apply at once,
         also to transfers in flight; ``ack_timeout_s`` from every session's next wait for acknowledgements;
         ``chunk_size`` applies to transfers submitted from now on (a transfer in flight keeps the chunk table both
         sides agreed on)."""
+        changes = {canonical_key(key): value for key, value in changes.items()}  # old names too (KEY_ALIASES)
         for key in changes:
             if key not in self.LIVE_SETTINGS:
                 raise ConfigError(f"{key!r} cannot change on a live channel; live settings: {', '.join(self.LIVE_SETTINGS)}")
         config = self.config.replace(**changes)
         self.config = self._host.config = config
-        self._scheduler.set_limits(window=config.prefetch_depth, max_inflight=config.max_inflight)
+        self._scheduler.set_limits(window=config.peer_window, max_inflight=config.max_inflight)
         self._measure = config.telemetry
         for session in self._sessions.values():
-            session.set_overlap(config.overlap_streams)
+            session.set_send_lanes(config.send_lanes)
             session.wake.set()
         log.info("channel.reconfigured", channel=self.name, **{k: getattr(config, k) for k in changes})
         return config

@@ -106,7 +106,7 @@ class ChannelCore:
         if not self.transport.capabilities.ordered:
             raise UnsupportedError(f"transport {self.transport.name!r} is unordered; the channel needs ordered frames")
         self.name = name or f"sage-{uuid.uuid4().hex[:8]}"
-        self._scheduler = Scheduler(window=self.config.prefetch_depth, max_inflight=self.config.max_inflight)
+        self._scheduler = Scheduler(window=self.config.peer_window, max_inflight=self.config.max_inflight)
         self._checksum = checksum_function(self.config.integrity)
         self._checksum_pieces = streaming_checksum_function(self.config.integrity)
         self._counters: collections.Counter[str] = collections.Counter()

@@ -68,7 +68,7 @@ class PeerManagement(ChannelCore):
     def _worker_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._placement_pool is None:
             self._placement_pool = concurrent.futures.ThreadPoolExecutor(
-                max(2, self.config.overlap_streams), thread_name_prefix=f"sage-work-{self.name}"
+                max(2, self.config.send_lanes), thread_name_prefix=f"sage-work-{self.name}"
             )
         return self._placement_pool
 

@@ -89,7 +89,7 @@ class SendingSide(ChannelCore):
             return False  # measure the link without the codec once
         if raw is None:
             return True
-        threads = max(1, min(self.config.overlap_streams, os.cpu_count() or 1))
+        threads = max(1, min(self.config.send_lanes, os.cpu_count() or 1))
         return raw < codec_throughput(wire, compression) * threads
 
     def _mark_ready(self, out: Outgoing, layers: Iterable[int]) -> None:

@@ -93,18 +93,18 @@ def _str(value: Any, field: str) -> str:
 class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of a :class:`~sage_transport.channel.KVTransferChannel`.
 
-    ``prefetch_depth`` is the per-peer window of unacknowledged chunks, ``max_inflight`` the channel-wide
+    ``peer_window`` is the per-peer window of unacknowledged chunks, ``max_inflight`` the channel-wide
     limit; ``gather`` packs short non-contiguous runs into one chunk (one staging copy per side) instead of
     sending one message per run; ``ack_timeout_s`` resends chunks whose acknowledgement is that late.
     ``direct_placement`` lets a same-host sender write chunks straight into this side's registered memory
-    (``overlap_streams`` chunks at once) once a transfer is accepted; it needs ``zero_copy``. ``verify_placed``
+    (``send_lanes`` chunks at once) once a transfer is accepted; it needs ``zero_copy``. ``verify_placed``
     says who checks a placed chunk: ``writer`` (the sender copies each page and checksums it at the source and
     where it landed in the same pass, while both are in its cache; the receiver accepts the chunk when the two
     agree) or ``receiver`` (the receiver reads its pages back and compares them with the source checksum: one
     more pass over memory, for a receiver that wants its own reading). A writer is always a process the kernel
     attests as this user on this host, which already holds write access to the memory, so its reading
     protects against what the receiver's would (a faulty copy), short of our two sides disagreeing on offsets.
-    ``overlap_streams`` is also how many chunk sends a peer's writer keeps in flight on the transport.
+    ``send_lanes`` is also how many chunk sends a peer's writer keeps in flight on the transport.
     ``progress_mode``, ``ucx_tls``, ``listen_host``/``listen_port`` and the heartbeat settings configure
     the transport. ``ucx_tls``/``ucx_net_devices`` override the topology profile's UCX transports and
     devices, ``ucx_rndv_threshold`` UCX's eager→rendezvous switch (None: UCX decides); ``ucx_endpoint``
@@ -120,7 +120,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ``auth_token`` (or ``auth_token_file``, a file only its owner may read) or, without a token, when the kernel
     attests it as a process of this user on this host. ``max_pending_handshakes`` bounds the connections a
     listener holds before they authenticate.
-    ``kv_dtype`` is accepted as another name of ``target_dtype``. ``telemetry`` keeps
+    ``kv_dtype`` is accepted as another name of ``target_dtype``, ``prefetch_depth`` of ``peer_window`` and
+    ``overlap_streams`` of ``send_lanes`` (their names in 0.1: the window was never a prefetch, and there are no
+    streams, only sends and placement jobs in flight). ``telemetry`` keeps
     chunk-latency and transfer-duration histograms (counters are always kept); ``metrics_host``/``metrics_port``
     are where a :class:`~sage_transport.telemetry.TelemetryServer` listens (port 0: any free one).
     """
@@ -130,8 +132,8 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     target_dtype: DType | None = None
     chunk_size: int = 4 << 20
     gather: bool = True
-    overlap_streams: int = 2
-    prefetch_depth: int = 8
+    send_lanes: int = 2
+    peer_window: int = 8
     max_inflight: int = 64
     zero_copy: bool = True
     compression: Compression = Compression.NONE
@@ -166,8 +168,8 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     def __post_init__(self) -> None:
         for name, low, high in (
             ("chunk_size", 512, 1 << 30),
-            ("overlap_streams", 1, 64),
-            ("prefetch_depth", 1, 4096),
+            ("send_lanes", 1, 64),
+            ("peer_window", 1, 4096),
             ("max_inflight", 1, 1 << 16),
             ("max_retries", 0, 100),
             ("listen_port", 0, 65535),
@@ -218,6 +220,16 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         if self.auth_token is not None:
             check_token_strength(self.auth_token, "auth_token")
 
+    @property
+    def prefetch_depth(self) -> int:
+        """The name :attr:`peer_window` had in 0.1 (read-only; as a key it is still accepted)."""
+        return self.peer_window
+
+    @property
+    def overlap_streams(self) -> int:
+        """The name :attr:`send_lanes` had in 0.1 (read-only; as a key it is still accepted)."""
+        return self.send_lanes
+
     def __repr__(self) -> str:
         shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "auth_token"}
         shown["auth_token"] = None if self.auth_token is None else "***"
@@ -232,8 +244,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         """Apply ``values`` (strings or typed values) on top of ``base`` (default: defaults)."""
         fields = msgspec.structs.asdict(base) if base is not None else {}
         for raw_key, raw_value in values.items():
-            key = str(raw_key).strip().lower().replace("-", "_")
-            key = _ALIASES.get(key, key)
+            key = canonical_key(raw_key)
             parse = _PARSERS.get(key)
             if parse is None:
                 hint = difflib.get_close_matches(key, list(_PARSERS), n=1)
@@ -310,7 +321,16 @@ def _split_spec(spec: str) -> dict[str, str]:
 
 
 #: Other names engines use for a key (vLLM's and sageLLM's ``--kv-dtype``).
-_ALIASES = {"kv_dtype": "target_dtype"}
+#: other names a key is accepted by (in strings, mappings, presets, the environment, ``replace`` and ``reconfigure``):
+#: ``prefetch_depth`` and ``overlap_streams`` are the names ``peer_window`` and ``send_lanes`` had in 0.1
+KEY_ALIASES = {"kv_dtype": "target_dtype", "prefetch_depth": "peer_window", "overlap_streams": "send_lanes"}
+
+
+def canonical_key(key: str) -> str:
+    """The setting ``key`` names: lower case, ``-`` as ``_``, an alias (:data:`KEY_ALIASES`) as its field."""
+    key = str(key).strip().lower().replace("-", "_")
+    return KEY_ALIASES.get(key, key)
+
 
 _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "backend": _str,
@@ -318,8 +338,8 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "target_dtype": _optional(lambda v, f: DType.parse(v, f)),
     "chunk_size": parse_size,
     "gather": parse_bool,
-    "overlap_streams": _int,
-    "prefetch_depth": _int,
+    "send_lanes": _int,
+    "peer_window": _int,
     "max_inflight": _int,
     "zero_copy": parse_bool,
     "compression": _enum(Compression),

@@ -156,9 +156,9 @@ def print_path(console: Console, report: PathReport) -> None:
 _SHOWN = {
     "backend": "backend",
     "chunk_size": "chunk",
-    "prefetch_depth": "window",
+    "peer_window": "window",
     "max_inflight": "in flight",
-    "overlap_streams": "lanes",
+    "send_lanes": "lanes",
     "progress_mode": "progress",
     "direct_placement": "placement",
     "integrity": "checksum",

@@ -35,10 +35,10 @@ class PeerSession(SendPath, ReceivePath):
             return "none"
         return "shm" if isinstance(self.placer, ShmWriter) else "cma"
 
-    def set_overlap(self, overlap_streams: int) -> None:
+    def set_send_lanes(self, send_lanes: int) -> None:
         """Chunk sends (and direct writes) in flight at once for this peer, from now on."""
-        self._send_limit = overlap_streams
-        self._place_limit = overlap_streams + 1
+        self._send_limit = send_lanes
+        self._place_limit = send_lanes + 1
 
     def enable_placement(self, placer: CmaWriter | ShmWriter, pool: concurrent.futures.Executor) -> None:
         """Write chunks of accepted transfers straight into the peer's memory from now on."""

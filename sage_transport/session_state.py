@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 _YIELD_EVERY = 64
 #: bytes of one transfer's chunks one placement job writes (the loop's round trip is paid per job)
 _PLACE_BATCH_BYTES = 16 << 20
-#: a placed peer's window is this many times ``prefetch_depth`` (nothing is staged for its chunks)
+#: a placed peer's window is this many times ``peer_window`` (nothing is staged for its chunks)
 _PLACED_WINDOW_FACTOR = 4
 #: a placement job this small is copied on the loop thread: a worker thread's round trip costs more
 _INLINE_PLACE_BYTES = 256 << 10
@@ -51,7 +51,7 @@ class SessionState:
         self._next_wire_id = 0
         self._staging_free: list[memoryview] = []  # staging buffers for gathered chunks, reused (one per send in flight)
         self._sends: set[asyncio.Task[None]] = set()  # chunk sends in flight (several per peer)
-        self._send_limit = host.config.overlap_streams
+        self._send_limit = host.config.send_lanes
         self._staging_in = memoryview(bytearray(0))
         self._decoded: Any = None
         self._target_kind = 0  # where the frame being read lands: IN_PLACE, STAGED, ... (session_receive)
@@ -88,7 +88,7 @@ class SessionState:
         self.placer: CmaWriter | ShmWriter | None = None
         self._placement_pool: concurrent.futures.Executor | None = None
         self._placing = 0
-        self._place_limit = host.config.overlap_streams + 1  # one job queued behind each copying thread
+        self._place_limit = host.config.send_lanes + 1  # one job queued behind each copying thread
         # xxh3 placement: copy and checksum (source and landed) in one compiled pass per page
         self._held_pick: tuple[Hashable, int] | None = None  # picked after a placement batch ended: goes next
         self._unaccepted: list[tuple[Outgoing, int]] = []  # large chunks picked before the receiver accepted

@@ -276,7 +276,9 @@ class TransferHandle:
     def chunk(self, seq: int) -> KVChunk:
         """What chunk ``seq`` of this transfer covers: its layers, source and destination runs, offset and size."""
         out = self._out
-        return out.table.chunk(seq, transfer_id=out.plan.transfer_id, priority=out.plan.priority, wire_dtype=out.plan.target_dtype)
+        return out.table.chunk(
+            seq, transfer_id=out.plan.transfer_id, priority=out.plan.priority, wire_dtype=out.plan.target_dtype
+        )
 
     def progress(self) -> TransferProgress:
         out = self._out

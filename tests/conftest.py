@@ -52,7 +52,7 @@ async def channel_pair(
     """Two channels on one in-memory network; ``src`` (default: random bytes) registered by the sender, zeros by
     the receiver."""
     network = MockNetwork(**network_options)  # type: ignore[arg-type]
-    config = config or KVTransportConfig(chunk_size=1024, prefetch_depth=4)
+    config = config or KVTransportConfig(chunk_size=1024, peer_window=4)
     src = src if src is not None else filled(schema, blocks)
     dst = KVMemory.allocate(schema, blocks, fill=0)
     async with (

@@ -345,7 +345,7 @@ async def test_after_a_receiver_aborts_no_direct_write_of_that_transfer_lands(ki
     """A same-host sender writes the receiver's shared memory directly; the receiver cancels midway. Its failure
     is reported only after the sender fenced: from then on its memory does not change."""
     schema = SMALL
-    config = KVTransportConfig(chunk_size=64 << 10, prefetch_depth=64, overlap_streams=2)
+    config = KVTransportConfig(chunk_size=64 << 10, peer_window=64, send_lanes=2)
     blocks = 4096  # 8 MiB
     async with (
         KVTransferChannel(kind, config, name="rx") as rx,

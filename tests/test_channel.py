@@ -49,7 +49,7 @@ def assert_idle(*channels: KVTransferChannel) -> None:
 @pytest.mark.parametrize("chunk_size", [512, 1024, 4096, 1 << 20])
 @pytest.mark.parametrize("gather", [True, False])
 async def test_shuffled_transfer_is_byte_identical_and_verified(chunk_size: int, gather: bool) -> None:
-    config = KVTransportConfig(chunk_size=chunk_size, gather=gather, prefetch_depth=3)
+    config = KVTransportConfig(chunk_size=chunk_size, gather=gather, peer_window=3)
     async with channel_pair(config=config) as pair:
         dst = shuffled(64)
         plan = TransferPlan.for_blocks(pair.peer, SMALL, range(64), dst)
@@ -140,7 +140,7 @@ async def test_progressive_layers_go_when_ready_and_arrive_in_order() -> None:
 
 
 async def test_decode_critical_overtakes_a_bulk_migration() -> None:
-    config = KVTransportConfig(chunk_size=1024, prefetch_depth=2)
+    config = KVTransportConfig(chunk_size=1024, peer_window=2)
     async with channel_pair(blocks=256, config=config, bandwidth_Bps=20e6) as pair:
         bulk = pair.sender.submit(TransferPlan.for_blocks(pair.peer, SMALL, range(200), range(200), priority=Priority.BULK))
         while bulk.progress().chunks_verified < 10:
@@ -150,7 +150,7 @@ async def test_decode_critical_overtakes_a_bulk_migration() -> None:
         result = await pair.sender.transfer(critical)
         overtaken_by = bulk.progress().chunks_verified - before
         assert not bulk.done(), "the critical transfer waited for the bulk one"
-        assert overtaken_by <= config.prefetch_depth + 1, f"{overtaken_by} bulk chunks went ahead of the critical ones"
+        assert overtaken_by <= config.peer_window + 1, f"{overtaken_by} bulk chunks went ahead of the critical ones"
         assert result.chunks > 0
         await bulk.wait()
 
@@ -219,7 +219,7 @@ async def test_persistent_corruption_fails_naming_the_chunk() -> None:
 
 
 async def test_lost_and_duplicated_chunks_are_absorbed() -> None:
-    config = KVTransportConfig(chunk_size=1024, prefetch_depth=4, ack_timeout_s=0.1)
+    config = KVTransportConfig(chunk_size=1024, peer_window=4, ack_timeout_s=0.1)
     async with channel_pair(config=config, seed=7) as pair:
         pair.network.faults.add(FaultRule(FaultAction.DROP, src="mock://prefill", after=5, times=3))
         pair.network.faults.add(FaultRule(FaultAction.DUPLICATE, src="mock://prefill", times=None, probability=0.3))
@@ -245,7 +245,7 @@ async def test_a_stale_nack_about_a_superseded_attempt_is_ignored() -> None:
     (ack timeout) when the receiver's NACK for that first copy arrives. Acting on it would free the window slot
     of the copy still in flight and count a retry twice; it is ignored, the second copy is acknowledged and the
     transfer arrives byte-identical with the window never exceeded."""
-    config = KVTransportConfig(chunk_size=1024, prefetch_depth=4, ack_timeout_s=0.05, max_retries=1)
+    config = KVTransportConfig(chunk_size=1024, peer_window=4, ack_timeout_s=0.05, max_retries=1)
     async with channel_pair(config=config, seed=3) as pair:
         late_and_bad = _chunk_header(5, 0)
         pair.network.faults.add(FaultRule(FaultAction.CORRUPT, src="mock://prefill", match=late_and_bad))
@@ -259,7 +259,7 @@ async def test_a_stale_nack_about_a_superseded_attempt_is_ignored() -> None:
         await handle.wait()  # max_retries=1: counting the stale NACK as a second failure would have failed it
         stats = pair.sender.statistics()
         assert stats.stale_messages >= 1 and pair.receiver.statistics().checksum_failures == 1
-        assert peak <= config.prefetch_depth
+        assert peak <= config.peer_window
         assert_moved(pair, dst)
         assert_idle(pair.sender, pair.receiver)
 
@@ -268,7 +268,7 @@ async def test_reordered_and_duplicated_chunks_of_every_attempt_lose_no_byte() -
     """Promise 4: chunks arrive out of order (random delays), twice (duplicates) and from superseded attempts
     (resends after short ack timeouts race their originals): all absorbed, none accepted twice, no byte lost."""
     # late acks make many copies of a chunk, each may be corrupted: allow more bad copies than the default
-    config = KVTransportConfig(chunk_size=512, prefetch_depth=8, ack_timeout_s=0.02, max_retries=10)
+    config = KVTransportConfig(chunk_size=512, peer_window=8, ack_timeout_s=0.02, max_retries=10)
     async with channel_pair(config=config, seed=5) as pair:
         faults = pair.network.faults
         faults.add(FaultRule(FaultAction.DELAY, src="mock://prefill", times=None, probability=0.2, delay_s=0.03))
@@ -491,9 +491,9 @@ async def test_hostile_peer_gets_refusals_and_a_closed_connection_never_a_crash(
 
 @pytest.mark.parametrize("streams", [1, 3])
 async def test_several_chunks_in_flight_per_peer(streams: int) -> None:
-    """The writer keeps up to ``overlap_streams`` chunk sends in flight on one connection."""
+    """The writer keeps up to ``send_lanes`` chunk sends in flight on one connection."""
     # 16 KiB chunks: above the mock's eager threshold, so a send lasts until the receiver takes the chunk
-    config = KVTransportConfig(chunk_size=16 << 10, prefetch_depth=16, overlap_streams=streams, gather=True)
+    config = KVTransportConfig(chunk_size=16 << 10, peer_window=16, send_lanes=streams, gather=True)
     async with channel_pair(config=config, latency_s=0.002) as pair:
         session = pair.sender._sessions[pair.peer]
         conn = session.conn

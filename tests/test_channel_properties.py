@@ -47,7 +47,7 @@ def cases(draw: st.DrawFn) -> dict[str, object]:
 
 async def _run(case: dict[str, object]) -> None:
     config = KVTransportConfig(
-        chunk_size=case["chunk_size"], gather=case["gather"], prefetch_depth=case["window"], ack_timeout_s=0.05, max_retries=5
+        chunk_size=case["chunk_size"], gather=case["gather"], peer_window=case["window"], ack_timeout_s=0.05, max_retries=5
     )  # type: ignore[arg-type]
     async with channel_pair(SCHEMA, BLOCKS, config=config, seed=case["seed"]) as pair:  # type: ignore[arg-type]
         for action, after, probability in case["faults"]:  # type: ignore[attr-defined]

@@ -125,7 +125,7 @@ async def test_failed_placement_falls_back_to_sending_and_loses_nothing(monkeypa
 
 
 async def test_one_sender_to_three_receivers_and_three_senders_to_one() -> None:
-    config = KVTransportConfig(chunk_size=32 << 10, prefetch_depth=4)
+    config = KVTransportConfig(chunk_size=32 << 10, peer_window=4)
     blocks = 64
     async with ucx_channels(4, config) as channels:
         hub, others = channels[0], channels[1:]
@@ -151,7 +151,7 @@ async def test_one_sender_to_three_receivers_and_three_senders_to_one() -> None:
 async def test_fan_out_priority_overtakes_across_receivers() -> None:
     """One sender, bulk migrations to two receivers under way: a decode-critical transfer to a third receiver
     started later still finishes first (the scheduler's priority queues span every peer)."""
-    config = KVTransportConfig(chunk_size=16 << 10, prefetch_depth=2, direct_placement=False)
+    config = KVTransportConfig(chunk_size=16 << 10, peer_window=2, direct_placement=False)
     blocks = 512
     async with ucx_channels(4, config) as channels:
         hub, others = channels[0], channels[1:]
@@ -178,7 +178,7 @@ async def test_fan_out_priority_overtakes_across_receivers() -> None:
 async def test_fan_in_shares_the_receiver() -> None:
     """Three senders into one receiver at once: all land intact, and none waits for another to finish
     (when the first completes, the others are well under way)."""
-    config = KVTransportConfig(chunk_size=16 << 10, prefetch_depth=4)
+    config = KVTransportConfig(chunk_size=16 << 10, peer_window=4)
     blocks = 256
     async with ucx_channels(4, config) as channels:
         sink, senders = channels[0], channels[1:]

@@ -43,7 +43,7 @@ def test_string_with_preset_and_override() -> None:
     presets = load_presets()
     assert config.preset == "high-bw"
     assert config.chunk_size == 8 << 20  # explicit beats preset
-    assert config.prefetch_depth == presets["high-bw"].settings["prefetch_depth"]
+    assert config.peer_window == presets["high-bw"].settings["peer_window"]
 
 
 def test_environment_sits_between_preset_and_string() -> None:
@@ -51,7 +51,7 @@ def test_environment_sits_between_preset_and_string() -> None:
     config = KVTransportConfig.resolve("integrity=none", env=env)
     assert config.preset == "low-latency"
     assert config.chunk_size == 256 << 10  # from the preset
-    assert config.prefetch_depth == 3  # env over preset
+    assert config.peer_window == 3  # env over preset
     assert config.integrity is Integrity.NONE  # string over env
 
 
@@ -66,7 +66,7 @@ def test_from_env_alone() -> None:
         ("chunk_sise=8MiB", "unknown key 'chunk_sise'.*did you mean 'chunk_size'"),
         ("chunk_size=huge", "chunk_size='huge'"),
         ("chunk_size=100", "chunk_size=100 must be an integer in 512"),
-        ("prefetch_depth=0", "prefetch_depth=0"),
+        ("peer_window=0", "peer_window=0"),
         ("integrity=md5", "integrity='md5'.*xxh3"),
         ("gather=perhaps", "gather='perhaps'"),
         ("verify_placed=nobody", "verify_placed='nobody' is not valid; choose one of writer, receiver"),
@@ -98,6 +98,29 @@ def test_replace_validates() -> None:
     assert config.chunk_size == 2 << 20
     with pytest.raises(ConfigError):
         config.replace(max_retries=-1)
+
+
+def test_the_window_and_lanes_answer_to_their_old_names_too() -> None:
+    """``prefetch_depth`` and ``overlap_streams`` (0.1's names) still work as keys everywhere a key is read, and as
+    read-only attributes; the new names win where both are given last."""
+    config = KVTransportConfig.from_string("prefetch_depth=32,overlap-streams=3")
+    assert (config.peer_window, config.send_lanes) == (32, 3)
+    assert (config.prefetch_depth, config.overlap_streams) == (32, 3)
+    assert KVTransportConfig.from_env({"SAGE_TRANSPORT_PREFETCH_DEPTH": "5"}).peer_window == 5
+    assert config.replace(overlap_streams=4).send_lanes == 4
+    assert KVTransportConfig.from_mapping({"prefetch_depth": 2, "peer_window": 9}).peer_window == 9
+    with pytest.raises(ConfigError, match="peer_window=0 must be an integer"):
+        KVTransportConfig.from_string("prefetch_depth=0")
+
+
+async def test_a_live_channel_takes_the_old_names_too() -> None:
+    from sage_transport import KVTransferChannel
+
+    async with KVTransferChannel("mock", KVTransportConfig(backend="mock")) as channel:
+        assert channel.reconfigure(prefetch_depth=3, overlap_streams=5).peer_window == 3
+        assert channel.config.send_lanes == 5
+        with pytest.raises(ConfigError, match="'backend' cannot change on a live channel"):
+            channel.reconfigure(backend="tcp")
 
 
 def test_shipped_presets_are_valid_and_distinct() -> None:

@@ -104,7 +104,7 @@ def test_shipped_presets_state_what_was_measured_to_matter() -> None:
     presets = load_presets()
     for name, preset in presets.items():
         assert preset.hardware, name
-        for key in ("progress_mode", "chunk_size", "prefetch_depth", "overlap_streams"):
+        for key in ("progress_mode", "chunk_size", "peer_window", "send_lanes"):
             assert key in preset.settings, (name, key)
     assert presets["low-latency"].settings["progress_mode"] == "polling"
     assert presets["high-bw"].settings["ucx_endpoint"] == "auto"

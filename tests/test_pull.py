@@ -99,7 +99,7 @@ async def test_cancelling_a_pull_aborts_it_at_the_sender() -> None:
     network = MockNetwork()
     schema = SMALL
     src, dst = KVMemory.allocate(schema, 256, fill=7), KVMemory.allocate(schema, 256, fill=0)
-    config = KVTransportConfig(chunk_size=512, prefetch_depth=1)
+    config = KVTransportConfig(chunk_size=512, peer_window=1)
     async with (
         KVTransferChannel(MockTransport(network, name="p"), config, name="p") as prefill,
         KVTransferChannel(MockTransport(network, name="d"), config, name="d") as decode,

@@ -27,7 +27,7 @@ from sage_transport.transports.ucx import parked_workers
 from .conftest import rss_bytes
 
 BLOCKS = 32
-CONFIG = "chunk_size=8KiB,direct_placement=false,prefetch_depth=4"
+CONFIG = "chunk_size=8KiB,direct_placement=false,peer_window=4"
 
 
 def resources() -> dict[str, int]:
@@ -261,7 +261,7 @@ async def test_a_stalled_receiver_holds_the_window_and_resumes(transport: str) -
         for _ in range(20):  # 0.5 s stopped
             peak = max(peak, channel.statistics().inflight_chunks)
             await asyncio.sleep(0.025)
-        assert 0 < peak <= config.prefetch_depth, (peak, config.prefetch_depth)  # never more than the window
+        assert 0 < peak <= config.peer_window, (peak, config.peer_window)  # never more than the window
         assert not handle.done() and channel.peers == [peer]
         assert rss_bytes() - rss < 16 << 20
         proc.send_signal(signal.SIGCONT)

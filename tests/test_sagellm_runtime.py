@@ -86,11 +86,11 @@ async def test_fragmentation_shrinks_chunks_and_utilisation_the_window() -> None
         plan = MigrationPlan("calm", "gpu", "d", list(range(16)), 16 * BLOCK_BYTES)
         assert await bridge.amigrate_blocks(plan) is True
         calm = bridge.last_result
-        assert bridge.tuning is not None and (bridge.tuning.chunk_size, bridge.tuning.prefetch_depth) == (1024, 4)
+        assert bridge.tuning is not None and (bridge.tuning.chunk_size, bridge.tuning.peer_window) == (1024, 4)
         feedback.fragmentation, feedback.utilization = 0.8, 0.9
         assert await bridge.amigrate_blocks(dataclasses.replace(plan, plan_id="pressed")) is True
-        assert (bridge.tuning.chunk_size, bridge.tuning.prefetch_depth) == (512, 2)
-        assert pair.sender.config.prefetch_depth == 2
+        assert (bridge.tuning.chunk_size, bridge.tuning.peer_window) == (512, 2)
+        assert pair.sender.config.peer_window == 2
         assert calm is not None and bridge.last_result is not None
         assert bridge.last_result.chunks == 2 * calm.chunks  # half-size chunks: twice as many
         assert (bridge.get_fragmentation(), bridge.get_utilization()) == (0.8, 0.9)

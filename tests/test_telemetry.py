@@ -144,7 +144,7 @@ async def test_control_endpoint_changes_a_live_channel_and_the_metrics_show_it()
             change = {
                 "channel": "prefill",
                 "chunk_size": "4KiB",
-                "prefetch_depth": 2,
+                "peer_window": 2,
                 "fusion": {"bucket_bytes": "64KiB"},
                 "overlap": 1,
             }
@@ -206,7 +206,7 @@ async def test_ack_timeout_s_applies_to_live_sessions() -> None:
     next wait of its running session uses the new value (each session once read it only when it started)."""
     from sage_transport.transports.mock import FaultAction, FaultRule
 
-    config = KVTransportConfig(chunk_size=1024, prefetch_depth=4, ack_timeout_s=30.0)
+    config = KVTransportConfig(chunk_size=1024, peer_window=4, ack_timeout_s=30.0)
     async with channel_pair(blocks=16, config=config) as p:
         await p.sender.transfer(TransferPlan.for_blocks(p.peer, SMALL, range(2), range(2), transfer_id="warm"))
         p.sender.reconfigure(ack_timeout_s=0.05)

@@ -146,7 +146,7 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
         return cls(
             preset=config.preset, backend=config.backend, buffer_device=device_id, numa_node=numa, alignment=alignment,
             max_message_size=max_message, inline_threshold=INLINE_THRESHOLD, rndv_threshold=config.ucx_rndv_threshold,
-            chunk_size=config.chunk_size, window=config.prefetch_depth, lanes=config.overlap_streams,
+            chunk_size=config.chunk_size, window=config.peer_window, lanes=config.send_lanes,
             progress_mode=config.progress_mode.value, endpoint=config.ucx_endpoint, zero_copy=config.zero_copy,
             gpu_direct_rdma=gpu_direct, ucx_tls_same_host=same_host, ucx_tls_remote=remote, ucx_tls=tls,
             net_devices=net_devices, nic=nic, rails=max(1, len(rails_ports)), queue_pairs=len(rails_ports),

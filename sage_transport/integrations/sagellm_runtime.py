@@ -38,7 +38,7 @@ class Tuning:
     fragmentation: float
     utilization: float
     chunk_size: int
-    prefetch_depth: int
+    peer_window: int
 
 
 class KVRuntimeBridge:
@@ -62,7 +62,7 @@ class KVRuntimeBridge:
         self.feedback = feedback
         self._loop = loop
         self.base_chunk_size = channel.config.chunk_size
-        self.base_prefetch_depth = channel.config.prefetch_depth
+        self.base_peer_window = channel.config.peer_window
         self.tuning: Tuning | None = None
         self.last_result: TransferResult | None = None
         self.last_error: BaseException | None = None
@@ -123,7 +123,7 @@ class KVRuntimeBridge:
           shrink to ``chunk_size × (1 − 0.75 f)`` (never under one page): a chunk's scatter list stays short and
           decode-critical chunks overtake bulk ones sooner;
         * utilisation ``u``: a nearly full pool leaves little memory for staging, so the window of chunks in
-          flight shrinks to ``prefetch_depth × (1 − u)`` (at least 2; applied to the live channel).
+          flight shrinks to ``peer_window × (1 − u)`` (at least 2; applied to the live channel).
         """
         if self.feedback is None:
             return None
@@ -132,9 +132,9 @@ class KVRuntimeBridge:
         memory = self.channel.memory
         page = memory.schema.page_bytes if memory is not None else 512
         chunk = max(page, 512, int(self.base_chunk_size * (1 - 0.75 * fragmentation)) // page * page)
-        window = max(2, math.floor(self.base_prefetch_depth * (1 - utilization)))
-        if self.channel.config.prefetch_depth != window:
-            self.channel.reconfigure(prefetch_depth=window)
+        window = max(2, math.floor(self.base_peer_window * (1 - utilization)))
+        if self.channel.config.peer_window != window:
+            self.channel.reconfigure(peer_window=window)
         self.tuning = Tuning(fragmentation, utilization, chunk, window)
         return self.tuning
 

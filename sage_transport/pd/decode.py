@@ -528,7 +528,7 @@ def _page_ids(
 def _config_spec(config: KVTransportConfig) -> str:
     """The channel settings that differ from the defaults, as ``key=value,...`` for the prefill process."""
     default = KVTransportConfig()
-    fields = ("backend", "chunk_size", "prefetch_depth", "max_inflight", "integrity", "direct_placement", "progress_mode")
+    fields = ("backend", "chunk_size", "peer_window", "max_inflight", "integrity", "direct_placement", "progress_mode")
     parts = []
     for name in fields:
         value = getattr(config, name)

@@ -165,9 +165,9 @@ class SageCollector:
             _histogram(duration, [name, "received"], hists["transfer_received_seconds"])
             config = channel.config
             chunk_size.add_metric([name], config.chunk_size)
-            window.add_metric([name], config.prefetch_depth)
+            window.add_metric([name], config.peer_window)
             max_inflight.add_metric([name], config.max_inflight)
-            lanes.add_metric([name], config.overlap_streams)
+            lanes.add_metric([name], config.send_lanes)
         yield from (
             transfers,
             chunks,

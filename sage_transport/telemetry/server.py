@@ -3,8 +3,8 @@
 - ``GET /metrics``: Prometheus exposition of a :class:`~.prometheus.SageCollector` (its own registry);
 - ``GET /summary``: JSON for a gateway card: bandwidth, latency p50/p99, communication share of step time,
   failure rate, transports per peer;
-- ``GET /control``: the live settings; ``POST /control`` changes them (``chunk_size``, ``prefetch_depth``,
-  ``max_inflight``, ``overlap_streams``, ``ack_timeout_s``, ``telemetry`` on channels; ``fusion`` and ``overlap``
+- ``GET /control``: the live settings; ``POST /control`` changes them (``chunk_size``, ``peer_window``,
+  ``max_inflight``, ``send_lanes``, ``ack_timeout_s``, ``telemetry`` on channels; ``fusion`` and ``overlap``
   on collective backends). A change needs ``Authorization: Bearer <auth_token>``; without a token configured the
   control plane is closed.
 
@@ -26,6 +26,7 @@ import msgspec
 import structlog
 
 from ..collectives.overlap import check_overlap
+from ..config import canonical_key
 from ..errors import ConfigError
 from ..ports import port_from_env
 from ..units import parse_duration, parse_size
@@ -176,7 +177,7 @@ class TelemetryServer:
         if overlap is not None:
             check_overlap(overlap)
         for channel in channels:  # validate on a copy first so a bad key or value changes nothing anywhere
-            for key in changes:
+            for key in map(canonical_key, changes):
                 if key not in channel.LIVE_SETTINGS:
                     raise ConfigError(
                         f"{key!r} cannot change on a live channel; live settings: {', '.join(channel.LIVE_SETTINGS)}"
