@@ -58,3 +58,33 @@ def test_protocol_table_parser() -> None:
     assert parsed["eager short"] == ["posix/memory"]
     assert parsed["rendezvous zero-copy read from remote"] == ["cma/memory"]
     assert parsed["rendezvous zero-copy fenced write to remote"] == ["tcp/lo", "tcp/eth0"]
+
+
+def test_the_transport_leaves_the_environment_and_stdout_alone() -> None:
+    """Importing the UCX transport keeps the user's UCX_* environment (ucxx's own settings go to our contexts as
+    options), and a transfer's endpoints print nothing to the process's stdout: no protocol table, at exit either."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, os, sys
+before = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
+from sage_transport.transports import ucx
+assert {k: v for k, v in os.environ.items() if k.startswith("UCX_")} == before, "the environment changed"
+assert ucx._UCXX_DEFAULTS.get("RNDV_THRESH") == "8192", ucx._UCXX_DEFAULTS  # what ucxx wanted, kept for our contexts
+from sage_transport.testing import local_pair
+
+async def main():
+    async with local_pair("ucx") as pair:
+        _, frame = await asyncio.gather(pair.a.send(b"head", bytes(1 << 20)), pair.b.recv())
+        assert frame.payload is not None and len(frame.payload) == 1 << 20
+        lanes = pair.a.link_info()["ucx_transports"]
+    sys.stderr.write(repr(lanes))
+
+asyncio.run(main())
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("UCX_")} | {"UCX_LOG_LEVEL": "error"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "", proc.stdout  # UCX wrote nothing to fd 1
+    assert "memory" in proc.stderr  # the lanes were still read (from ucp_ep_print_info)

@@ -15,8 +15,10 @@ their kind is chosen per peer:
   dead peer by itself, so the link does: a killed process's socket closes at once, a hung one stops beating.
 * **remote**: UCX's keepalive and the link's heartbeats as well.
 
-The transports UCX really selected for each peer are read from UCX's protocol table at endpoint creation
-(:attr:`UcxConnection.ucx_transports`) and a warning is logged when a same-host peer runs over TCP.
+The transports UCX really selected for each peer are read from what UCX says of the endpoint once it is made
+(``ucp_ep_print_info``, into memory: :attr:`UcxConnection.ucx_transports`) and a warning is logged when a same-host
+peer runs over TCP. Importing this module leaves the process's environment as it was: what ucxx sets there for its
+contexts is given to ours as options instead.
 
 A frame is one *head* message (sizes, then the header when it fits in :data:`HEAD_SLOT` bytes, and a payload
 too when both fit) and, on a second tag, an overflow header and a larger payload, which the receiver posts
@@ -31,13 +33,12 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import re
 import secrets
 import socket
 import struct
-import sys
-import tempfile
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
@@ -55,16 +56,23 @@ from .ucx_progress import WorkerProgress
 if TYPE_CHECKING:
     from ..hw import TransportProfile
 
-# importing ucxx sets UCX_* variables of its own (RNDV_THRESH, MAX_RNDV_RAILS, MEMTYPE_CACHE, ...) for this process's
-# contexts; what the user had is kept to hand to other UCX programs we start (environment_before_ucxx)
-_UCX_ENV_BEFORE = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
-os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX then flags
-
+_USER_UCX_ENV = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
 try:
     from ucxx._lib import libucxx as _ucx
     from ucxx._lib.arr import Array as _Array
 except ImportError as exc:  # pragma: no cover - the registry turns this into UnsupportedError
     raise ImportError(f"the ucx transport needs ucxx (pip install ucxx-cu12): {exc}") from exc
+
+#: what importing ucxx put in this process's environment for its UCX contexts (RNDV_THRESH, MAX_RNDV_RAILS,
+#: RNDV_FRAG_MEM_TYPE, MEMTYPE_CACHE): our contexts get them as options instead, and the environment goes back to
+#: what the user gave the process, for every other UCX program in it and every child it starts (NIXL's bundled UCX
+#: ran at a quarter of its speed with them)
+_UCXX_DEFAULTS = {k[4:]: v for k, v in os.environ.items() if k.startswith("UCX_") and _USER_UCX_ENV.get(k) != v}
+for _name in _UCXX_DEFAULTS:
+    if f"UCX_{_name}" in _USER_UCX_ENV:
+        os.environ[f"UCX_{_name}"] = _USER_UCX_ENV[f"UCX_{_name}"]
+    else:
+        del os.environ[f"UCX_{_name}"]
 
 __all__ = ["HEAD_SLOT", "UcxConnection", "UcxTransport", "host_identity"]
 
@@ -105,23 +113,36 @@ def parse_protocol_table(text: str) -> dict[str, list[str]]:
     return out
 
 
-@contextlib.contextmanager
-def _capture_stdout_fd() -> Any:
-    """Capture what C code writes to fd 1 (UCX prints its protocol table there)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 1)
-        box: list[str] = []
-        try:
-            yield box
-        finally:
-            with contextlib.suppress(Exception):
-                ctypes.CDLL(None).fflush(None)
-            os.dup2(saved, 1)
-            os.close(saved)
-            tmp.seek(0)
-            box.append(tmp.read().decode(errors="replace"))
+def endpoint_info(endpoint: Any) -> str:
+    """What UCX says of an endpoint (``ucp_ep_print_info``: its lanes and protocol tables), read into memory: UCX
+    prints nothing to the process's stdout, and no setting stays on after the endpoint is made."""
+    libucp, libc = _libraries()
+    size = ctypes.c_size_t()
+    text = ctypes.c_char_p()
+    stream = libc.open_memstream(ctypes.byref(text), ctypes.byref(size))
+    if not stream:
+        return ""
+    try:
+        libucp.ucp_ep_print_info(ctypes.c_void_p(endpoint.handle), ctypes.c_void_p(stream))
+    finally:
+        libc.fclose(ctypes.c_void_p(stream))  # flushes into ``text``
+    try:
+        return (text.value or b"").decode(errors="replace")
+    finally:
+        libc.free(text)
+
+
+@functools.cache
+def _libraries() -> tuple[Any, Any]:
+    libucp = ctypes.CDLL("libucp.so.0")  # the one ucxx loaded (found by its soname)
+    libucp.ucp_ep_print_info.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    libucp.ucp_ep_print_info.restype = None
+    libc = ctypes.CDLL(None)
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libucp, libc
 
 
 def _map_error(exc: BaseException, conn: UcxConnection) -> BaseException:
@@ -428,14 +449,12 @@ class UcxConnection(Connection):
 
 
 class _WorkerSlot:
-    """A UCX context and worker, with what must outlive any one transport on it: the protocol tables UCX
-    prints only once per worker."""
+    """A UCX context and worker, which may outlive the transport that made them (parked, see below)."""
 
-    __slots__ = ("context", "tables", "worker")
+    __slots__ = ("context", "worker")
 
     def __init__(self, context: Any, worker: Any) -> None:
         self.context, self.worker = context, worker
-        self.tables: dict[bool, dict[str, list[str]]] = {}  # UCX's protocol table per endpoint locality
 
 
 # Workers that UCX cannot release: a same-host peer died with sends in flight, and an endpoint without peer
@@ -457,11 +476,9 @@ def _env_default(name: str, value: str) -> dict[str, str]:
 
 
 def environment_before_ucxx() -> dict[str, str]:
-    """This process's environment with the ``UCX_*`` variables as they were before ucxx (and we) set any: for a
-    child that runs another UCX program (NIXL's bundled UCX), which must run as its users run it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")}
-    env.update(_UCX_ENV_BEFORE)
-    return env
+    """This process's environment as its user gave it (ucxx's own ``UCX_*`` settings were taken back out at
+    import): for a child that runs another UCX program (NIXL's bundled UCX), which must run as its users run it."""
+    return dict(os.environ)
 
 
 def parked_workers() -> int:
@@ -564,7 +581,7 @@ class UcxTransport(Transport):
         # shared memory with peer error handling (see the module docstring); UCX_MM_ERROR_HANDLING wins.
         # Not for forced remote endpoints: error handling is what keeps those off shared memory
         shared = _env_default("MM_ERROR_HANDLING", "y") if self.locality != "remote" else {}
-        options = {"PROTO_INFO": "y", **shared, **self.options}
+        options = {**_UCXX_DEFAULTS, **shared, **self.options}
         if self.tls:
             options["TLS"] = self.tls
         return options
@@ -580,18 +597,12 @@ class UcxTransport(Transport):
             raise ProtocolError(f"{peer} speaks UCX bootstrap version {intro.version}, we speak {_INTRO_VERSION}")
         local = self.locality == "local" or (self.locality == "auto" and intro.host == self.host_id)
         address = _ucx.UCXAddress.create_from_buffer(intro.worker_address)
-        with _capture_stdout_fd() as printed:
-            # a peer in this very process cannot die alone: it keeps UCX's zero-copy CMA rendezvous, which
-            # peer error handling rules out (and which stalls between two workers of one process without it)
-            same_process = local and intro.host == self.host_id and intro.pid == os.getpid()
-            endpoint = _ucx.UCXEndpoint.create_from_worker_address(self._worker, address, not same_process)
+        # a peer in this very process cannot die alone: it keeps UCX's zero-copy CMA rendezvous, which
+        # peer error handling rules out (and which stalls between two workers of one process without it)
+        same_process = local and intro.host == self.host_id and intro.pid == os.getpid()
+        endpoint = _ucx.UCXEndpoint.create_from_worker_address(self._worker, address, not same_process)
         conn._attach(endpoint, intro.recv_tag, recv_tag, local, not same_process)
-        table = parse_protocol_table(printed[0]) if printed else {}
-        assert self._slot is not None
-        tables = self._slot.tables  # UCX prints a table once per worker and endpoint configuration
-        conn.ucx_transports = table or tables.get(local, {})
-        if table:
-            tables[local] = table
+        conn.ucx_transports = parse_protocol_table(endpoint_info(endpoint))
         self._check_transports(conn)
         link.watch(self.heartbeat_interval_s, self.peer_timeout_s, conn._on_dead, conn._on_goodbye)
 
