@@ -97,7 +97,7 @@ class PeerManagement(ChannelCore):
                 return
             pid, sizes = presented.identity.pid, [n for _, n in window.buffers]
             writer: CmaWriter | ShmWriter | None = None
-            if window.shared:
+            if window.shared and self.config.map_peer_cache:
                 fds = []  # the writer owns them now
                 try:
                     writer = ShmWriter(pid, presented.fds, sizes, self._memory_views)

@@ -96,6 +96,11 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ``peer_window`` is the per-peer window of unacknowledged chunks, ``max_inflight`` the channel-wide
     limit; ``gather`` packs short non-contiguous runs into one chunk (one staging copy per side) instead of
     sending one message per run; ``ack_timeout_s`` resends chunks whose acknowledgement is that late.
+    ``map_peer_cache`` (sender side) writes a same-host peer that handed over its shared cache through a mapping
+    of all of it (fastest: one compiled pass copies and checksums, but every page of the peer's cache is resident in
+    this process's mapping too, so its RSS shows the peer's cache on top of its own); ``false`` writes it with
+    ``process_vm_writev`` instead (CMA: slower, RSS stays this process's own). A mapping of only the pages being
+    written costs more in page-table work than the copy itself on kernels without shared-memory huge pages.
     ``direct_placement`` lets a same-host sender write chunks straight into this side's registered memory
     (``send_lanes`` chunks at once) once a transfer is accepted; it needs ``zero_copy``. ``verify_placed``
     says who checks a placed chunk: ``writer`` (the sender copies each page and checksums it at the source and
@@ -151,6 +156,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     auth_token_file: str | None = None
     max_pending_handshakes: int = 256
     direct_placement: bool = True
+    map_peer_cache: bool = True
     verify_placed: str = "writer"
     progress_mode: ProgressMode = ProgressMode.BLOCKING
     ucx_tls: str | None = None
@@ -357,6 +363,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "max_pending_handshakes": _int,
     "accept_push": parse_bool,
     "direct_placement": parse_bool,
+    "map_peer_cache": parse_bool,
     "verify_placed": lambda v, f: _str(v, f).lower(),
     "progress_mode": _enum(ProgressMode),
     "ucx_tls": _optional(_str),

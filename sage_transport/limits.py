@@ -62,7 +62,9 @@ pages, page = spec["pages"], spec["page_bytes"]
 pool = np.zeros(pages * page, dtype=np.uint8)
 words = pool.view(np.uint64)
 if spec["role"] == "source":
-    np.multiply(np.arange(words.size, dtype=np.uint64), np.uint64(0x9E3779B97F4A7C15), out=words)
+    for start in range(0, words.size, 1 << 21):  # 16 MiB at a time: no whole-pool index array in the peak RSS
+        part = words[start : start + (1 << 21)]
+        np.multiply(np.arange(start, start + part.size, dtype=np.uint64), np.uint64(0x9E3779B97F4A7C15), out=part)
 side = NixlSide(spec["role"], pool.ctypes.data, pool.nbytes, page)
 if spec["role"] == "source":
     side.serve()

@@ -170,11 +170,16 @@ def _codec_expectation(src: KVMemory, config: KVTransportConfig) -> _Expectation
     return _Expectation(expected, worst, total / max(count, 1))
 
 
+_FILL_WORDS = 1 << 21  # 16 MiB of the pattern at a time: a whole-cache index array would double the peak RSS
+
+
 def _fill_pattern(memory: KVMemory, seed: int) -> None:
     for buf in memory.buffers:
         words = np.frombuffer(buf, dtype=np.uint64)
-        np.multiply(np.arange(words.size, dtype=np.uint64), np.uint64(0x9E3779B97F4A7C15), out=words)
-        words ^= np.uint64(seed)
+        for start in range(0, words.size, _FILL_WORDS):
+            part = words[start : start + _FILL_WORDS]
+            np.multiply(np.arange(start, start + part.size, dtype=np.uint64), np.uint64(0x9E3779B97F4A7C15), out=part)
+            part ^= np.uint64(seed)
 
 
 def _pages(memory: KVMemory, schema: KVCacheSchema) -> np.ndarray:

@@ -34,16 +34,19 @@ async def ucx_channels(count: int, config: KVTransportConfig) -> AsyncIterator[l
 
 
 @pytest.mark.parametrize(
-    ("placement", "shared", "kind", "verify"),
+    ("placement", "shared", "kind", "verify", "mapped"),
     [
-        (True, False, "cma", "writer"),
-        (True, True, "shm", "writer"),
-        (True, True, "shm", "receiver"),
-        (False, True, "none", "writer"),
+        (True, False, "cma", "writer", True),
+        (True, True, "shm", "writer", True),
+        (True, True, "shm", "receiver", True),
+        (True, True, "cma", "writer", False),  # map_peer_cache=false: the shared cache is written with CMA
+        (False, True, "none", "writer", True),
     ],
 )
-async def test_same_host_transfer_places_chunks_directly(placement: bool, shared: bool, kind: str, verify: str) -> None:
-    config = KVTransportConfig(chunk_size=64 << 10, direct_placement=placement, verify_placed=verify)
+async def test_same_host_transfer_places_chunks_directly(
+    placement: bool, shared: bool, kind: str, verify: str, mapped: bool
+) -> None:
+    config = KVTransportConfig(chunk_size=64 << 10, direct_placement=placement, verify_placed=verify, map_peer_cache=mapped)
     blocks = 96
     src, dst = filled(SCHEMA, blocks), KVMemory.allocate(SCHEMA, blocks, fill=0, shared=shared)
     order = np.random.default_rng(3).permutation(blocks).tolist()
