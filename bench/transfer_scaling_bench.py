@@ -75,7 +75,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scaling")
     args = parser.parse_args()
     config = KVTransportConfig.resolve(args.config, env={})
-    result = asyncio.run(run(args.samples, config))
+    import logging
+
+    import structlog
+    import uvloop
+
+    # as `sage-transport migrate` runs: warnings only (a line rendered per transfer would be timed), on uvloop
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(run(args.samples, config))
     ref = result["reference"]
     lines = [
         f"config: {args.config or 'defaults'}; ucx_perftest tag_lat 56 KiB one-way p50: {ref['latency_us']:.1f} µs "  # type: ignore[index]

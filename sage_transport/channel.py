@@ -153,28 +153,31 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
         self.telemetry.comm_begin()
         if self.tracer is not None:
             self.tracer.queued(plan.peer, tid, len(table), submitted)
-        session.post(
-            Announce(
-                wire_id=out.wire_id,
-                transfer_id=tid,
-                schema=plan.schema,
-                src_geometry=self._memory.geometry,
-                mappings=list(plan.mappings),
-                chunk_size=chunk_size,
-                gather=self.config.gather,
-                progressive=plan.progressive,
-                priority=int(plan.priority),
-                deadline_s=plan.deadline_s,
-                integrity=self.config.integrity.value,
-                num_chunks=len(table),
-                total_bytes=table.total_bytes,
-                digest=table.digest,
-                ack_every=max(1, min(self.config.peer_window // 2, 256)),
-                wire_dtype=codec.wire_dtype.value if codec is not None and codec.wire_dtype is not None else "",
-                group_size=codec.group_size if codec is not None else 0,
-                compression=codec.compression.value if codec is not None else "none",
-            )
+        announce = Announce(
+            wire_id=out.wire_id,
+            transfer_id=tid,
+            schema=plan.schema,
+            src_geometry=self._memory.geometry,
+            mappings=list(plan.mappings),
+            chunk_size=chunk_size,
+            gather=self.config.gather,
+            progressive=plan.progressive,
+            priority=int(plan.priority),
+            deadline_s=plan.deadline_s,
+            integrity=self.config.integrity.value,
+            num_chunks=len(table),
+            total_bytes=table.total_bytes,
+            digest=table.digest,
+            ack_every=max(1, min(self.config.peer_window // 2, 256)),
+            wire_dtype=codec.wire_dtype.value if codec is not None and codec.wire_dtype is not None else "",
+            group_size=codec.group_size if codec is not None else 0,
+            compression=codec.compression.value if codec is not None else "none",
         )
+        if len(table) == 1 and codec is None and not plan.progressive:
+            out.announce = announce  # goes as the header of the chunk itself: one frame, one round trip
+            session.wake.set()
+        else:
+            session.post(announce)
         # the window counts chunks by their size on the wire against chunk_size: the same bytes stay in flight
         cost = min(1.0, codec.wire_nbytes(table.max_chunk_bytes) / wire_chunk) if codec is not None else 1.0
         self._scheduler.add(

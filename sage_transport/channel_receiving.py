@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -140,7 +141,7 @@ class ReceivingSide(ChannelCore):
         largest = table.max_chunk_bytes
         session.max_incoming_chunk = max(session.max_incoming_chunk, codec.bound(largest) if codec is not None else largest)
         self.telemetry.comm_begin()
-        if session.window_offered and codec is None:  # a same-host writer may place every chunk from now on
+        if session.window_offered and codec is None and msg.inline_checksum is None:  # may place every chunk from now on
             session.post(Ack(msg.wire_id, []))  # accepted, nothing verified yet
         if msg.deadline_s:
             # the sender's own timer fires first and aborts; this one covers a sender that went silent
@@ -191,10 +192,11 @@ class ReceivingSide(ChannelCore):
         if self._measure:
             self._transfer_seconds["received"].observe(wall)
         self._finish_expectation(inc.expectation, result, None)
-        log.info(
-            "transfer.received", transfer_id=inc.transfer_id, peer=session.peer, bytes=result.bytes,
+        # logged after the acknowledgement is on its way (rendering a line costs tens of microseconds)
+        asyncio.get_running_loop().call_soon(functools.partial(
+            log.info, "transfer.received", transfer_id=inc.transfer_id, peer=session.peer, bytes=result.bytes,
             chunks=result.chunks, seconds=round(wall, 6), bad_chunks=inc.bad_chunks,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def _fail_incoming(self, session: PeerSession, inc: Incoming, exc: BaseException, *, notify: bool) -> None:
         if session.incoming.pop(inc.wire_id, None) is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Iterable
@@ -219,10 +220,11 @@ class SendingSide(ChannelCore):
         out.finish(result, None)
         if self.on_sent is not None:
             self.on_sent(result.transfer_id, result, None)
-        log.info(
-            "transfer.sent", transfer_id=result.transfer_id, peer=result.peer, bytes=result.bytes, chunks=result.chunks,
-            seconds=round(wall, 6), gbps=round(result.gbps, 3), retries=result.retries,
-        )  # fmt: skip
+        # logged after the caller has its result (rendering a line costs tens of microseconds: not on its path)
+        asyncio.get_running_loop().call_soon(functools.partial(
+            log.info, "transfer.sent", transfer_id=result.transfer_id, peer=result.peer, bytes=result.bytes,
+            chunks=result.chunks, seconds=round(wall, 6), gbps=round(result.gbps, 3), retries=result.retries,
+        ))  # fmt: skip
 
     def _fail_outgoing(self, out: Outgoing, exc: BaseException, *, notify: bool) -> None:
         if out.future.done():
@@ -230,6 +232,9 @@ class SendingSide(ChannelCore):
         out.stopped = True  # placement threads start no further write of it
         self._release_outgoing(out)
         if notify and not out.session.closed:
+            if out.announce is not None:  # never sent with its chunk: the peer hears of it (a pull waits for it), then of its end
+                out.session.post(out.announce)
+                out.announce = None
             self._post_when_fenced(out, Abort(out.wire_id, True, str(exc)[:1024]))
         self._counters["transfers_failed"] += 1
         self._failures[type(exc).__name__] += 1

@@ -95,6 +95,11 @@ class PeerSession(SendPath, ReceivePath):
                 self._release_unaccepted()
             if pick is not None:
                 out, seq = pick
+                if out.announce is not None:  # type: ignore[attr-defined]
+                    # a one-chunk transfer's first copy carries its announcement: the writer sends it itself, so
+                    # no control message posted after it (an abort) can overtake it
+                    await self._send_chunk(out, seq)  # type: ignore[arg-type]
+                    continue
                 if self.placer is not None and out.codec is None:  # type: ignore[attr-defined]
                     if out.accepted:  # type: ignore[attr-defined]
                         self._start_placement(out, self._placement_batch(out, seq))  # type: ignore[arg-type]

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from . import kernels
+from .chunk_copies import _scatter
 from .errors import ProtocolError
+from .session_state import _YIELD_EVERY, SessionState
 from .transfers import Incoming
 from .wire import (
     Ack,
+    Announce,
     Chunk,
     Nack,
     Placed,
     RegionUpdate,
     decode_message,
 )
-
-if TYPE_CHECKING:
-    pass
-from .chunk_copies import _scatter
-from .session_state import _YIELD_EVERY, SessionState
 
 # where the payload of the frame being read goes (``_sink`` decides, ``_on_chunk`` acts on it); module constants,
 # not an enum: compared once per chunk
@@ -40,7 +38,10 @@ class ReceivePath(SessionState):
     def _sink(self, header: bytes, nbytes: int) -> Any:
         msg = self._decoded = decode_message(header)
         if type(msg) is not Chunk:
-            raise ProtocolError(f"{type(msg).__name__} from {self.peer} carried a {nbytes}-byte payload")
+            if type(msg) is not Announce or msg.inline_checksum is None:
+                raise ProtocolError(f"{type(msg).__name__} from {self.peer} carried a {nbytes}-byte payload")
+            self.host.on_control(self, msg)  # taken (or refused) first; the payload is its chunk 0, first copy
+            msg = self._decoded = Chunk(msg.wire_id, 0, 0, msg.inline_checksum)
         inc = self.incoming.get(msg.wire_id)
         if inc is None:  # a transfer already over (its chunks still in flight): discard, within what it could send
             if msg.wire_id > self.max_wire_id_in or nbytes > self.max_incoming_chunk:

@@ -6,23 +6,20 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+import msgspec
 import numpy as np
 
 from . import kernels
+from .chunk_copies import _encode, _gather, _place
 from .errors import ProtocolError
+from .session_state import _INLINE_PLACE_BYTES, _PLACE_BATCH_BYTES, SessionState
 from .transfers import Outgoing, TransferStatus
 from .wire import (
     Chunk,
     Placed,
     encode_message,
 )
-
-if TYPE_CHECKING:
-    pass
-from .chunk_copies import _encode, _gather, _place
-from .session_state import _INLINE_PLACE_BYTES, _PLACE_BATCH_BYTES, SessionState
 
 
 class SendPath(SessionState):
@@ -80,7 +77,11 @@ class SendPath(SessionState):
         attempt = out.attempts[seq]
         if attempt < 255:
             out.attempts[seq] = attempt + 1
-        header = encode_message(Chunk(out.wire_id, seq, attempt, value or 0))
+        if out.announce is not None:  # the transfer's only chunk, first copy: its announcement is the header
+            header = encode_message(msgspec.structs.replace(out.announce, inline_checksum=value or 0))
+            out.announce = None
+        else:
+            header = encode_message(Chunk(out.wire_id, seq, attempt, value or 0))
         if not out.first_send_at:
             out.first_send_at = asyncio.get_running_loop().time()
             out.status = TransferStatus.RUNNING

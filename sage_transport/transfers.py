@@ -15,6 +15,7 @@ from .planner import ChunkTable
 
 if TYPE_CHECKING:
     from .session import PeerSession
+    from .wire import Announce
     from .wire_codec import ChunkCodec
 
 __all__ = ["LayerArrival", "TransferHandle", "TransferProgress", "TransferStatus"]
@@ -58,6 +59,7 @@ class Outgoing:
 
     __slots__ = (
         "accepted",
+        "announce",
         "attempts",
         "bad_copies",
         "bytes_sent",
@@ -108,6 +110,9 @@ class Outgoing:
         self.codec: ChunkCodec | None = None  # the chunks' wire form when not as stored
         self.wire_bytes: list[int] | None = None  # per chunk, payload bytes of its last copy (with a codec)
         self.placing = 0  # chunks being written straight into the peer's memory right now
+        #: a one-chunk transfer's announcement, until it goes out as the header of that chunk (one frame, one
+        #: round trip); None once sent, or for transfers announced on their own
+        self.announce: Announce | None = None
         self.stopped = False  # over: placement threads start no further write of it
         self.fence_pending: object = None  # the Abort or Fence to post once `placing` drops to 0
 

@@ -57,7 +57,8 @@ __all__ = [
     "handshake_proof",
 ]
 
-PROTOCOL_VERSION = 3  # 2: attestation after the handshake, windows on the attestation socket, fences; 3: Placed.landed
+PROTOCOL_VERSION = 4  # 2: attestation after the handshake, windows on the attestation socket, fences; 3: Placed.landed;
+# 4: Announce.inline_checksum (a one-chunk transfer's announcement carries its chunk)
 MAX_CONTROL_BYTES = 4 << 20
 MAX_MAPPINGS = 4096
 MAX_ACK_BATCH = 1 << 16
@@ -139,6 +140,9 @@ class Announce(msgspec.Struct, frozen=True, array_like=True, tag="announce"):
     wire_dtype: Annotated[str, Meta(max_length=32)] = ""  # quantised on the wire ("": as stored)
     group_size: U32 = 0  # elements per quantisation scale
     compression: Annotated[str, Meta(max_length=32)] = "none"
+    #: set when this announcement is the header of its transfer's only chunk (seq 0, attempt 0): the frame's
+    #: payload is that chunk and this is its checksum. One frame instead of two for a small transfer
+    inline_checksum: U64 | None = None
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True, tag="c"):

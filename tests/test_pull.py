@@ -214,3 +214,33 @@ async def test_a_resolver_refuses_or_serves_wrongly_and_the_puller_hears_why() -
         with pytest.raises(PlanError, match="no pull of transfer 'later'|no pull of transfer later"):
             pair.sender.serve_pull("later")
         assert not pages(pair.dst)[:, :, [3, 4, 5]].any()
+
+
+async def test_a_one_chunk_transfer_is_one_frame_each_way() -> None:
+    """A small transfer's announcement travels as its chunk's header: one frame out, one acknowledgement back."""
+    async with channel_pair(config=KVTransportConfig(chunk_size=1 << 20)) as pair:
+        sender_conn = pair.sender._sessions[pair.peer].conn
+        receiver_conn = next(iter(pair.receiver._sessions.values())).conn
+        sent, acked = sender_conn.statistics().frames_sent, receiver_conn.statistics().frames_sent
+        plan = TransferPlan.for_blocks(pair.peer, SMALL, [3, 1], [5, 9])
+        result = await pair.sender.transfer(plan)
+        assert result.chunks == 1 and result.integrity.value == "verified"
+        assert sender_conn.statistics().frames_sent - sent == 1  # announcement and chunk together
+        assert receiver_conn.statistics().frames_sent - acked == 1  # one acknowledgement
+        received = await pair.receiver.wait_received(plan.transfer_id)
+        assert received.bytes == plan.total_bytes
+    assert np.array_equal(pages(pair.dst)[:, :, [5, 9]], pages(pair.src)[:, :, [3, 1]])
+
+
+async def test_a_one_chunk_pull_that_fails_before_its_frame_went_out_still_tells_the_puller() -> None:
+    """The announcement waits for the chunk; a transfer that ends first sends it anyway, then the abort, so a pull
+    that asked for it fails with the reason instead of waiting for a transfer it would never hear of."""
+    async with channel_pair(config=KVTransportConfig(chunk_size=1 << 20)) as pair:
+        pair.sender.pull_resolver = lambda peer, plan: None  # deferred: we serve it below
+        pull = asyncio.ensure_future(pair.receiver.pull(pull_plan(pair, [0], [2], transfer_id="gone")))
+        while not pair.sender.deferred_pulls:
+            await asyncio.sleep(0.001)
+        handle = pair.sender.serve_pull("gone")
+        handle.cancel("the prefill was preempted")  # before the writer could send anything
+        with pytest.raises(TransferAbortedError, match="the prefill was preempted"):
+            await asyncio.wait_for(pull, 5)

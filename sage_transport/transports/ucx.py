@@ -582,6 +582,8 @@ class UcxTransport(Transport):
         # Not for forced remote endpoints: error handling is what keeps those off shared memory
         shared = _env_default("MM_ERROR_HANDLING", "y") if self.locality != "remote" else {}
         options = {**_UCXX_DEFAULTS, **shared, **self.options}
+        if "UCX_MEMTYPE_CACHE" in os.environ:  # ucxx was imported before us and left its setting, which UCX flags
+            options.update(_env_default("WARN_UNUSED_ENV_VARS", "n"))
         if self.tls:
             options["TLS"] = self.tls
         return options
