@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
 from collections.abc import Iterable
@@ -220,11 +219,10 @@ class SendingSide(ChannelCore):
         out.finish(result, None)
         if self.on_sent is not None:
             self.on_sent(result.transfer_id, result, None)
-        # logged after the caller has its result (rendering a line costs tens of microseconds: not on its path)
-        asyncio.get_running_loop().call_soon(functools.partial(
-            log.info, "transfer.sent", transfer_id=result.transfer_id, peer=result.peer, bytes=result.bytes,
-            chunks=result.chunks, seconds=round(wall, 6), gbps=round(result.gbps, 3), retries=result.retries,
-        ))  # fmt: skip
+        log.info(
+            "transfer.sent", transfer_id=result.transfer_id, peer=result.peer, bytes=result.bytes, chunks=result.chunks,
+            seconds=round(wall, 6), gbps=round(result.gbps, 3), retries=result.retries,
+        )  # fmt: skip
 
     def _fail_outgoing(self, out: Outgoing, exc: BaseException, *, notify: bool) -> None:
         if out.future.done():

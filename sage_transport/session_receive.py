@@ -135,11 +135,7 @@ class ReceivePath(SessionState):
                 inc.pending_acks.append(seq)  # re-acknowledge: the sender may have resent after a timeout
                 self._schedule_ack_flush(inc)
             return
-        counters["chunks_received"] += 1
-        counters["bytes_received"] += payload.nbytes
-        mine = self.counters
-        mine["chunks_received"] += 1
-        mine["bytes_received"] += payload.nbytes
+        self.count_received(payload.nbytes)
         tracer = self.host.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
         decode_buffers, self._decode_in = self._decode_in, None
@@ -263,11 +259,7 @@ class ReceivePath(SessionState):
             self._schedule_ack_flush(inc)
             return
         lists = inc.lists
-        counters["chunks_received"] += 1
-        counters["bytes_received"] += lists.chunk_nbytes[seq]
-        mine = self.counters
-        mine["chunks_received"] += 1
-        mine["bytes_received"] += lists.chunk_nbytes[seq]
+        self.count_received(lists.chunk_nbytes[seq])
         tracer = self.host.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
         if inc.checksum_pieces is not None:

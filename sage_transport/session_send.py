@@ -98,14 +98,8 @@ class SendPath(SessionState):
             self._encode_free.append(codec_buffers)
         if tracer is not None:
             tracer.sent(self.peer, out.plan.transfer_id, seq, started, time.perf_counter())
-        nbytes = payload.nbytes
-        out.bytes_sent += nbytes
-        counters = self.host.counters
-        counters["chunks_sent"] += 1
-        counters["bytes_sent"] += nbytes
-        mine = self.counters
-        mine["chunks_sent"] += 1
-        mine["bytes_sent"] += nbytes
+        out.bytes_sent += payload.nbytes
+        self.count_sent(1, payload.nbytes)
 
     def _encode_buffers(self, out: Outgoing) -> tuple[memoryview, memoryview]:
         codec, largest = out.codec, out.table.max_chunk_bytes
@@ -229,13 +223,8 @@ class SendPath(SessionState):
             self.post(Placed(out.wire_id, seq, attempt, value, landed))
             nbytes += sizes[seq]
         out.bytes_sent += nbytes
-        counters = self.host.counters
-        counters["chunks_sent"] += len(seqs)
-        counters["chunks_placed"] += len(seqs)
-        counters["bytes_sent"] += nbytes
-        mine = self.counters
-        mine["chunks_sent"] += len(seqs)
-        mine["bytes_sent"] += nbytes
+        self.host.counters["chunks_placed"] += len(seqs)
+        self.count_sent(len(seqs), nbytes)
 
 
 def _batch_of(sizes: list[int], seq: int, more: Callable[[], int | None]) -> list[int]:

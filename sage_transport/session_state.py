@@ -96,6 +96,22 @@ class SessionState:
         self._trust_writer = host.config.verify_placed == "writer"
         self.counters: collections.Counter[str] = collections.Counter()  # chunks and bytes, this peer only
 
+    def count_sent(self, chunks: int, nbytes: int) -> None:
+        """Chunks and bytes gone to the peer: the channel's counters and this peer's."""
+        counters, mine = self.host.counters, self.counters
+        counters["chunks_sent"] += chunks
+        counters["bytes_sent"] += nbytes
+        mine["chunks_sent"] += chunks
+        mine["bytes_sent"] += nbytes
+
+    def count_received(self, nbytes: int) -> None:
+        """One chunk of ``nbytes`` taken from the peer: the channel's counters and this peer's."""
+        counters, mine = self.host.counters, self.counters
+        counters["chunks_received"] += 1
+        counters["bytes_received"] += nbytes
+        mine["chunks_received"] += 1
+        mine["bytes_received"] += nbytes
+
     if TYPE_CHECKING:  # what both paths call of the session (defined in :mod:`.session`)
 
         def post(self, message: Any) -> None: ...

@@ -82,6 +82,25 @@ async def test_a_handle_describes_each_chunk_as_the_planner_cut_it() -> None:
         handle.chunk(len(chunks))
 
 
+async def test_a_one_chunk_transfer_behind_a_more_urgent_one_still_goes_in_priority_order() -> None:
+    """A one-chunk transfer's frame (its announcement and chunk together) waits its turn like any chunk: a more
+    urgent transfer queued before it goes first, and both complete."""
+    async with channel_pair(config=KVTransportConfig(chunk_size=2048, peer_window=2)) as pair:  # a block: one chunk
+        done: list[str] = []
+        urgent = pair.sender.submit(
+            TransferPlan.for_blocks(
+                pair.peer, SMALL, range(16), range(16), priority=Priority.DECODE_CRITICAL, transfer_id="urgent"
+            )
+        )
+        urgent._out.future.add_done_callback(lambda _: done.append("urgent"))
+        small = await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, [20], [40], transfer_id="small"))
+        done.append("small")
+        assert small.chunks == 1 and (await urgent.wait()).chunks > 1
+        assert done == ["urgent", "small"]
+        assert_moved(pair, [40], [20])
+        assert_idle(pair.sender, pair.receiver)
+
+
 async def test_sides_may_use_different_layouts_and_buffer_splits() -> None:
     network = MockNetwork()
     src_schema = KVCacheSchema(num_layers=3, num_kv_heads=2, head_dim=8, block_size=2, layout="block_layer_kv")
