@@ -130,7 +130,7 @@ class ReceivingSide(ChannelCore):
             exp,
             checksum=checksum_function(mode),
             checksum_pieces=streaming_checksum_function(mode),
-            hash_in_place=mode is Integrity.XXH3 and kernels.AVAILABLE,
+            hash_in_place=mode is Integrity.XXH3 and kernels.ready(),  # verified on the loop: only once compiled
             ack_every=msg.ack_every,
             peer=session.peer,
         )

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import UnsupportedError
 
-__all__ = ["AVAILABLE", "copy_pages", "hash_pages", "warm_up", "warm_up_in_background"]
+__all__ = ["AVAILABLE", "copy_pages", "hash_pages", "ready", "warm_up", "warm_up_in_background"]
 
 _MASK = (1 << 63) - 1
 
@@ -117,6 +117,12 @@ def warm_up() -> None:
             kernels[1](addr, np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=np.uint64))
             _KERNELS = kernels
             _warm = True
+
+
+def ready() -> bool:
+    """Whether the loops are compiled. An event loop's thread uses them only then (until then it takes the numpy
+    and xxhash path, as without numba): the first call would otherwise wait there for the rest of the compile."""
+    return _warm
 
 
 def warm_up_in_background() -> None:

@@ -139,7 +139,7 @@ class ReceivePath(SessionState):
         tracer = self.host.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
         decode_buffers, self._decode_in = self._decode_in, None
-        if kind == STAGED and kernels.AVAILABLE:  # staging → its pages in one compiled pass (verified first, or fused)
+        if kind == STAGED and kernels.ready():  # staging → its pages in one compiled pass (verified first, or fused)
             if self._scatter(inc, seq, payload, msg):
                 if tracer is not None:
                     tracer.received(self.peer, inc.transfer_id, seq, arrived, time.perf_counter())

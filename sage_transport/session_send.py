@@ -62,7 +62,7 @@ class SendPath(SessionState):
             if staging.nbytes < nbytes:
                 staging = memoryview(bytearray(max(nbytes, out.table.max_chunk_bytes)))
             payload = staging[:nbytes]
-            if kernels.AVAILABLE:  # gather (and checksum, xxh3) in one compiled pass
+            if kernels.ready():  # gather (and checksum, xxh3) in one compiled pass
                 table = out.table
                 addr = self.host.bases[table.src_seg[first:last]] + table.src_off[first:last].astype(np.uint64)
                 value = _gather(addr, table.piece_len[first:last], payload, 1 if self._fused_place else 0)
@@ -170,7 +170,8 @@ class SendPath(SessionState):
         self._placing += 1
         out.placing += 1
         sizes = out.lists.chunk_nbytes
-        if sum(sizes[seq] for seq in seqs) <= _INLINE_PLACE_BYTES:  # a few pages: copying beats a thread hop
+        # a few pages: copying on the loop beats a thread hop (not while the loops compile: a worker waits for that)
+        if sum(sizes[seq] for seq in seqs) <= _INLINE_PLACE_BYTES and (not self._fused_place or kernels.ready()):
             try:
                 results = _place(*args)
             except Exception as exc:  # handled as a worker's failure would be

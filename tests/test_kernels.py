@@ -54,3 +54,26 @@ def test_a_corrupted_destination_changes_the_landed_checksum() -> None:
     source, _ = kernels.copy_pages(addr, dst.ctypes.data + np.array([0, 4096], dtype=np.uint64), lengths, 2)
     dst[5] ^= 1
     assert kernels.hash_pages(dst.ctypes.data + np.array([0, 4096], dtype=np.uint64), lengths) != source
+
+
+async def test_an_event_loop_never_waits_for_the_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the loops are compiled, transfers gather, scatter and verify on the numpy/xxhash path: the first
+    transfers after register() do not sit on the event loop's thread waiting for numba (0.5 s measured)."""
+    from sage_transport import KVTransportConfig, TransferPlan
+
+    from .conftest import SMALL, channel_pair
+
+    def compiled(*args: object) -> None:
+        raise AssertionError("a compiled loop was called before it was ready")
+
+    monkeypatch.setattr(kernels, "_warm", False)
+    monkeypatch.setattr(kernels, "warm_up_in_background", lambda: None)
+    monkeypatch.setattr(kernels, "copy_pages", compiled)
+    monkeypatch.setattr(kernels, "hash_pages", compiled)
+    async with channel_pair(config=KVTransportConfig(chunk_size=4096, gather=True)) as pair:
+        dst = list(np.random.default_rng(1).permutation(32))
+        result = await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(32), dst))
+        assert result.integrity.value == "verified" and result.chunks > 1
+        src_pages = pair.src_pages()
+        dst_pages = np.frombuffer(pair.dst.buffers[0], np.uint8).reshape(src_pages.shape)
+        assert np.array_equal(dst_pages[:, :, dst], src_pages[:, :, :32])
