@@ -32,7 +32,7 @@ from .transfers import Expectation, Incoming, Outgoing, TransferHandle
 from .transports.base import Listener, Transport
 from .transports.registry import get_transport_class
 from .wire import Abort, Ack, Announce, Fence, Nack, Pull, PullRefused
-from .wire_codec import QUANTISED, require_codec
+from .wire_codec import QUANTISED, ChunkCodec, require_codec
 
 log = structlog.get_logger("sage_transport.channel")
 
@@ -64,6 +64,13 @@ _REFUSED_CHUNK_LIMIT = 64 << 20  # chunks of a refused transfer up to this size 
 def _plan_pages(schema: KVCacheSchema, mappings: Iterable[Any]) -> int:
     """Pages a plan moves, computed from its mappings before anything is planned."""
     return int(schema.kv_planes * sum((m.layer_stop - m.layer_start) * len(m.dst_blocks) for m in mappings))
+
+
+def _wire_form(codec: ChunkCodec | None, stored: DType) -> tuple[str, str]:
+    """A transfer's ``(kv_dtype, compression)`` on the wire, for its result: as stored without a codec."""
+    if codec is None:
+        return stored.value, "none"
+    return (codec.wire_dtype or codec.stored).value, codec.compression.value
 
 
 def _registered_pages(memory: KVMemory) -> int:

@@ -17,6 +17,7 @@ from .channel_core import (
     _plan_pages,
     _registered_pages,
     _same_shape,
+    _wire_form,
     log,
 )
 from .config import Compression, Integrity
@@ -175,13 +176,14 @@ class ReceivingSide(ChannelCore):
             inc.deadline_timer.cancel()
         wall = time.perf_counter() - inc.expectation.started_at
         codec = inc.codec
+        kv_dtype, compression = _wire_form(codec, inc.table.schema.dtype)
         result = TransferResult(
             transfer_id=inc.transfer_id,
             peer=session.peer,
             bytes=inc.table.total_bytes,
             wire_bytes=inc.wire_bytes if codec is not None else inc.table.total_bytes,
-            kv_dtype=(codec.wire_dtype or codec.stored).value if codec is not None else inc.table.schema.dtype.value,
-            compression=codec.compression.value if codec is not None else "none",
+            kv_dtype=kv_dtype,
+            compression=compression,
             chunks=len(inc.table),
             wall_s=wall,
             retries=inc.bad_chunks,

@@ -13,6 +13,7 @@ from .channel_core import (
     _RAW,
     ChannelCore,
     _choice,
+    _wire_form,
     log,
 )
 from .config import Compression
@@ -195,13 +196,14 @@ class SendingSide(ChannelCore):
         if total >= _AUTO_MIN_BYTES and sent_for > 0:  # what codec_policy=auto decides by
             key = _RAW if codec is None else _choice(codec.wire_dtype, codec.compression)
             out.session.rates[key] = total / sent_for
+        kv_dtype, compression = _wire_form(codec, out.plan.schema.dtype)
         result = TransferResult(
             transfer_id=out.plan.transfer_id,
             peer=out.session.peer,
             bytes=total,
             wire_bytes=sum(out.wire_bytes) if out.wire_bytes is not None else total,
-            kv_dtype=(codec.wire_dtype or codec.stored).value if codec is not None else out.plan.schema.dtype.value,
-            compression=codec.compression.value if codec is not None else "none",
+            kv_dtype=kv_dtype,
+            compression=compression,
             chunks=len(out.table),
             wall_s=wall,
             retries=out.retries,
