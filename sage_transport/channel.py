@@ -28,7 +28,7 @@ from .channel_pulls import PullSide
 from .channel_receiving import ReceivingSide
 from .channel_sending import SendingSide
 from .channel_stats import ChannelStatistics, PeerStatistics, StatisticsView
-from .config import KVTransportConfig, canonical_key
+from .config import Compression, KVTransportConfig, canonical_key
 from .errors import (
     ConfigError,
     ConnectionClosedError,
@@ -95,20 +95,38 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
         """Register this side's KV cache (once). Peers learn its geometry; transfers read or write it in place."""
         if self._memory is not None:
             raise ConfigError(f"channel {self.name} already has KV memory registered")
-        if memory.kind not in self.transport.capabilities.memory_kinds:
+        if memory.kind == "cuda":  # device KV: moved on the device, through any transport (staged) or UCX's cuda_copy
+            self._register_device(memory)
+        elif memory.kind not in self.transport.capabilities.memory_kinds:
             kinds = ", ".join(sorted(self.transport.capabilities.memory_kinds))
             raise UnsupportedError(f"transport {self.transport.name!r} moves {kinds} memory, not {memory.kind}")
         self._memory = memory
         self._memory_views = memory.views
         self._memory_base = np.array([buffer_address(view) for view in memory.views], dtype=np.uint64)
         self._host.views, self._host.bases = self._memory_views, self._memory_base
-        kernels.warm_up_in_background()  # compile the copy loops now rather than inside the first chunk
+        if self._device is None:
+            kernels.warm_up_in_background()  # compile the copy loops now rather than inside the first chunk
         for session in self._sessions.values():
             session.post(RegionUpdate(self._region()))  # type: ignore[arg-type]
             if session.peer_invite is not None:  # the peer may now write it directly: present its window
                 offer = functools.partial(self._window_for, session.conn)
                 with contextlib.suppress(OSError):
                     session.window_offered |= present_to(session.peer_invite, offer)
+
+    def _register_device(self, memory: KVMemory) -> None:
+        from .device import CudaRuntime, DeviceKV
+
+        if self.config.compression is not Compression.NONE and self.config.codec_policy == "always":
+            raise ConfigError(
+                f"compression={self.config.compression.value} runs on the host; device KV is quantised on the device "
+                "(target_dtype=fp8_e4m3, int8, int4) or sent as stored (compression=none)"
+            )
+        if memory.runtime is None:
+            memory.runtime = CudaRuntime(memory.device)
+        device = DeviceKV(memory.buffers, memory.schema.page_bytes, memory.runtime)
+        device.shared_fds = memory.shared_fds
+        self._device = self._host.device = device
+        self._host.device_wire = memory.runtime.name == "cuda" and "cuda" in self.transport.capabilities.memory_kinds
 
     @property
     def memory(self) -> KVMemory | None:
@@ -143,6 +161,7 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
             progressive=plan.progressive,
         )
         out = Outgoing(plan, table, session, session.new_wire_id(), submitted)
+        integrity, out.checksum = self._checksum_for(session)
         if codec is not None:
             out.codec, out.wire_bytes = codec, [0] * len(table)
         session.outgoing[out.wire_id] = out
@@ -164,7 +183,7 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
             progressive=plan.progressive,
             priority=int(plan.priority),
             deadline_s=plan.deadline_s,
-            integrity=self.config.integrity.value,
+            integrity=integrity.value,
             num_chunks=len(table),
             total_bytes=table.total_bytes,
             digest=table.digest,
@@ -199,12 +218,20 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
             handle.cancel("the awaiting task was cancelled")
             raise
 
-    def mark_layer_ready(self, transfer_id: str, layers: int | Iterable[int]) -> None:
-        """Layers of a progressive transfer are final: their chunks may go."""
+    def mark_layer_ready(self, transfer_id: str, layers: int | Iterable[int], event: Any = None) -> None:
+        """Layers of a progressive transfer are final: their chunks may go. With ``event`` (a CUDA event the engine
+        recorded on its compute stream after writing them) they go once it has fired: the loop polls it, no
+        thread waits and the compute stream is never synchronised."""
         out = self._outgoing.get(transfer_id)
         if out is None:
             raise PlanError(f"transfer {transfer_id} is not being sent by channel {self.name}")
-        self._mark_ready(out, (layers,) if isinstance(layers, int) else layers)
+        ready = (layers,) if isinstance(layers, int) else tuple(layers)
+        if event is None:
+            self._mark_ready(out, ready)
+            return
+        if not callable(getattr(event, "query", None)):
+            raise PlanError(f"event={event!r} has no query(): pass a torch.cuda.Event recorded on the compute stream")
+        self._mark_ready_after(out, ready, event)
 
     def cancel(self, transfer_id: str, reason: str = "cancelled by the caller") -> bool:
         """Abort a transfer this channel sends or receives; the peer is told. False if unknown."""

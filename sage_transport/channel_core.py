@@ -132,6 +132,7 @@ class ChannelCore:
         self.pull_resolver: Callable[[str, TransferPlan], TransferPlan | None] | None = None
         self._deferred_pulls: dict[str, tuple[PeerSession, TransferPlan]] = {}
         self._memory: KVMemory | None = None
+        self._device: Any = None  # DeviceKV when the registered memory is on a device (sage_transport.device)
         self._memory_views: list[memoryview] = []
         self._memory_base = np.zeros(0, dtype=np.uint64)  # each registered buffer's address (compiled loops)
         self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None

@@ -14,7 +14,8 @@ from .channel_core import (
     _same_shape,
     log,
 )
-from .config import Integrity, require_token_off_loopback
+from .config import Integrity, KVTransportConfig, require_token_off_loopback
+from .device.ipc import export_window, open_window
 from .errors import (
     ConfigError,
     ConnectionClosedError,
@@ -45,15 +46,30 @@ class PeerManagement(ChannelCore):
         """The window on our memory to hand the process the kernel attests behind a peer's attestation socket
         (:mod:`.attest`), or ``None``: only with direct placement and zero-copy on, to a same-host peer, and,
         without a token, only to a process of this user."""
-        config = self.config
-        if not (config.direct_placement and config.zero_copy and self._memory is not None and cma_available()):
+        config = self._config_for_window()
+        if config is None:
             return None
         if not conn.link_info().get("same_host"):
             return None
         if config.auth_token is None and listener.uid != os.getuid():
             return None
+        assert self._memory is not None
+        if self._device is not None:  # device KV: CUDA IPC handles (memfds when emulated)
+            try:
+                device_window, fds = export_window(self._device)
+            except UnsupportedError as exc:
+                log.info("device_window_unavailable", reason=str(exc))
+                return None
+            buffers = [[seg.data_ptr(), seg.numel()] for seg in self._device.segments]
+            return Window(host_identity(), buffers, bool(fds), device_window), list(fds)
         fds = self._memory.shared_fds if len(self._memory.shared_fds) == len(self._memory_views) else []
         return Window(host_identity(), [list(seg) for seg in self._segments()], bool(fds)), list(fds)
+
+    def _config_for_window(self) -> KVTransportConfig | None:
+        config = self.config
+        if not (config.direct_placement and config.zero_copy and self._memory is not None):
+            return None
+        return config if self._device is not None or cma_available() else None
 
     def _attestation_server(self) -> AttestationServer | None:
         if self._attestation is None and supported():
@@ -96,6 +112,12 @@ class PeerManagement(ChannelCore):
             if not self.config.direct_placement or self._memory is None or window.host != host_identity():
                 return
             pid, sizes = presented.identity.pid, [n for _, n in window.buffers]
+            if (window.device is not None) != (self._device is not None):  # host to device or back: sends (staged)
+                return
+            if window.device is not None:
+                self._open_device_window(session, window, presented.fds)
+                fds = []  # the writer owns them now (or they were closed)
+                return
             writer: CmaWriter | ShmWriter | None = None
             if window.shared and self.config.map_peer_cache:
                 fds = []  # the writer owns them now
@@ -116,8 +138,23 @@ class PeerManagement(ChannelCore):
         finally:
             close_fds(fds)
 
+    def _open_device_window(self, session: PeerSession, window: Window, fds: list[int]) -> None:
+        """Write into the peer's device KV through CUDA IPC from now on, where it can be mapped here."""
+        assert window.device is not None and session.region is not None
+        expected = session.region.geometry.segment_bytes(session.region.schema)
+        try:
+            writer = open_window(window.device, self._device, [expected] * len(window.device.segments), fds)
+        except UnsupportedError as exc:
+            close_fds(fds)
+            log.info("device_placement_unavailable", peer=session.peer, reason=str(exc), fallback="sends")
+            return
+        if len(writer.peer) != session.region.geometry.segment_count(session.region.schema):
+            writer.close()
+            raise ProtocolError(f"peer {session.peer} handed over {len(writer.peer)} device buffers for its region")
+        session.enable_placement(writer, self._worker_pool())  # type: ignore[arg-type]
+
     def _region(self) -> Region | None:
-        return None if self._memory is None else Region(self._memory.schema, self._memory.geometry)
+        return None if self._memory is None else Region(self._memory.schema, self._memory.geometry, self._memory.kind)
 
     def _capabilities(self) -> Capabilities:
         return Capabilities(

@@ -79,6 +79,10 @@ class ReceivingSide(ChannelCore):
             return refuse(f"integrity={msg.integrity!r} is not supported")
         if msg.integrity == Integrity.NONE.value and self.config.integrity is not Integrity.NONE:
             return refuse(f"integrity=none: this side verifies every chunk (integrity={self.config.integrity.value})")
+        if self._device is not None and msg.integrity not in (Integrity.FLETCHER64.value, Integrity.NONE.value):
+            return refuse(f"integrity={msg.integrity}: device KV is verified on the device, with fletcher64")
+        if self._device is not None and msg.compression != Compression.NONE.value:
+            return refuse(f"compression={msg.compression}: device KV is decoded on the device, which decompresses nothing")
         pages = _plan_pages(msg.schema, msg.mappings)
         registered = _registered_pages(self._memory)
         if pages > registered:

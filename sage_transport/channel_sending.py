@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .channel_core import (
     _AUTO_MIN_BYTES,
@@ -16,7 +17,9 @@ from .channel_core import (
     _wire_form,
     log,
 )
-from .config import Compression
+from .config import Compression, Integrity
+from .device.checksum import fletcher64
+from .device.runtime import wait
 from .errors import (
     ChecksumError,
     ConfigError,
@@ -37,6 +40,18 @@ from .wire_codec import QUANTISED, ChunkCodec, codec_throughput, local_codecs
 class SendingSide(ChannelCore):
     """What happens to a transfer this side sends, from its first chunk to its result."""
 
+    def _on_device(self, session: PeerSession) -> bool:
+        """Whether a transfer to ``session``'s peer reads or writes device KV (ours or the peer's)."""
+        return self._device is not None or (session.region is not None and session.region.kind != "cpu")
+
+    def _checksum_for(self, session: PeerSession) -> tuple[Integrity, Callable[[Any], int] | None]:
+        """The checksum a transfer to ``session``'s peer carries: the configured one, or fletcher64 where either
+        end's KV is on a device (computed there: :mod:`.device.checksum`)."""
+        mode = self.config.integrity
+        if mode is not Integrity.NONE and self._on_device(session):
+            return Integrity.FLETCHER64, fletcher64
+        return mode, self._checksum
+
     def _codec_for(self, plan: TransferPlan, session: PeerSession) -> ChunkCodec | None:
         """The wire codec of a new transfer (``None``: chunks go as stored), checked against what the peer accepts."""
         tid, stored = plan.transfer_id, plan.schema.dtype
@@ -50,6 +65,13 @@ class SendingSide(ChannelCore):
                 f"({choices})"
             )
         compression = self.config.compression
+        if compression is not Compression.NONE and self._on_device(session):  # compressors run on the host only
+            if self.config.codec_policy == "always":
+                raise UnsupportedError(
+                    f"transfer {tid}: compression={compression.value} runs on the host and this transfer moves device KV; "
+                    "quantise on the device (target_dtype) or set compression=none"
+                )
+            compression = Compression.NONE
         if wire is None and compression is Compression.NONE:
             return None
         wanted = [n for n in (wire.value if wire else "", "" if compression is Compression.NONE else compression.value) if n]
@@ -92,6 +114,18 @@ class SendingSide(ChannelCore):
             return True
         threads = max(1, min(self.config.send_lanes, os.cpu_count() or 1))
         return raw < codec_throughput(wire, compression) * threads
+
+    def _mark_ready_after(self, out: Outgoing, layers: tuple[int, ...], event: Any) -> None:
+        """``layers`` become ready once ``event`` (the engine's, on its compute stream) has fired, polled here."""
+        for layer in layers:
+            if not 0 <= layer < out.plan.schema.num_layers:
+                raise PlanError(f"transfer {out.plan.transfer_id}: layer {layer} is outside 0..{out.plan.schema.num_layers - 1}")
+
+        async def when_fired() -> None:
+            await wait(event.query)
+            self._mark_ready(out, layers)
+
+        self._spawn(when_fired(), f"sage-layers-{out.plan.transfer_id}")
 
     def _mark_ready(self, out: Outgoing, layers: Iterable[int]) -> None:
         if out.future.done() or not out.plan.progressive:

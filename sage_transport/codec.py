@@ -97,9 +97,14 @@ def _padded(values: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
     return flat.view(-1, spec.group_size)
 
 
-def encode(values: torch.Tensor, spec: CodecSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+def encode(
+    values: torch.Tensor, spec: CodecSpec, out: torch.Tensor | None = None, finite: torch.Tensor | None = None
+) -> torch.Tensor:
     """``values`` (bf16, fp16 or fp32; any shape) → a flat uint8 tensor of :func:`encoded_nbytes` bytes, written
-    into ``out`` when given (a uint8 tensor of at least that many bytes, on the same device)."""
+    into ``out`` when given (a uint8 tensor of at least that many bytes, on the same device). Values holding inf
+    or NaN raise ``ProtocolError``; with ``finite`` (a bool tensor of one element on the device) nothing waits
+    for the device to say so: ``finite`` is set to whether they were all finite, for the caller to read once its
+    stream has passed."""
     if values.dtype not in _SOURCE_DTYPES:
         raise ConfigError(f"cannot quantise a {values.dtype} tensor: KV must be bf16, fp16 or fp32")
     n = values.numel()
@@ -139,7 +144,9 @@ def encode(values: torch.Tensor, spec: CodecSpec, out: torch.Tensor | None = Non
             else:
                 part.view(_FP8[spec.dtype]).copy_(f.view(-1))
     # inf or NaN anywhere makes its group's scale (or minimum) inf or NaN: one check over the metadata
-    if not bool(torch.isfinite(meta).all()):
+    if finite is not None:
+        finite.copy_(torch.isfinite(meta).all().view(1))
+    elif not bool(torch.isfinite(meta).all()):
         raise ProtocolError("cannot quantise KV holding inf or NaN: send it unquantised")
     return out
 

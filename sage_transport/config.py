@@ -28,10 +28,12 @@ ENV_PREFIX = "SAGE_TRANSPORT_"
 
 
 class Integrity(str, enum.Enum):
-    """Per-chunk checksum: xxh3 (64-bit, fastest), crc32c, or none."""
+    """Per-chunk checksum: xxh3 (64-bit, fastest on a CPU), crc32c, fletcher64 (two sums a GPU reduces where the
+    KV lives: what a channel with device memory sends; any side verifies it), or none."""
 
     XXH3 = "xxh3"
     CRC32C = "crc32c"
+    FLETCHER64 = "fletcher64"
     NONE = "none"
 
 

@@ -17,6 +17,10 @@ def checksum_function(mode: Integrity) -> Callable[[Any], int] | None:
     uses the CPU's instruction where it has one."""
     if mode is Integrity.NONE:
         return None
+    if mode is Integrity.FLETCHER64:
+        from .device.checksum import fletcher64
+
+        return fletcher64
     if mode is Integrity.XXH3:
         from xxhash import xxh3_64_intdigest
 
@@ -31,6 +35,10 @@ def streaming_checksum_function(mode: Integrity) -> Callable[[Any], int] | None:
     without joining them: equal to ``checksum_function(mode)(b"".join(pieces))``."""
     if mode is Integrity.NONE:
         return None
+    if mode is Integrity.FLETCHER64:
+        from .device.checksum import fletcher64_pieces
+
+        return fletcher64_pieces
     if mode is Integrity.XXH3:
         from xxhash import xxh3_64
 

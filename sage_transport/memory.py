@@ -2,7 +2,8 @@
 
 A :class:`KVMemory` is one KV cache as the user holds it: a single buffer in ``schema.layout`` order, or one
 buffer per leading layout axis value (per layer, or per layer and plane: vLLM registers one tensor per layer).
-Buffers are numpy arrays, torch CPU tensors or any C-contiguous buffer-protocol object; nothing is copied.
+Buffers are numpy arrays, torch CPU tensors or any C-contiguous buffer-protocol object, or torch CUDA tensors
+(device memory: moved by :mod:`.device` on the device itself); nothing is copied.
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ class KVGeometry(msgspec.Struct, frozen=True, array_like=True):
 class KVMemory:
     """A KV cache registered with a channel: schema, block count and the buffers holding it."""
 
-    def __init__(self, schema: KVCacheSchema, num_blocks: int, buffers: Any | Sequence[Any]) -> None:
+    def __init__(self, schema: KVCacheSchema, num_blocks: int, buffers: Any | Sequence[Any], *, runtime: Any = None) -> None:
+        """``buffers``: one buffer, or one per leading layout axis value. CUDA tensors make device memory (its
+        ``runtime``, a :class:`~sage_transport.device.CudaRuntime` with a stream of its own, is made when a channel
+        registers it); ``runtime`` given runs host torch tensors as device memory (the emulated runtime of
+        :mod:`sage_transport.testing.device`, for tests where no GPU exists)."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
             raise ConfigError(f"num_blocks={num_blocks!r} must be a positive integer")
         items = list(buffers) if isinstance(buffers, (list, tuple)) else [buffers]
@@ -112,7 +117,9 @@ class KVMemory:
         if len(kinds) != 1:
             raise ConfigError(f"buffers mix memory kinds {sorted(kinds)}; register one kind per KV cache")
         self.schema = schema
-        self.kind = kinds.pop()
+        self.kind = kinds.pop() if runtime is None else runtime.kind
+        self.runtime: Any = runtime
+        self.device = "cpu"  # ``cuda:N`` for device memory
         self.geometry = KVGeometry(schema.layout, num_blocks, _split_axes(schema, num_blocks, len(items)))
         expected = self.geometry.segment_bytes(schema)
         self.buffers: list[Any] = items
@@ -127,6 +134,10 @@ class KVMemory:
                         f"needs {expected} per buffer ({len(items)} buffer(s))"
                     )
                 self.views.append(view)
+        else:
+            from .device.kv import check_device_buffers
+
+            self.device = check_device_buffers(items, expected)
 
     @property
     def num_blocks(self) -> int:
@@ -137,8 +148,11 @@ class KVMemory:
         return self.geometry.segment_bytes(self.schema) * len(self.buffers)
 
     @classmethod
-    def allocate(cls, schema: KVCacheSchema, num_blocks: int, *, fill: int | None = None, shared: bool = False) -> KVMemory:
-        """A host KV cache in one numpy buffer (``fill``: byte value, else uninitialised).
+    def allocate(
+        cls, schema: KVCacheSchema, num_blocks: int, *, fill: int | None = None, shared: bool = False, device: str | None = None
+    ) -> KVMemory:
+        """A host KV cache in one numpy buffer (``fill``: byte value, else uninitialised); with ``device``
+        (``cuda``, ``cuda:1``) a device one in one torch tensor per layer, as vLLM allocates it.
 
         ``shared=True`` backs it with a memfd (Linux) that a same-host peer's channel may map after the
         handshake, so direct placement is a plain memory copy on both cores instead of ``process_vm_writev``.
@@ -147,6 +161,17 @@ class KVMemory:
 
         pages = schema.num_layers * schema.kv_planes * num_blocks
         size = pages * schema.page_bytes
+        if device is not None:
+            if shared:
+                raise ConfigError("shared=True is for host memory; device memory is shared through CUDA IPC")
+            import torch
+
+            count = schema.num_layers if schema.layout.axes[0] == "layer" else 1
+            tensors = [torch.empty(size // count, dtype=torch.uint8, device=device) for _ in range(count)]
+            if fill is not None:
+                for tensor in tensors:
+                    tensor.fill_(fill)
+            return cls(schema, num_blocks, tensors)
         fd = -1
         if shared:
             if not hasattr(os, "memfd_create"):

@@ -30,9 +30,12 @@ class PeerSession(SendPath, ReceivePath):
 
     @property
     def placement_kind(self) -> str:
-        """``shm`` (memory copy into the peer's shared KV cache), ``cma`` (process_vm_writev) or ``none``."""
+        """``shm`` (memory copy into the peer's shared KV cache), ``cma`` (process_vm_writev), ``device_ipc`` (the
+        peer's device KV mapped through CUDA IPC) or ``none``."""
         if self.placer is None:
             return "none"
+        if self.host.device is not None:
+            return "device_ipc"
         return "shm" if isinstance(self.placer, ShmWriter) else "cma"
 
     def set_send_lanes(self, send_lanes: int) -> None:
@@ -156,6 +159,9 @@ class PeerSession(SendPath, ReceivePath):
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        close_placer = getattr(self.placer, "close", None)  # a device writer unmaps the peer's KV
+        if close_placer is not None:
+            close_placer()
         try:
             await self.conn.aclose()
         except (ConnectionClosedError, PeerDeadError):

@@ -58,3 +58,7 @@ class SessionHost:
     views: list[memoryview] = field(default_factory=list)
     bases: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     tracer: ChunkTracer | None = None
+    #: device KV (:class:`~sage_transport.device.DeviceKV`) when the registered memory is on a device, and whether
+    #: the transport moves device memory itself (else chunks are staged through pinned host memory)
+    device: Any = None
+    device_wire: bool = False

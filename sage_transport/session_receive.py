@@ -11,7 +11,8 @@ import numpy as np
 from . import kernels
 from .chunk_copies import _scatter
 from .errors import ProtocolError
-from .session_state import _YIELD_EVERY, SessionState
+from .session_device import DevicePath
+from .session_state import _YIELD_EVERY
 from .transfers import Incoming
 from .wire import (
     Ack,
@@ -30,9 +31,10 @@ STAGED = 1  # into staging, then scattered to its pages
 DUPLICATE = 2  # a chunk already verified: discarded, acknowledged again
 ENCODED = 3  # a codec's wire form: verified, then decoded into its pages on a worker
 BEING_DECODED = 4  # a copy of a chunk whose decode is running: discarded, its acknowledgement follows the decode
+ON_DEVICE = 5  # device KV: into device (or pinned) staging, then verified, decoded and scattered on the device
 
 
-class ReceivePath(SessionState):
+class ReceivePath(DevicePath):
     """Where each incoming chunk lands, how it is verified, and what is acknowledged."""
 
     def _sink(self, header: bytes, nbytes: int) -> Any:
@@ -74,6 +76,9 @@ class ReceivePath(SessionState):
                     f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes on the wire, "
                     f"more than {inc.codec.name} takes for {stored} bytes"
                 )
+            if self.host.device is not None:
+                self._target_kind = ON_DEVICE
+                return self._device_target(nbytes)
             self._target_kind = ENCODED
             pair = self._decode_in = self._decode_buffers(inc)
             return pair[1][:nbytes]
@@ -82,6 +87,12 @@ class ReceivePath(SessionState):
                 f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes, "
                 f"expected {lists.chunk_nbytes[seq]}"
             )
+        if self.host.device is not None:
+            if seq in inc.decoding:  # a copy is landing on the device: its acknowledgement follows
+                self._target_kind = BEING_DECODED
+                return self._staging(nbytes)
+            self._target_kind = ON_DEVICE
+            return self._device_target(nbytes)
         first = lists.piece_ptr[seq]
         if lists.piece_ptr[seq + 1] - first == 1 and self._zero_copy:
             self._target_kind = IN_PLACE
@@ -136,6 +147,9 @@ class ReceivePath(SessionState):
                 self._schedule_ack_flush(inc)
             return
         self.count_received(payload.nbytes)
+        if kind == ON_DEVICE:
+            self._start_device_land(inc, seq, payload.nbytes, msg)
+            return
         tracer = self.host.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
         decode_buffers, self._decode_in = self._decode_in, None
@@ -253,7 +267,7 @@ class ReceivePath(SessionState):
         if seq >= len(inc.verified):
             raise ProtocolError(f"placed chunk {seq} of transfer {inc.transfer_id} from {self.peer}: only {len(inc.verified)}")
         counters = self.host.counters
-        if inc.verified[seq]:
+        if inc.verified[seq] or seq in inc.decoding:  # again, or again while its check runs on the device
             counters["duplicates"] += 1
             inc.pending_acks.append(seq)
             self._schedule_ack_flush(inc)
@@ -265,6 +279,9 @@ class ReceivePath(SessionState):
         if inc.checksum_pieces is not None:
             if msg.landed is not None and self._trust_writer:  # the writer read where it wrote (verify_placed)
                 value = msg.landed
+            elif self.host.device is not None:  # read where it landed, on the device
+                self._verify_placed_on_device(inc, msg)
+                return
             else:
                 value = self._checksum_in_place(inc, seq)
             if value != msg.checksum:

@@ -13,7 +13,8 @@ import numpy as np
 from . import kernels
 from .chunk_copies import _encode, _gather, _place
 from .errors import ProtocolError
-from .session_state import _INLINE_PLACE_BYTES, _PLACE_BATCH_BYTES, SessionState
+from .session_device import DevicePath
+from .session_state import _INLINE_PLACE_BYTES, _PLACE_BATCH_BYTES
 from .transfers import Outgoing, TransferStatus
 from .wire import (
     Chunk,
@@ -22,10 +23,13 @@ from .wire import (
 )
 
 
-class SendPath(SessionState):
+class SendPath(DevicePath):
     """Sending one chunk (gathered, encoded or as it lies) and placement jobs (batched, inline or on a worker)."""
 
     async def _send_chunk(self, out: Outgoing, seq: int) -> None:
+        if self.host.device is not None:  # device KV: gathered (and encoded, checksummed) on the device
+            await self._send_device_chunk(out, seq)
+            return
         lists = out.lists
         ptr, piece_len = lists.piece_ptr, lists.piece_len
         src_seg, src_off = lists.src_seg, lists.src_off
@@ -34,7 +38,7 @@ class SendPath(SessionState):
         staging = None
         codec_buffers = None
         value: int | None = None
-        checksum = self.host.checksum
+        checksum = out.checksum
         if out.codec is not None:  # quantise / compress in a worker thread while the loop keeps other chunks moving
             codec_buffers = self._encode_buffers(out)
             self._encoding += 1
@@ -65,7 +69,8 @@ class SendPath(SessionState):
             if kernels.ready():  # gather (and checksum, xxh3) in one compiled pass
                 table = out.table
                 addr = self.host.bases[table.src_seg[first:last]] + table.src_off[first:last].astype(np.uint64)
-                value = _gather(addr, table.piece_len[first:last], payload, 1 if self._fused_place else 0)
+                hashes = 1 if self._fused_place and checksum is self.host.checksum else 0  # xxh3 in the gather
+                value = _gather(addr, table.piece_len[first:last], payload, hashes)
             else:
                 pos = 0
                 for k in range(first, last):
@@ -165,6 +170,11 @@ class SendPath(SessionState):
                     out.sent_at[seq] = started
                 if self.host.tracer is not None:
                     self.host.tracer.sent(self.peer, out.plan.transfer_id, seq, started, started)
+        if self.host.device is not None:  # into the peer's device KV, on the device
+            self._placing += 1
+            out.placing += 1
+            self._start_device_placement(out, seqs, attempts)
+            return
         assert self._placement_pool is not None and self.placer is not None
         args = (self.placer, out, seqs, self.host.views, self.host.checksum_pieces, self._fused_place)
         self._placing += 1
@@ -211,6 +221,9 @@ class SendPath(SessionState):
             return
         scheduler = self.host.scheduler
         if exc is not None:  # fall back to sending the bytes; the chunks go again
+            close_placer = getattr(self.placer, "close", None)
+            if close_placer is not None:
+                close_placer()
             self.placer = None
             scheduler.widen(self.peer, 1)
             self.host.placement_failed(self, exc)

@@ -54,6 +54,7 @@ class SessionState:
         self._send_limit = host.config.send_lanes
         self._staging_in = memoryview(bytearray(0))
         self._decoded: Any = None
+        self._device_in: Any = None  # device KV: the staging tensor the frame being read lands in
         self._target_kind = 0  # where the frame being read lands: IN_PLACE, STAGED, ... (session_receive)
         self.peer_codecs: frozenset[str] = frozenset()  # what the peer decodes (from the handshake)
         # codec_policy=auto: stored bytes/s of the last large transfer sent as stored or with each codec
@@ -115,4 +116,8 @@ class SessionState:
     if TYPE_CHECKING:  # what both paths call of the session (defined in :mod:`.session`)
 
         def post(self, message: Any) -> None: ...
+        def _accept(self, inc: Incoming, seq: int) -> None: ...
+        def _placed(
+            self, out: Outgoing, seqs: list[int], attempts: list[int], results: Any, exc: BaseException | None
+        ) -> None: ...
         def _chunk_sent(self, task: asyncio.Task[None]) -> None: ...

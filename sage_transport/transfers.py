@@ -64,6 +64,7 @@ class Outgoing:
         "bad_copies",
         "bytes_sent",
         "bytes_verified",
+        "checksum",
         "chunks_verified",
         "codec",
         "counted",
@@ -108,6 +109,7 @@ class Outgoing:
         self.sent_at: list[float] | None = None  # per chunk, when telemetry measures chunk latency
         self.counted = False  # counted as communication in flight by the channel's Telemetry
         self.codec: ChunkCodec | None = None  # the chunks' wire form when not as stored
+        self.checksum: Any = None  # the per-chunk checksum the announcement names (None: integrity off)
         self.wire_bytes: list[int] | None = None  # per chunk, payload bytes of its last copy (with a codec)
         self.placing = 0  # chunks being written straight into the peer's memory right now
         #: a one-chunk transfer's announcement, until it goes out as the header of that chunk (one frame, one

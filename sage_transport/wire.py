@@ -35,6 +35,7 @@ __all__ = [
     "Attest",
     "Attested",
     "Chunk",
+    "DeviceWindow",
     "Fence",
     "Hello",
     "MAX_CONTROL_BYTES",
@@ -87,6 +88,7 @@ class Region(msgspec.Struct, frozen=True, array_like=True):
 
     schema: KVCacheSchema
     geometry: KVGeometry
+    kind: Annotated[str, Meta(max_length=16)] = "cpu"  # where it lives: ``cpu``, or ``cuda`` (device KV)
 
 
 class Welcome(msgspec.Struct, frozen=True, array_like=True, tag="welcome"):
@@ -170,6 +172,17 @@ class Nack(msgspec.Struct, frozen=True, array_like=True, tag="n"):
     reason: Reason
 
 
+class DeviceWindow(msgspec.Struct, frozen=True, array_like=True):
+    """Device KV a same-host peer may write (:mod:`.device.ipc`): ``kind`` (``cuda``; ``emulated`` in tests), the
+    device's ``uuid``, one CUDA IPC handle per allocation holding the buffers, and per buffer ``[allocation,
+    offset, nbytes]``. An emulated window's buffers come as memfds instead of handles."""
+
+    kind: Annotated[str, Meta(max_length=16)]
+    uuid: Annotated[str, Meta(max_length=64)]
+    handles: Annotated[list[Annotated[bytes, Meta(max_length=64)]], Meta(max_length=4096)]
+    segments: Annotated[list[Annotated[list[U64], Meta(min_length=3, max_length=3)]], Meta(min_length=1, max_length=4096)]
+
+
 class Window(msgspec.Struct, frozen=True, array_like=True):
     """The registered memory a side lets a same-host peer write directly: its host identity, each buffer's
     address and size (for CMA, into the process the kernel attested) and whether the buffers are shared
@@ -179,6 +192,7 @@ class Window(msgspec.Struct, frozen=True, array_like=True):
     host: Annotated[str, Meta(max_length=512)]
     buffers: Annotated[list[Annotated[list[U64], Meta(min_length=2, max_length=2)]], Meta(min_length=1, max_length=4096)]
     shared: bool = False
+    device: DeviceWindow | None = None  # device memory: written through CUDA IPC, never CMA
 
 
 class Presentation(msgspec.Struct, frozen=True, array_like=True):

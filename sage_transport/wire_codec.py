@@ -20,7 +20,7 @@ from functools import cache
 from typing import Any
 
 from .config import Compression
-from .errors import ConfigError, ProtocolError
+from .errors import ConfigError, ProtocolError, UnsupportedError
 from .schema import DType
 
 __all__ = ["QUANTISED", "ChunkCodec", "codec_throughput", "local_codecs"]
@@ -190,6 +190,31 @@ class ChunkCodec:
             return
         decode(encoded, self._spec, torch.frombuffer(scratch, dtype=self._torch, count=nbytes // self.element_bytes))
         _scatter(scratch[:nbytes], targets)
+
+    # ---- on a device (GPU KV: :mod:`.device.kv`) --------------------------------------------------------
+
+    def encode_tensor(self, source: Any, out: Any, finite: Any) -> None:
+        """Quantise ``source`` (a chunk's stored bytes, a uint8 tensor) into ``out`` on its device, queued on the
+        current stream; ``finite`` (bool[1]) is set to whether every value was finite. Quantisation only: a
+        compressor runs on the host."""
+        if self._spec is None or self._compressor is not None:
+            raise UnsupportedError(f"codec {self.name} does not run on a device: only fp8, int8 and int4 without compression")
+        from .codec import encode
+
+        encode(source.view(self._torch), self._spec, out, finite=finite)
+
+    def decode_tensor(self, payload: Any, nbytes: int, out: Any) -> None:
+        """Dequantise ``payload`` (a uint8 tensor on a device) into ``out[:nbytes]``, queued on the current stream."""
+        if self._spec is None or self._compressor is not None:
+            raise UnsupportedError(f"codec {self.name} does not run on a device: only fp8, int8 and int4 without compression")
+        from .codec import decode
+
+        decode(payload, self._spec, out[:nbytes].view(self._torch))
+
+    @property
+    def runs_on_device(self) -> bool:
+        """Whether :meth:`encode_tensor` and :meth:`decode_tensor` take it (quantisation, no compression)."""
+        return self._spec is not None and self._compressor is None
 
 
 def _scatter(data: memoryview, targets: Sequence[memoryview]) -> None:

@@ -389,13 +389,26 @@ async def test_matching_tokens_connect() -> None:
         assert pair.receiver.peers == ["prefill"]
 
 
-async def test_cuda_memory_is_refused_by_a_cpu_only_transport() -> None:
-    class FakeCuda:
+async def test_cuda_memory_where_torch_sees_no_gpu_is_refused_at_registration() -> None:
+    class FakeCuda:  # a CUDA tensor's shape of things, on a machine without CUDA
         is_cuda = True
+        device = "cuda:0"
 
-    async with KVTransferChannel(MockTransport(), name="x") as channel:
-        with pytest.raises(UnsupportedError, match="moves cpu memory, not cuda"):
-            channel.register(KVMemory(SMALL, 4, FakeCuda()))
+        def is_contiguous(self) -> bool:
+            return True
+
+        def numel(self) -> int:
+            return SMALL.num_layers * 2 * 4 * SMALL.page_bytes
+
+        def element_size(self) -> int:
+            return 1
+
+    memory = KVMemory(SMALL, 4, FakeCuda())
+    assert memory.kind == "cuda" and memory.device == "cuda:0"
+    async with KVTransferChannel(MockTransport(), name="x") as channel:  # any transport moves device KV (staged)
+        if not torch.cuda.is_available():
+            with pytest.raises(UnsupportedError, match="torch sees no CUDA device"):
+                channel.register(memory)
 
 
 async def test_unopened_channel_refuses_work() -> None:

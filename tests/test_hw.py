@@ -411,14 +411,14 @@ def test_profile_picks_rdma_rails_nearest_the_buffer_and_never_tcp_on_one_host(t
     assert profile.numa_node == 1 and profile.buffer_device == "gpu2"
     assert profile.net_devices[0] == "mlx5_1:1"  # the NUMA-local HCA first
     assert "tcp" not in profile.ucx_tls_same_host and {"sm", "cma"} <= set(profile.ucx_tls_same_host)
-    # host KV only until GPU KV lands: no GPU transport is configured, and the profile says why
-    assert not {"cuda_copy", "cuda_ipc"} & set(profile.ucx_tls) and not profile.gpu_direct_rdma
-    assert any("no transport registers GPU memory yet" in r for r in profile.reasons)
+    # NVIDIA GPU KV moves on the device: CUDA transports for same-host peers, cuda_copy staging for remote ones
+    assert {"cuda_copy", "cuda_ipc"} <= set(profile.ucx_tls_same_host) and "cuda_copy" in profile.ucx_tls_remote
+    assert profile.gpu_direct_rdma is ("nvidia_peermem" in info.kernel_modules)
     assert {"rc", "ud", "dc", "tcp"} <= set(profile.ucx_tls_remote)
     assert profile.alignment == 65536
     assert profile.chunk_size == 8 << 20 and profile.window == 16
     options = profile.ucx_options(environ={})
-    assert options["NET_DEVICES"].startswith("mlx5_1:1") and "cuda" not in options["TLS"]
+    assert options["NET_DEVICES"].startswith("mlx5_1:1") and "cuda_copy,cuda_ipc" in options["TLS"]
     assert "TLS" not in profile.ucx_options(environ={"UCX_TLS": "tcp"})  # the user's environment wins
     cpu = TransportProfile.derive(info, KVTransportConfig(), "numa0")
     assert cpu.net_devices[0] == "mlx5_0:1" and cpu.alignment == 4096 and not cpu.gpu_direct_rdma
@@ -484,4 +484,4 @@ def test_real_nvml_probe_finds_the_gpus_and_exports_an_nccl_topology() -> None:
     root = ET.fromstring(to_nccl_xml(info) or "")
     assert len(list(root.iter("gpu"))) == len(gpus)
     profile = TransportProfile.derive(info, KVTransportConfig(), gpus[0].id)
-    assert not {"cuda_copy", "cuda_ipc"} & set(profile.ucx_tls_same_host) and profile.alignment == 65536  # host KV only
+    assert {"cuda_copy", "cuda_ipc"} <= set(profile.ucx_tls_same_host) and profile.alignment == 65536  # GPU KV on the device

@@ -25,10 +25,11 @@ from .topology import TopologyInfo
 
 __all__ = ["INLINE_THRESHOLD", "MAX_RAILS", "TransportProfile"]
 
-#: Whether KV in GPU memory can be registered and moved. Not yet: every transport moves host memory only, so the
-#: profile configures no GPU IPC transport (``cuda_ipc``, ``rocm_ipc``) and no GPUDirect RDMA, whatever GPUs the
-#: probe finds (it still reports them and their links).
-GPU_KV = False
+#: GPU vendors whose KV in device memory the channel moves (:mod:`sage_transport.device`; UCX from the ucxx-cu12
+#: wheels has CUDA transports): for them the profile adds ``cuda_copy`` and ``cuda_ipc`` for same-host peers,
+#: ``cuda_copy`` (pipelining through host memory) for remote ones, and GPUDirect RDMA where the HCA may read GPU
+#: memory (``nvidia_peermem``). Other GPUs' KV is moved from host memory (no ROCm UCX in those wheels).
+GPU_KV = frozenset({"nvidia"})
 
 #: Payloads up to this size ride inside the UCX transport's head message (one message, no rendezvous).
 INLINE_THRESHOLD = 8192
@@ -82,18 +83,18 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
         vendors = {d.vendor for d in topology.accelerators} | _gpu_vendors_from_pci(topology)
 
         same_host = ["sm", "cma"]
-        if GPU_KV and "nvidia" in vendors:
+        if "nvidia" in GPU_KV and "nvidia" in vendors:
             same_host += ["cuda_copy", "cuda_ipc"]
-        if GPU_KV and "amd" in vendors:
+        if "amd" in GPU_KV and "amd" in vendors:
             same_host += ["rocm_copy", "rocm_ipc"]
         same_host.append("self")
         reasons.append(
             f"same-host peers: {','.join(same_host)} (shared memory, CMA{', GPU IPC' if len(same_host) > 3 else ''}; never TCP)"
         )
-        if vendors & {"nvidia", "amd"} and not GPU_KV:
+        if (vendors & {"nvidia", "amd"}) - GPU_KV:
             reasons.append(
-                f"{'/'.join(sorted(vendors & {'nvidia', 'amd'}))} GPUs here, but KV is moved from host memory only: no "
-                "transport registers GPU memory yet, so no GPU IPC transport or GPUDirect RDMA is configured"
+                f"{'/'.join(sorted((vendors & {'nvidia', 'amd'}) - GPU_KV))} GPUs here, whose KV is moved from host memory: "
+                "no GPU IPC transport or GPUDirect RDMA is configured for them"
             )
 
         ports = [p for p in topology.rdma_ports if p.active and p.rate_gbps > 0]
@@ -110,6 +111,8 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
                 f"remote peers: RDMA over {', '.join(p.ucx_name for p in rails_ports)} ({rails_ports[0].rate_gbps:g} Gb/s, "
                 f"{'InfiniBand' if rails_ports[0].link_layer.lower() == 'infiniband' else 'RoCE'}), nearest NUMA node {numa}"
             )
+        if "nvidia" in GPU_KV and "nvidia" in vendors:
+            remote.append("cuda_copy")  # device KV to a remote peer without GPUDirect: pipelined through host memory
         remote.append("tcp")
         nics = [n for n in topology.network_interfaces if n.operstate in ("up", "unknown")]
         chosen = _nearest([n for n in nics if not n.virtual] or nics, numa, lambda n: n.numa_node, lambda n: n.speed_mbps or 0)
@@ -135,8 +138,8 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
 
         gpu = kind in (DeviceKind.GPU, DeviceKind.DCU, DeviceKind.NPU, DeviceKind.MLU, DeviceKind.XPU)
         gpu_direct = (
-            GPU_KV and gpu and bool(rails_ports)
-            and bool({"nvidia_peermem", "nv_peer_mem", "amdgpu_peermem"} & set(topology.kernel_modules))
+            bool(vendors & GPU_KV) and gpu and bool(rails_ports)
+            and bool({"nvidia_peermem", "nv_peer_mem"} & set(topology.kernel_modules))
         )  # fmt: skip
         alignment = 65536 if gpu else 4096
         reasons.append(

@@ -153,7 +153,9 @@ class Transport(_AsyncResource):
     """A way to reach peers. Subclasses set ``name`` and ``capabilities``."""
 
     name: ClassVar[str]
-    capabilities: ClassVar[TransportCapabilities]
+    #: what the transport class can do; an instance may narrow or widen it for its own set-up (UCX declares
+    #: ``cuda`` memory only where its CUDA transports are installed and allowed)
+    capabilities: TransportCapabilities
 
     @classmethod
     def from_config(cls, config: Any) -> Transport:

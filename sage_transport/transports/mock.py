@@ -307,7 +307,7 @@ class MockTransport(Transport):
     """In-memory transport on a :class:`MockNetwork` (a private one unless ``network`` is given)."""
 
     name: ClassVar[str] = "mock"
-    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
+    capabilities: TransportCapabilities = TransportCapabilities(
         memory_kinds=frozenset({"cpu"}), ordered=True, max_message_size=1 << 31, zero_copy=True
     )
 

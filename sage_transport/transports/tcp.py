@@ -455,7 +455,7 @@ class TcpTransport(Transport):
     """Framed TCP on asyncio (uvloop when the loop is uvloop's)."""
 
     name: ClassVar[str] = "tcp"
-    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
+    capabilities: TransportCapabilities = TransportCapabilities(
         memory_kinds=frozenset({"cpu"}), ordered=True, max_message_size=_MAX_PAYLOAD, zero_copy=True
     )
 

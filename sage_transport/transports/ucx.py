@@ -313,6 +313,9 @@ class UcxConnection(Connection):
             await self._link_send(header, payload)
             self._counts[0] += 1
             return
+        if payload is not None and getattr(payload, "is_cuda", False):
+            await self._send_device(ep, header, payload)
+            return
         view = None if payload is None else as_byte_view(payload)
         nbytes = 0 if view is None else view.nbytes
         if nbytes > self.transport.capabilities.max_message_size:
@@ -341,6 +344,33 @@ class UcxConnection(Connection):
             for request, keepalive in requests:
                 if not request.completed:
                     self._progress.track(request, keepalive, False, self, True)
+            raise
+
+    async def _send_device(self, ep: Any, header: bytes, payload: Any) -> None:
+        """A frame whose payload is device memory (a CUDA tensor): UCX reads it there (``cuda_copy``/``cuda_ipc``/
+        GPUDirect). Never inline in the head message."""
+        nbytes = payload.numel() * payload.element_size()
+        if nbytes > self.transport.capabilities.max_message_size:
+            raise FrameTooLargeError(f"payload of {nbytes} bytes exceeds max_message_size")
+        hlen = len(header)
+        inline = hlen + _PREFIX.size <= HEAD_SLOT
+        prefix = _PREFIX.pack(hlen, nbytes + 1)
+        head = _Array(prefix + header if inline else prefix)
+        requests = [(ep.tag_send(head, self._tag_head_out), head)]
+        if not inline:
+            extra = _Array(header)
+            requests.append((ep.tag_send(extra, self._tag_data_out), extra))
+        data = _Array(payload)
+        requests.append((ep.tag_send(data, self._tag_data_out), data))
+        self._counts[0] += 1
+        self._counts[2] += nbytes
+        try:
+            for request, keepalive in requests:
+                await self._wait(request, (keepalive, payload), sending=True)
+        except asyncio.CancelledError:
+            for request, keepalive in requests:
+                if not request.completed:
+                    self._progress.track(request, (keepalive, payload), False, self, True)
             raise
 
     # ---- receive ------------------------------------------------------------------------------------
@@ -385,6 +415,8 @@ class UcxConnection(Connection):
                 if not inline_at:
                     await self._discard(nbytes)
                 raise
+            if target is not None and getattr(target, "is_cuda", False):  # device staging: UCX writes it there
+                return await self._recv_device(header, target, nbytes, inline_at)
             view = as_byte_view(bytearray(nbytes) if target is None else target, writable=True)
             if view.nbytes != nbytes:
                 if not inline_at:
@@ -398,6 +430,19 @@ class UcxConnection(Connection):
         except asyncio.CancelledError:
             self._broken = "a receive was cancelled in the middle of a frame"
             raise
+
+    async def _recv_device(self, header: bytes, target: Any, nbytes: int, inline_at: int) -> Frame:
+        if target.numel() * target.element_size() != nbytes:
+            if not inline_at:
+                await self._discard(nbytes)
+            raise ProtocolError(f"sink gave {target.numel() * target.element_size()} bytes for a {nbytes}-byte payload")
+        if inline_at:  # a small payload rode in the head message: up to the device
+            import torch
+
+            target.copy_(torch.frombuffer(bytearray(self._head_buf[inline_at : inline_at + nbytes]), dtype=torch.uint8))
+        else:
+            await self._recv_into(target)
+        return Frame(header, target)
 
     async def _recv_into(self, buffer: Any) -> None:
         array = _Array(buffer)
@@ -481,6 +526,31 @@ def environment_before_ucxx() -> dict[str, str]:
     return dict(os.environ)
 
 
+def cuda_support(tls: str | None) -> bool:
+    """Whether UCX moves CUDA memory here: its CUDA transport library is installed, the transports allowed
+    (``tls``, else ``UCX_TLS``) include ``cuda_copy``, and torch sees a CUDA device (imported only if already in
+    this process: nothing registers CUDA memory without it)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return False
+    allowed = tls if tls is not None else os.environ.get("UCX_TLS", "all")
+    names = [t.strip() for t in allowed.split(",") if t.strip()]
+    if allowed.startswith("^"):
+        if {"cuda", "cuda_copy"} & {n.lstrip("^") for n in names}:
+            return False
+    elif not {"all", "cuda", "cuda_copy"} & set(names):
+        return False
+    try:
+        import libucx
+    except ImportError:
+        return False
+    return any(
+        name.startswith("libuct_cuda.so") for name in os.listdir(os.path.join(os.path.dirname(libucx.__file__), "lib", "ucx"))
+    )
+
+
 def parked_workers() -> int:
     """UCX workers parked in this process after a same-host peer died with sends in flight (see above)."""
     return sum(len(slots) for slots in _PARKED.values())
@@ -491,7 +561,7 @@ class UcxTransport(Transport):
     UCX's default); ``locality`` forces the endpoint kind (``auto``, ``local`` or ``remote``)."""
 
     name: ClassVar[str] = "ucx"
-    capabilities: ClassVar[TransportCapabilities] = TransportCapabilities(
+    capabilities: TransportCapabilities = TransportCapabilities(
         memory_kinds=frozenset({"cpu"}), ordered=True, max_message_size=1 << 40, zero_copy=True
     )
 
@@ -519,6 +589,8 @@ class UcxTransport(Transport):
         self.options = dict(options or {})
         self.profile: TransportProfile | None = None  # set by from_config
         self.host_id = host_identity()
+        if cuda_support(tls):  # device KV goes from and lands in device memory (cuda_copy, cuda_ipc, GPUDirect)
+            self.capabilities = msgspec.structs.replace(UcxTransport.capabilities, memory_kinds=frozenset({"cpu", "cuda"}))
         self._slot: _WorkerSlot | None = None
         self._worker: Any = None
         self._progress: WorkerProgress | None = None
