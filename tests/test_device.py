@@ -402,3 +402,33 @@ async def test_gpu_layers_wait_for_a_cuda_event_and_codecs_run_on_the_gpu() -> N
     sent = torch.from_numpy(device_pages(src).copy()).view(torch.bfloat16).float()
     got = torch.from_numpy(device_pages(dst).copy()).view(torch.bfloat16).float()
     assert (got - sent).abs().max().item() / sent.abs().max().item() < 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+async def test_vllm_layer_views_on_the_gpu_move_once_each_layers_event_fired() -> None:
+    from sage_transport.integrations.vllm_layout import paged_kv
+
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    src = {n: torch.randn(2, 64, 16, 2, 64, dtype=torch.float16, device="cuda") for n in names}  # vLLM's per-layer views
+    dst = {n: torch.zeros_like(t) for n, t in src.items()}
+    memories = []
+    for caches in (src, dst):
+        paged = paged_kv(caches)
+        memories.append(KVMemory(paged.schema, paged.num_blocks, list(paged.buffers)))
+    assert {m.kind for m in memories} == {"cuda"}
+    schema, order = memories[0].schema, shuffled(64, 8)
+    async with mock_pair(memories[0], memories[1], KVTransportConfig(chunk_size=64 << 10)) as (_, sender, _receiver, peer):
+        plan = TransferPlan.for_blocks(peer, schema, range(64), order, progressive=True)
+        handle = sender.submit(plan)
+        compute = torch.cuda.Stream()
+        for layer in range(schema.num_layers):
+            with torch.cuda.stream(compute):
+                torch.cuda._sleep(2_000_000)  # the layer's attention
+                event = torch.cuda.Event()
+                event.record(compute)
+            sender.mark_layer_ready(plan.transfer_id, layer, event=event)
+        result = await handle.wait()
+        assert result.integrity.value == "verified"
+    for name in names:
+        assert torch.equal(dst[name][:, order], src[name])

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from sage_transport import KVMemory
 from sage_transport.errors import PlanError
-from sage_transport.integrations.lmdeploy import ByteRun, PoolGeometry, _is_device_pointer, coalesce, runs_to_mappings
+from sage_transport.integrations.lmdeploy import ByteRun, PoolGeometry, _is_device_pointer, _Pool, coalesce, runs_to_mappings
 from sage_transport.plan import BlockMapping
 
 PAGE = 256
@@ -72,9 +73,18 @@ def test_host_memory_is_not_a_device_pointer() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_memory_is_a_device_pointer_so_a_cuda_pool_is_refused() -> None:
+def test_a_cuda_pool_is_registered_as_device_kv_over_its_own_memory() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here: the device-pointer check runs on the GPU machine (bench/gpu_check.sh)")
-    assert _is_device_pointer(torch.zeros(16, device="cuda").data_ptr()) is True
-    assert _is_device_pointer(torch.zeros(16).pin_memory().data_ptr()) is False  # pinned host memory moves fine
+    pool_memory = torch.arange(4096, dtype=torch.int32, device="cuda")
+    assert _is_device_pointer(pool_memory.data_ptr()) is True
+    assert _is_device_pointer(torch.zeros(16).pin_memory().data_ptr()) is False  # pinned host memory is host KV
+    pool = _Pool(0, pool_memory.data_ptr(), pool_memory.numel() * 4)
+    pool.on_device = True
+    buffer = pool.buffer()
+    assert buffer.is_cuda and buffer.data_ptr() == pool_memory.data_ptr() and buffer.numel() == 4096 * 4
+    memory = KVMemory(PoolGeometry(4, 4, 1024).schema(), 4, buffer)
+    assert memory.kind == "cuda"
+    buffer[:4].fill_(0)
+    assert int(pool_memory[0]) == 0  # the same memory: nothing was copied

@@ -5,6 +5,7 @@ and worker pull it over UCX into the blocks vLLM allocated. Skipped where vLLM i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,10 +52,14 @@ def make_connector(
     )
 
 
+#: where the KV caches live: ``cuda`` runs these tests over GPU KV (a GPU machine with vLLM's CUDA build)
+KV_DEVICE = os.environ.get("SAGE_TEST_KV_DEVICE", "cpu")
+
+
 def kv_caches(fill: bool) -> dict[str, torch.Tensor]:
     caches = {}
     for layer in range(LAYERS):
-        t = torch.zeros(2, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, dtype=torch.float16)  # integers exact to 2048
+        t = torch.zeros(2, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM, dtype=torch.float16, device=KV_DEVICE)  # exact to 2048
         if fill:  # every (layer, plane, block) page holds its own value
             for plane in range(2):
                 t[plane] = torch.arange(BLOCKS, dtype=torch.float16).view(-1, 1, 1, 1) + 100 * layer + 1000 * plane

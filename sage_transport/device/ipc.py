@@ -103,8 +103,8 @@ def export_window(kv: DeviceKV) -> tuple[DeviceWindow, list[int]]:
     return DeviceWindow("cuda", runtime.device_uuid(), handles, segments), []
 
 
-class _DevicePointer:
-    """A device range torch can wrap without copying (``__cuda_array_interface__``)."""
+class device_range:
+    """``nbytes`` of device memory at ``pointer`` as torch can wrap it without copying (``__cuda_array_interface__``)."""
 
     def __init__(self, pointer: int, nbytes: int) -> None:
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (pointer, False), "version": 3}
@@ -154,7 +154,7 @@ def open_window(window: DeviceWindow, kv: DeviceKV, sizes: list[int], fds: list[
             for i, (allocation, offset, nbytes) in enumerate(window.segments):
                 if allocation >= len(mapped) or offset + nbytes > mapped[allocation][1]:
                     raise UnsupportedError(f"the peer's buffer {i} lies outside the allocation it names")
-                tensors.append(torch.as_tensor(_DevicePointer(mapped[allocation][0] + offset, nbytes), device=runtime.device))
+                tensors.append(torch.as_tensor(device_range(mapped[allocation][0] + offset, nbytes)))
     except BaseException:
         close()
         raise

@@ -23,9 +23,10 @@ own, as a KV cache of ``rows`` layers with one page per (row, block) entry (the 
 ``cache_pools`` metadata), coalesces adjacent assignments, turns them into block mappings and pulls them
 (:meth:`~sage_transport.channel.KVTransferChannel.pull`, decode-critical priority). Pools are moved as bytes: they
 hold K, V and any scales together, so the wire codec never quantises them (lossless compression still applies).
-Host memory only: a CUDA pool raises :class:`~sage_transport.errors.UnsupportedError` at registration. LMDeploy
-0.18 always allocates its cache pools on the device (it has no CPU device), so until GPU KV lands this backend
-cannot serve a real LMDeploy deployment; the tests run LMDeploy's ``CacheEngine`` over CPU pools, a stand-in.
+Pools in device memory (LMDeploy 0.18 allocates them on the GPU) are registered as device KV (CUDA asks the
+pointer's memory type): they move on the device (:mod:`sage_transport.device`: fletcher64 checksums there, UCX
+``cuda_copy``/``cuda_ipc`` or pinned staging, CUDA IPC placement on one host); host pools as host KV. The CPU
+tests run LMDeploy's ``CacheEngine`` over CPU pools; the GPU tests over its CUDA pools.
 
 Settings come from ``SAGE_TRANSPORT_*`` variables (:meth:`KVTransportConfig.resolve`): ``listen_host`` (an address
 other than loopback needs ``auth_token``), ``listen_port`` (pool ``i`` listens on ``listen_port + i``; 0: any free
@@ -48,7 +49,7 @@ from typing import Any, NamedTuple
 
 from ..channel import KVTransferChannel
 from ..config import KVTransportConfig
-from ..errors import ConfigError, PlanError, UnsupportedError
+from ..errors import ConfigError, PlanError
 from ..memory import KVMemory
 from ..plan import BlockMapping, Priority, TransferPlan
 from ..schema import DType, KVCacheSchema, Layout
@@ -204,6 +205,17 @@ class _Pool:
         self.channel: KVTransferChannel | None = None
         self.listen_address = ""
         self.geometry: PoolGeometry | None = None
+        self.on_device = False  # a CUDA pool: registered as device KV
+
+    def buffer(self) -> Any:
+        """The pool's bytes without a copy: a uint8 CUDA tensor over device memory, or a ctypes array."""
+        if self.on_device:
+            import torch
+
+            from ..device.ipc import device_range
+
+            return torch.as_tensor(device_range(self.address, self.length))
+        return (ctypes.c_ubyte * self.length).from_address(self.address)
 
 
 class _Link:
@@ -253,12 +265,8 @@ class SageMigrationBackend(MigrationBackendImpl):  # type: ignore[misc]
             return
         if length <= 0:
             raise ConfigError(f"memory region mr_key={key} has length={length}")
-        if _is_device_pointer(address):
-            raise UnsupportedError(
-                f"memory region mr_key={key} at {address:#x} is CUDA device memory; SageMigrationBackend moves host "
-                "memory only (use LMDeploy's DLSlime or Mooncake backend for GPU-resident KV)"
-            )
         pool = _Pool(key, address, length)
+        pool.on_device = _is_device_pointer(address)
         port = self.config.listen_port + len(self._pools) if self.config.listen_port else 0
         self._loop.call(self._open_pool(pool, port), timeout=self.config.connect_timeout_s + 30)
         self._pools[key] = pool
@@ -313,9 +321,8 @@ class SageMigrationBackend(MigrationBackendImpl):  # type: ignore[misc]
             link.remote_geometry[key] = geometry
             link.remote_addresses[key] = str(remote[key]["address"])
             if pool.geometry is None:
-                buffer = (ctypes.c_ubyte * pool.length).from_address(pool.address)
                 assert pool.channel is not None
-                pool.channel.register(KVMemory(local.schema(), local.entries, buffer))
+                pool.channel.register(KVMemory(local.schema(), local.entries, pool.buffer()))
                 pool.geometry = local
             elif pool.geometry != local:
                 raise ConfigError(

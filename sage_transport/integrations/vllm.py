@@ -253,6 +253,8 @@ class SageKVConnector(*_BASES):  # type: ignore[misc]
         self._channel: KVTransferChannel | None = None
         self._address = ""
         self._paged: PagedKV | None = None
+        self._on_device = False  # GPU KV: layers are ready once an event recorded on the compute stream fired
+        self._last_event: Any = None  # the latest such event: the compute stream is in order, so it covers all before
         self._bound: Any = None  # the metadata last taken (vLLM binds one per step)
         self._peers: dict[str, str] = {}  # remote address → peer name
         self._connecting: dict[str, asyncio.Lock] = {}  # remote address → held while connecting (on the loop)
@@ -312,6 +314,7 @@ class SageKVConnector(*_BASES):  # type: ignore[misc]
         assert self._channel is not None
         self._channel.register(memory)
         self._paged = paged
+        self._on_device = memory.kind == "cuda"
         log.info(
             "vllm.kv_registered", channel=self._channel.name, tp_rank=self._tp_rank, layers=len(kv_caches),
             memory=paged.description, bytes=memory.nbytes,
@@ -489,21 +492,34 @@ class SageKVConnector(*_BASES):  # type: ignore[misc]
                 produced.serving = False
             return
         if progressive and ready:
-            self._channel.mark_layer_ready(tid, sorted(ready))
+            self._channel.mark_layer_ready(tid, sorted(ready), event=self._last_event)
 
-    def _layers_saved(self, tids: list[str], layers: list[int]) -> None:
-        """On the loop: layers of these prefills are computed; a transfer serving them may send those chunks."""
+    def _layers_saved(self, tids: list[str], layers: list[int], event: Any = None) -> None:
+        """On the loop: layers of these prefills are computed (on GPU KV: once ``event`` fired); a transfer serving
+        them may send those chunks."""
         assert self._channel is not None
         for tid in tids:
             produced = self._produced.get(tid)
             if produced is not None and produced.serving:
                 with contextlib.suppress(SageTransportError):  # finished or failed meanwhile
-                    self._channel.mark_layer_ready(tid, layers)
+                    self._channel.mark_layer_ready(tid, layers, event=event)
+
+    def _computed(self) -> Any:
+        """On GPU KV, an event recorded on the engine's current stream now (after the layer just computed): the
+        channel sends the layer's chunks once it fired, polling it, never synchronising the stream. ``None`` on
+        host KV, which is in memory when vLLM calls the save hooks."""
+        if not self._on_device:
+            return None
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream())
+        self._last_event = event
+        return event
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         """A layer of this step's forward pass is computed: prefills completing in this step have it ready, and a
         decode already pulling gets its chunks now, while the next layers compute (layer-wise overlap). On CPU KV
-        the layer is in memory when vLLM calls this; the adapter moves host memory only."""
+        the layer is in memory when vLLM calls this; on GPU KV an event recorded on the compute stream now marks it
+        (:meth:`_computed`), so nothing waits for the GPU here."""
         self._take_metadata()
         layers = self._paged.layers.get(layer_name) if self._paged is not None else None
         if not layers or not self._step_saves:
@@ -513,7 +529,7 @@ class SageKVConnector(*_BASES):  # type: ignore[misc]
                 produced = self._produced.get(tid)
                 if produced is not None:
                     produced.layers.update(layers)
-        self._loop.loop.call_soon_threadsafe(self._layers_saved, list(self._step_saves), list(layers))
+        self._loop.loop.call_soon_threadsafe(self._layers_saved, list(self._step_saves), list(layers), self._computed())
 
     def wait_for_save(self) -> None:
         """The forward pass is done: every layer of this step's completing prefills is ready (the transfers keep
@@ -527,7 +543,7 @@ class SageKVConnector(*_BASES):  # type: ignore[misc]
                 produced = self._produced.get(tid)
                 if produced is not None:
                     produced.layers.update(every)
-        self._loop.loop.call_soon_threadsafe(self._layers_saved, list(self._step_saves), every)
+        self._loop.loop.call_soon_threadsafe(self._layers_saved, list(self._step_saves), every, self._computed())
         self._step_saves = []
 
     def wait_for_layer_load(self, layer_name: str) -> None:

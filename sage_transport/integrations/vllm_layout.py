@@ -141,8 +141,9 @@ def paged_kv(kv_caches: Mapping[str, Any], groups: Mapping[str, int] | None = No
     dtype = fp8 if text in ("torch.uint8", "torch.int8") else _DTYPES.get(text)
     if dtype is None:
         raise ConfigError(f"KV dtype {text} is not bf16, fp16, fp32 or fp8")
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ConfigError(f"KV on {tensors[0].device}: SageKVConnector moves host (CPU) KV only until GPU KV lands")
+    devices = {str(t.device) for t in tensors}
+    if len(devices) != 1:
+        raise ConfigError(f"KV layers live on {sorted(devices)}: one worker's KV is on one device")
     all_series: list[_Series] = []
     page = stride = blocks = -1
     heads = 1
