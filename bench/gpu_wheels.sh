@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir .whl
-for pkg in msgspec crc32c structlog pytest-asyncio; do
+# ucxx and the UCX it loads (libucx-cu12 carries UCX's CUDA transports): the GPU KV tests and bench/gpu_kv_bench.py
+# run over UCX. Without their dependencies (rmm, cuda-core: what ucxx's own CUDA helpers use, which we never call),
+# so the carry stays under its 64 MiB (about 50 MB in all).
+for pkg in msgspec crc32c structlog pytest-asyncio ucxx-cu12 libucxx-cu12 libucx-cu12 rapids-logger; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$pkg"

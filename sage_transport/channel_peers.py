@@ -273,6 +273,8 @@ class PeerManagement(ChannelCore):
         self, conn: Connection, peer: str, region: Region | None, codecs: frozenset[str], attestation: Attestation
     ) -> None:
         session = PeerSession(self._host, conn, peer, region)
+        if self._device is not None:  # the transport's context exists now: it says whether it moves device memory
+            self._host.device_wire = self._device.runtime.name == "cuda" and "cuda" in self.transport.capabilities.memory_kinds
         session.peer_codecs = codecs
         session.identity = attestation.identity
         session.trusted = self.config.auth_token is not None or (

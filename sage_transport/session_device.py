@@ -1,5 +1,6 @@
 """A session's device path: chunks of device KV (GPU memory) gathered, checksummed, encoded and landed on the
-device (:mod:`.device.kv`), and placed straight into a same-host peer's device KV (:mod:`.device.ipc`).
+device (:mod:`.device.kv`); placing them straight into a same-host peer's device KV is the send path's placement
+job, run by :class:`~sage_transport.device.ipc.DeviceWriter` on the device.
 
 Each step is queued on the channel's stream and awaited through an event, so the loop keeps moving other chunks
 while the device works. Frames, headers, windows, acknowledgements and resends are the host path's: only where
@@ -133,20 +134,3 @@ class DevicePath(SessionState):
             self._accept(inc, msg.seq)
 
         task.add_done_callback(checked)
-
-    # ---- placing ------------------------------------------------------------------------------------
-
-    def _start_device_placement(self, out: Outgoing, seqs: list[int], attempts: list[int]) -> None:
-        placer: Any = self.placer
-        write = placer.place(out.table, seqs, self.host.checksum is not None, lambda: out.stopped)
-        task = asyncio.ensure_future(write)
-
-        def done(t: asyncio.Task[list[tuple[int, int | None]]]) -> None:
-            if t.cancelled():
-                self._placed(out, seqs, attempts, None, None)
-            elif t.exception() is not None:
-                self._placed(out, seqs, attempts, None, t.exception())
-            else:
-                self._placed(out, seqs, attempts, t.result(), None)
-
-        task.add_done_callback(done)

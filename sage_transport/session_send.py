@@ -6,6 +6,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -170,10 +171,12 @@ class SendPath(DevicePath):
                     out.sent_at[seq] = started
                 if self.host.tracer is not None:
                     self.host.tracer.sent(self.peer, out.plan.transfer_id, seq, started, started)
-        if self.host.device is not None:  # into the peer's device KV, on the device
+        if self.host.device is not None:  # into the peer's device KV, on the device: copies awaited by an event
             self._placing += 1
             out.placing += 1
-            self._start_device_placement(out, seqs, attempts)
+            placer: Any = self.placer
+            task = asyncio.ensure_future(placer.place(out.table, seqs, out.checksum is not None, lambda: out.stopped))
+            task.add_done_callback(lambda f: self._placement_done(out, seqs, attempts, f))
             return
         assert self._placement_pool is not None and self.placer is not None
         args = (self.placer, out, seqs, self.host.views, self.host.checksum_pieces, self._fused_place)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from sage_transport import (
     ConfigError,
@@ -297,8 +298,7 @@ async def _to_peer_process(src_kind: str, dst_kind: str, config: str) -> dict[st
     schema, blocks = schema_for_test(), 64
     src = memory_of(src_kind, schema, blocks, seed=11)
     order = shuffled(blocks, 5)
-    ids = ["p0", "p1"]
-    args = ["--kind", dst_kind, "--blocks", str(blocks), "--config", config, *(a for t in ids for a in ("--transfer", t))]
+    args = ["--kind", dst_kind, "--blocks", str(blocks), "--config", config]
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sage_transport.testing.device_peer", *args,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -309,13 +309,15 @@ async def _to_peer_process(src_kind: str, dst_kind: str, config: str) -> dict[st
         async with KVTransferChannel("ucx", KVTransportConfig.from_string(config), name="sender") as sender:
             sender.register(src)
             peer = await sender.connect(address)
-            for tid in ids:
+            for tid in ("p0", "p1"):  # the first proves acceptance, then chunks may be placed
                 result = await sender.transfer(TransferPlan.for_blocks(peer, schema, range(blocks), order, transfer_id=tid))
                 assert result.integrity.value == "verified"
+            child.stdin.write(b"digest\n")
+            await child.stdin.drain()
             report = await _json_line(child.stdout)
             report["placement"] = sender.links()[peer]["placement"]
             report["placed"] = sender.statistics().chunks_placed
-        child.stdin.write(b"\n")
+        child.stdin.write(b"quit\n")
         await child.stdin.drain()
         assert await asyncio.wait_for(child.wait(), 30) == 0
     finally:
@@ -324,7 +326,7 @@ async def _to_peer_process(src_kind: str, dst_kind: str, config: str) -> dict[st
             await child.wait()
     expected = np.zeros_like(device_pages(src))
     expected[:, :, order] = device_pages(src)
-    report["expected"] = __import__("xxhash").xxh3_64_hexdigest(expected.tobytes())
+    report["expected"] = xxhash.xxh3_64_hexdigest(expected.tobytes())
     return report
 
 
@@ -339,7 +341,7 @@ async def _to_peer_process(src_kind: str, dst_kind: str, config: str) -> dict[st
 )
 async def test_device_kv_to_another_process(dst_kind: str, config: str, placement: str) -> None:
     report = await _to_peer_process("device", dst_kind, config)
-    assert report["verified"] and report["digest"] == report["expected"] and report["placement"] == placement
+    assert report["checksum_failures"] == 0 and report["digest"] == report["expected"] and report["placement"] == placement
     assert (report["placed"] > 0) is (placement != "none")
 
 
@@ -378,7 +380,7 @@ async def test_gpu_kv_moves_between_kinds(src_kind: str, dst_kind: str, backend:
 )
 async def test_two_processes_on_one_gpu(config: str, placement: str) -> None:
     report = await _to_peer_process("cuda", "cuda", config)
-    assert report["verified"] and report["digest"] == report["expected"] and report["placement"] == placement
+    assert report["checksum_failures"] == 0 and report["digest"] == report["expected"] and report["placement"] == placement
 
 
 @pytest.mark.gpu
@@ -432,3 +434,38 @@ async def test_vllm_layer_views_on_the_gpu_move_once_each_layers_event_fired() -
         assert result.integrity.value == "verified"
     for name in names:
         assert torch.equal(dst[name][:, order], src[name])
+
+
+# ---- UCX and device memory ---------------------------------------------------------------------------------
+
+
+@needs_ucx
+def test_ucx_declares_cuda_memory_only_where_it_may_move_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_transport.transports.ucx import cuda_support
+
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    if not HAS_CUDA:
+        assert cuda_support(None) is False  # torch sees no GPU: nothing registers CUDA memory
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda_support(None) is True and cuda_support("sm,cuda_copy,self") is True and cuda_support("all") is True
+    assert cuda_support("sm,cma,self") is False and cuda_support("^cuda_copy,cuda_ipc") is False
+    monkeypatch.setenv("UCX_TLS", "sm,self")
+    assert cuda_support(None) is False
+
+
+@needs_ucx
+async def test_a_ucx_context_without_cuda_resources_falls_back_to_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_transport.transports.ucx import UcxTransport, context_info
+
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as a GPU host whose UCX loads no CUDA transport
+    transport = UcxTransport()
+    try:
+        assert "cuda" in transport.capabilities.memory_kinds
+        transport._progress_driver()
+        info = context_info(transport._slot.context)  # type: ignore[union-attr]
+        assert "resource" in info and ("posix/" in info or "sysv/" in info)
+        if "cuda_copy/" not in info:
+            assert transport.capabilities.memory_kinds == frozenset({"cpu"})
+    finally:
+        await transport.aclose()

@@ -107,7 +107,13 @@ class device_range:
     """``nbytes`` of device memory at ``pointer`` as torch can wrap it without copying (``__cuda_array_interface__``)."""
 
     def __init__(self, pointer: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (pointer, False), "version": 3}
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (pointer, False),
+            "version": 3,
+            "strides": None,
+        }
 
 
 def open_window(window: DeviceWindow, kv: DeviceKV, sizes: list[int], fds: list[int]) -> DeviceWriter:

@@ -10,7 +10,6 @@ and only the stream, the events and the CUDA IPC calls are left to the GPU tests
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -18,24 +17,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedError
+from ..polling import poll_until
 
 __all__ = ["CudaRuntime", "DeviceRuntime", "EmulatedRuntime", "wait"]
 
-_YIELDS = 16
-_FIRST_SLEEP_S = 20e-6
-_MAX_SLEEP_S = 1e-3
-
 
 async def wait(done: Callable[[], bool]) -> None:
-    """Until ``done()`` (an event's ``query``): yield to the loop a few times, then sleep with a doubling back-off."""
-    spins, sleep = 0, _FIRST_SLEEP_S
-    while not done():
-        if spins < _YIELDS:
-            spins += 1
-            await asyncio.sleep(0)
-        else:
-            await asyncio.sleep(sleep)
-            sleep = min(sleep * 2, _MAX_SLEEP_S)
+    """Until ``done()`` (an event's ``query``), polled from the loop with the NCCL backend's back-off."""
+    await poll_until(done)
 
 
 class DeviceRuntime:
@@ -127,7 +116,9 @@ class CudaRuntime(DeviceRuntime):
         return self._torch.empty(nbytes, dtype=self._torch.uint8, pin_memory=True)
 
     def device_uuid(self) -> str:
-        return str(self._torch.cuda.get_device_properties(self.device).uuid)
+        props = self._torch.cuda.get_device_properties(self.device)
+        uuid = getattr(props, "uuid", None)  # torch >= 2.2; before it, the name and index (one process's view)
+        return str(uuid) if uuid is not None else f"{props.name}#{self.device.index}"
 
 
 class _Done:

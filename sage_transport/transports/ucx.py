@@ -116,14 +116,24 @@ def parse_protocol_table(text: str) -> dict[str, list[str]]:
 def endpoint_info(endpoint: Any) -> str:
     """What UCX says of an endpoint (``ucp_ep_print_info``: its lanes and protocol tables), read into memory: UCX
     prints nothing to the process's stdout, and no setting stays on after the endpoint is made."""
-    libucp, libc = _libraries()
+    return _printed(_libraries()[0].ucp_ep_print_info, endpoint.handle)
+
+
+def context_info(context: Any) -> str:
+    """What UCX says of a context (``ucp_context_print_info``: its components, memory domains and resources, e.g.
+    ``cuda_copy/cuda`` where it moves CUDA memory), read into memory."""
+    return _printed(_libraries()[0].ucp_context_print_info, context.handle)
+
+
+def _printed(print_info: Any, handle: int) -> str:
+    libc = _libraries()[1]
     size = ctypes.c_size_t()
     text = ctypes.c_char_p()
     stream = libc.open_memstream(ctypes.byref(text), ctypes.byref(size))
     if not stream:
         return ""
     try:
-        libucp.ucp_ep_print_info(ctypes.c_void_p(endpoint.handle), ctypes.c_void_p(stream))
+        print_info(ctypes.c_void_p(handle), ctypes.c_void_p(stream))
     finally:
         libc.fclose(ctypes.c_void_p(stream))  # flushes into ``text``
     try:
@@ -137,6 +147,8 @@ def _libraries() -> tuple[Any, Any]:
     libucp = ctypes.CDLL("libucp.so.0")  # the one ucxx loaded (found by its soname)
     libucp.ucp_ep_print_info.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     libucp.ucp_ep_print_info.restype = None
+    libucp.ucp_context_print_info.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    libucp.ucp_context_print_info.restype = None
     libc = ctypes.CDLL(None)
     libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
     libc.open_memstream.restype = ctypes.c_void_p
@@ -440,6 +452,7 @@ class UcxConnection(Connection):
             import torch
 
             target.copy_(torch.frombuffer(bytearray(self._head_buf[inline_at : inline_at + nbytes]), dtype=torch.uint8))
+            torch.cuda.current_stream(target.device).synchronize()  # a few KiB: in place before any stream reads it
         else:
             await self._recv_into(target)
         return Frame(header, target)
@@ -527,9 +540,10 @@ def environment_before_ucxx() -> dict[str, str]:
 
 
 def cuda_support(tls: str | None) -> bool:
-    """Whether UCX moves CUDA memory here: its CUDA transport library is installed, the transports allowed
+    """Whether UCX may move CUDA memory here: its CUDA transport library is installed, the transports allowed
     (``tls``, else ``UCX_TLS``) include ``cuda_copy``, and torch sees a CUDA device (imported only if already in
-    this process: nothing registers CUDA memory without it)."""
+    this process: nothing registers CUDA memory without it). Once the context exists, its resources decide
+    (:func:`context_info`): without a ``cuda_copy`` resource the transport declares host memory only."""
     import sys
 
     torch = sys.modules.get("torch")
@@ -646,6 +660,10 @@ class UcxTransport(Transport):
                     raise UnsupportedError(f"UCX could not start with TLS={self.tls!r}: {exc}") from exc
                 self._slot = _WorkerSlot(context, worker)
             self._worker = self._slot.worker
+            if "cuda" in self.capabilities.memory_kinds and "cuda_copy/" not in context_info(self._slot.context):
+                # the library is there but UCX loaded no CUDA transport (driver, TLS): device KV is staged instead
+                self.capabilities = UcxTransport.capabilities
+                log.info("ucx_cuda_unavailable", reason="UCX's context has no cuda_copy resource", fallback="pinned staging")
             self._progress = WorkerProgress(self._worker, self.progress_mode is ProgressMode.POLLING)
         return self._progress
 
