@@ -246,6 +246,28 @@ async def test_a_layer_goes_once_the_engine_event_recorded_after_it_fired() -> N
     assert np.array_equal(device_pages(dst), device_pages(src))
 
 
+async def test_a_decode_pulls_device_kv_from_a_prefill_device_and_a_cancelled_transfer_leaves_nothing() -> None:
+    src, dst = memory_of("device", SMALL, 64, seed=12), memory_of("device", SMALL, 64)
+    async with mock_pair(src, dst, KVTransportConfig(chunk_size=512, peer_window=2)) as (network, sender, receiver, peer):
+        prefill = receiver.peers[0]
+        pulled = await receiver.pull(TransferPlan.for_blocks(prefill, SMALL, [5, 9, 1, 60], [0, 1, 2, 3]))
+        assert pulled.integrity.value == "verified"
+        assert np.array_equal(device_pages(dst)[:, :, [0, 1, 2, 3]], device_pages(src)[:, :, [5, 9, 1, 60]])
+        network.latency_s = 0.002  # slow enough to cancel mid-flight
+        handle = sender.submit(TransferPlan.for_blocks(peer, SMALL, range(64), shuffled(64, 4)))
+        await asyncio.sleep(0.05)
+        handle.cancel("the engine freed the blocks")
+        with pytest.raises(Exception, match="freed the blocks"):
+            await handle.wait()
+        network.latency_s = 0.0
+        result, _ = await move(sender, receiver, peer, SMALL, list(range(64)))  # the pair still works, nothing held
+        assert result.integrity.value == "verified"
+        for channel in (sender, receiver):
+            stats = channel.statistics()
+            assert (stats.transfers_sending, stats.transfers_receiving, stats.inflight_chunks) == (0, 0, 0)
+    assert np.array_equal(device_pages(dst), device_pages(src))
+
+
 # ---- placement into a same-host peer's device KV -----------------------------------------------------------
 
 
@@ -265,6 +287,32 @@ async def test_device_chunks_are_placed_through_the_peers_device_window(verify: 
             assert result.integrity.value == received.integrity.value == "verified"
         assert sender.links()[peer]["placement"] == "device_ipc"
         assert sender.statistics().chunks_placed > 0 and sender.statistics().placement_failures == 0
+    assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
+
+
+@needs_ucx
+async def test_a_transfer_cancelled_while_its_chunks_are_placed_ends_on_both_sides_and_the_next_goes() -> None:
+    schema, blocks = schema_for_test(), 512
+    src, dst = memory_of("device", schema, blocks, seed=2), emulated_memory(schema, blocks, shared=True)
+    config = KVTransportConfig(chunk_size=16 << 10, peer_window=2)
+    async with KVTransferChannel("ucx", config, name="a") as sender, KVTransferChannel("ucx", config, name="b") as receiver:
+        sender.register(src)
+        receiver.register(dst)
+        peer = await sender.connect(await receiver.listen())
+        await move(sender, receiver, peer, schema, list(range(blocks)), transfer_id="warm")
+        assert sender.links()[peer]["placement"] == "device_ipc"
+        handle = sender.submit(TransferPlan.for_blocks(peer, schema, range(blocks), shuffled(blocks, 9), transfer_id="cut"))
+        while handle.progress().chunks_verified < 4:
+            await asyncio.sleep(0.001)
+        handle.cancel("cut short")
+        with pytest.raises(Exception, match="cut short"):
+            await handle.wait()
+        order = shuffled(blocks, 10)
+        result, received = await move(sender, receiver, peer, schema, order, transfer_id="after")
+        assert result.integrity.value == received.integrity.value == "verified"
+        for channel in (sender, receiver):
+            stats = channel.statistics()
+            assert (stats.transfers_sending, stats.transfers_receiving, stats.inflight_chunks) == (0, 0, 0)
     assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
 
 
