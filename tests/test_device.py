@@ -141,9 +141,12 @@ def test_device_memory_is_checked_like_host_memory() -> None:
 @pytest.mark.parametrize(("src_kind", "dst_kind"), [("device", "device"), ("device", "host"), ("host", "device")])
 @pytest.mark.parametrize("chunk_size", [512, 1024, 1 << 20])
 @pytest.mark.parametrize("per_layer", [True, False])
+@pytest.mark.parametrize("span", [True, False])
 async def test_device_kv_moves_shuffled_between_every_pair_of_kinds(
-    src_kind: str, dst_kind: str, chunk_size: int, per_layer: bool
+    src_kind: str, dst_kind: str, chunk_size: int, per_layer: bool, span: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if not span:  # chunks move by runs of one tensor (where no span over the tensors can be made)
+        monkeypatch.setattr("sage_transport.device.kv.make_span", lambda segments, runtime: None)
     options = {"per_layer": per_layer}
     src = memory_of(src_kind, SMALL, 64, seed=3, **(options if src_kind == "device" else {}))
     dst = memory_of(dst_kind, SMALL, 64, **(options if dst_kind == "device" else {}))
@@ -156,6 +159,26 @@ async def test_device_kv_moves_shuffled_between_every_pair_of_kinds(
         assert small.chunks == 1
         assert receiver.statistics().checksum_failures == 0
     assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
+
+
+@pytest.mark.parametrize("span", [True, False])
+async def test_a_chunk_is_one_kernel_over_the_span_or_one_per_run_without_it(span: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not span:  # where no span can be made (tensors too far apart): runs of one tensor each
+        monkeypatch.setattr("sage_transport.device.kv.make_span", lambda segments, runtime: None)
+    calls: list[str] = []
+    real_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *a: (calls.append("index_copy_"), real_copy(self, *a))[1])
+    real_select = torch.index_select
+    monkeypatch.setattr(torch, "index_select", lambda *a, **k: (calls.append("index_select"), real_select(*a, **k))[1])
+    src, dst = memory_of("device", SMALL, 64, seed=13), memory_of("device", SMALL, 64)
+    order = shuffled(64, 13)
+    async with mock_pair(src, dst, KVTransportConfig(chunk_size=1 << 20)) as (_, sender, receiver, peer):
+        assert (sender._device.span is not None) is span
+        result, _ = await move(sender, receiver, peer, SMALL, order)  # one chunk of every layer's pages
+    assert result.chunks == 1 and np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
+    # gather + scatter: one kernel each over the span; without it one per layer tensor each way (the sender's runs are
+    # contiguous, so slice copies; the receiver's shuffled ones one index_copy_ each)
+    assert calls == (["index_select", "index_copy_"] if span else ["index_copy_"] * SMALL.num_layers), calls
 
 
 @pytest.mark.parametrize("zero_copy", [True, False])

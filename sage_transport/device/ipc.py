@@ -172,6 +172,9 @@ class DeviceWriter:
 
     def __init__(self, kv: DeviceKV, peer: list[Any], close: Callable[[], None]) -> None:
         self.kv, self.peer, self._close = kv, peer, close
+        from .kv import make_span
+
+        self.peer_span = make_span(peer, kv.runtime)  # one kernel a chunk into the peer's tensors
         self._active = 0  # place() calls whose copies may still run: the mapping outlives them
         self._closing = False
 
@@ -195,7 +198,7 @@ class DeviceWriter:
     ) -> list[tuple[int, int | None]]:
         kv = self.kv
         torch, runtime = kv.torch, kv.runtime
-        src, dst = kv.rows(table, "src"), kv.rows(table, "dst")  # the same runs; the rows are the peer's tensors
+        src, dst = kv.rows(table, "src"), kv.rows(table, "dst", self.peer_span)  # rows of the peer's tensors
         written: list[tuple[int, int]] = []
         held = []
         with runtime.stream():
@@ -235,6 +238,6 @@ class DeviceWriter:
             self._release()
 
     def _release(self) -> None:
-        self.peer = []
+        self.peer, self.peer_span = [], None
         close, self._close = self._close, lambda: None
         close()

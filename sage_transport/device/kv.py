@@ -1,16 +1,20 @@
 """Device-resident KV: a chunk gathered, checksummed, encoded and scattered where the KV lives, in batched kernels.
 
-A chunk table's pieces are whole pages (or whole codec groups), so each registered tensor is viewed as rows of
-the table's common unit, and a chunk is a list of *runs*: consecutive rows of one tensor. A run whose rows are
-contiguous is one slice copy; any other is one ``index_select`` (gather) or ``index_copy_`` (scatter) kernel over
-the row indices, uploaded to the device once per transfer. So a chunk of hundreds of scattered blocks costs one
-kernel per tensor it touches, never one Python call per block. Checksums (:mod:`.checksum`) reduce on the device
-and only their 16 bytes come back; codecs (:mod:`..codec`) quantise on the device, so only encoded bytes leave it.
-Every step is queued on the runtime's stream and awaited through an event (:func:`.runtime.wait`).
+A chunk table's pieces are whole pages (or whole codec groups). Every registered tensor lies inside one
+:class:`Span`, a view over the address range from the lowest tensor to the end of the highest, cut into rows of a
+size that divides every piece and every tensor's offset in it; a chunk is then one list of row indices (uploaded
+to the device once per transfer), and one ``index_select`` (gather) or ``index_copy_`` (scatter) moves it, however
+many blocks and tensors (layers) it touches. Only rows inside the tensors are ever indexed: the gaps between
+allocations are never read or written. Where no span can be made, a chunk falls back to *runs* (consecutive rows
+of one tensor): one slice copy or one index kernel per run, still never one Python call per block. Checksums
+(:mod:`.checksum`) reduce on the device and only their 16 bytes come back; codecs (:mod:`..codec`) quantise on the
+device, so only encoded bytes leave it. Every step is queued on the runtime's stream and awaited through an event
+(:func:`.runtime.wait`).
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,9 +29,10 @@ if TYPE_CHECKING:
     from ..planner import ChunkTable
     from ..wire_codec import ChunkCodec
 
-__all__ = ["DeviceKV", "Rows"]
+__all__ = ["DeviceKV", "Rows", "Span"]
 
 _WORD = 8
+_MAX_SPAN = 1 << 46  # an address range no wider than this is viewed whole (a view costs no memory)
 
 
 @dataclass(eq=False)
@@ -42,6 +47,48 @@ class Rows:
     run_seg: list[int]
     run_first: list[int]  # row index in its tensor of the run's first row, when contiguous; -1 otherwise
     index: Any  # int64 device tensor: every row's index in its tensor (None when every run is contiguous)
+    span: Any = None  # the Span the rows index (then ``run_*`` are empty)
+    span_unit: int = 0  # bytes per span row (divides ``unit``)
+    span_index: Any = None  # int64 device tensor: every span row of the table, in payload order
+
+
+class Span:
+    """One byte view over the address range holding every tensor of a KV cache (ours, or a peer's mapped one)."""
+
+    def __init__(self, segments: list[Any], runtime: DeviceRuntime) -> None:
+        import ctypes
+
+        import torch
+
+        pointers = [int(seg.data_ptr()) for seg in segments]
+        base = min(pointers)
+        end = max(p + int(seg.numel()) for p, seg in zip(pointers, segments))
+        if end - base > _MAX_SPAN:
+            raise ValueError(f"tensors {end - base} bytes apart")
+        self.offsets = np.array([p - base for p in pointers], dtype=np.int64)
+        self.alignment = int(np.gcd.reduce(np.append(self.offsets, base)))
+        if runtime.device.type == "cpu":  # emulated: host tensors, viewed through ctypes at the same addresses
+            self.view = torch.frombuffer((ctypes.c_ubyte * (end - base)).from_address(base), dtype=torch.uint8)
+        else:
+            from .ipc import device_range
+
+            self.view = torch.as_tensor(device_range(base, end - base))
+        self._rows: dict[int, Any] = {}
+
+    def unit_for(self, unit: int) -> int:
+        """The span row size for a table of ``unit``-byte rows: divides ``unit`` and every tensor's offset."""
+        return math.gcd(unit, self.alignment)
+
+    def rows(self, unit: int) -> Any:
+        view = self._rows.get(unit)
+        if view is None:
+            import torch
+
+            dtype = _element(unit, [int(self.view.data_ptr())])
+            width = unit // torch.empty(0, dtype=dtype).element_size()
+            whole = self.view.numel() // unit * unit
+            view = self._rows[unit] = self.view[:whole].view(dtype).view(-1, width)
+        return view
 
 
 def table_unit(table: ChunkTable, offsets: np.ndarray, page_bytes: int) -> int:
@@ -49,7 +96,7 @@ def table_unit(table: ChunkTable, offsets: np.ndarray, page_bytes: int) -> int:
     return int(np.gcd.reduce(np.concatenate([offsets, table.piece_len, np.array([page_bytes], dtype=offsets.dtype)])))
 
 
-def build_rows(table: ChunkTable, side: str, page_bytes: int, runtime: DeviceRuntime) -> Rows:
+def build_rows(table: ChunkTable, side: str, page_bytes: int, runtime: DeviceRuntime, span: Span | None = None) -> Rows:
     seg = (table.src_seg if side == "src" else table.dst_seg).astype(np.int64)
     off = (table.src_off if side == "src" else table.dst_off).astype(np.int64)
     unit = table_unit(table, off, page_bytes)
@@ -70,6 +117,14 @@ def build_rows(table: ChunkTable, side: str, page_bytes: int, runtime: DeviceRun
     contiguous = breaks[stops - 1] == breaks[starts] if total else np.zeros(0, dtype=bool)
     first = np.where(contiguous, row_idx[starts] if total else starts, -1)
     run_ptr = np.searchsorted(starts, chunk_rows, side="left")
+    if span is not None:  # one index list over the span: one kernel a chunk
+        span_unit = span.unit_for(unit)
+        per_row = unit // span_unit
+        first_rows = (span.offsets[row_seg] + row_idx * unit) // span_unit
+        span_rows = (first_rows[:, None] + np.arange(per_row, dtype=np.int64)).reshape(-1) if per_row > 1 else first_rows
+        return Rows(
+            unit, chunk_rows.tolist(), [], [], [], [], [], None, span, span_unit, runtime.upload(span_rows),
+        )  # fmt: skip
     index = None if bool(contiguous.all()) else runtime.upload(row_idx)
     return Rows(
         unit, chunk_rows.tolist(), run_ptr.tolist(), starts.tolist(), stops.tolist(), row_seg[starts].tolist(),
@@ -86,6 +141,14 @@ def _element(unit: int, pointers: list[int]) -> Any:
     return torch.uint8
 
 
+def make_span(segments: list[Any], runtime: DeviceRuntime) -> Span | None:
+    """A :class:`Span` over ``segments``, or ``None`` where none can be made (chunks then move by runs)."""
+    try:
+        return Span(segments, runtime)
+    except (ValueError, TypeError, RuntimeError, OverflowError):
+        return None
+
+
 class DeviceKV:
     """A registered device KV cache (one tensor per buffer) and the kernels a chunk needs on it."""
 
@@ -97,8 +160,9 @@ class DeviceKV:
         self.page_bytes = page_bytes
         self.segments = [buf.detach().reshape(-1).view(torch.uint8) for buf in buffers]
         self.pointers = [int(seg.data_ptr()) for seg in self.segments]
-        self._rows: weakref.WeakKeyDictionary[Any, dict[str, Rows]] = weakref.WeakKeyDictionary()
+        self._rows: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], Rows]] = weakref.WeakKeyDictionary()
         self._views: dict[tuple[int, Any, int], Any] = {}
+        self.span = make_span(self.segments, runtime)
         self._weights: Any = None
         self._device_free: list[Any] = []
         self._host_free: list[Any] = []
@@ -107,14 +171,17 @@ class DeviceKV:
 
     # ---- tables -------------------------------------------------------------------------------------
 
-    def rows(self, table: ChunkTable, side: str) -> Rows:
-        """``table``'s runs on this memory (``side``: ``src`` when it is read here, ``dst`` when written)."""
+    def rows(self, table: ChunkTable, side: str, span: Span | str | None = "ours") -> Rows:
+        """``table``'s rows (``side``: ``src`` when read here, ``dst`` when written) over ``span``: ours by default,
+        a peer's mapped tensors' for placement, ``None`` for runs over the tensors themselves."""
+        chosen = self.span if span == "ours" else span
         cached = self._rows.get(table)
         if cached is None:
             cached = self._rows[table] = {}
-        rows = cached.get(side)
+        key = (side, id(chosen))
+        rows = cached.get(key)
         if rows is None:
-            rows = cached[side] = build_rows(table, side, self.page_bytes, self.runtime)
+            rows = cached[key] = build_rows(table, side, self.page_bytes, self.runtime, chosen)  # type: ignore[arg-type]
         return rows
 
     def segment_rows(self, seg: int, unit: int, segments: list[Any] | None = None) -> Any:
@@ -136,6 +203,12 @@ class DeviceKV:
     def gather(self, rows: Rows, seq: int, out: Any, segments: list[Any] | None = None) -> None:
         """Queue chunk ``seq``'s pages → ``out`` (a device byte tensor), back to back."""
         r0, r1 = rows.chunk_rows[seq], rows.chunk_rows[seq + 1]
+        if rows.span is not None:  # one kernel
+            per = rows.unit // rows.span_unit
+            target = self._as_rows(out, (r1 - r0) * rows.unit, rows.span_unit)
+            index = rows.span_index[r0 * per : r1 * per]
+            self.torch.index_select(rows.span.rows(rows.span_unit), 0, index, out=target)
+            return
         target = self._as_rows(out, (r1 - r0) * rows.unit, rows.unit)
         for run in range(rows.run_ptr[seq], rows.run_ptr[seq + 1]):
             a, b = rows.run_start[run], rows.run_stop[run]
@@ -149,6 +222,11 @@ class DeviceKV:
     def scatter(self, rows: Rows, seq: int, data: Any, segments: list[Any] | None = None) -> None:
         """Queue ``data`` (chunk ``seq``'s bytes back to back, on the device) → its pages."""
         r0, r1 = rows.chunk_rows[seq], rows.chunk_rows[seq + 1]
+        if rows.span is not None:  # one kernel
+            per = rows.unit // rows.span_unit
+            source = self._as_rows(data, (r1 - r0) * rows.unit, rows.span_unit)
+            rows.span.rows(rows.span_unit).index_copy_(0, rows.span_index[r0 * per : r1 * per], source)
+            return
         source = self._as_rows(data, (r1 - r0) * rows.unit, rows.unit)
         for run in range(rows.run_ptr[seq], rows.run_ptr[seq + 1]):
             a, b = rows.run_start[run], rows.run_stop[run]
