@@ -202,7 +202,7 @@ class DeviceWriter:
         written: list[tuple[int, int]] = []
         held = []
         with runtime.stream():
-            sums = torch.zeros(len(seqs), 4, dtype=torch.int64, device=runtime.device)
+            sums = torch.empty(len(seqs), 4, dtype=torch.int64, device=runtime.device)  # each row written
             for i, seq in enumerate(seqs):
                 if stopped():
                     break

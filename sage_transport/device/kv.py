@@ -329,9 +329,9 @@ class DeviceKV:
                 size = codec.wire_nbytes(nbytes)
                 wire = self.device_staging(size)
                 held.append(wire)
-                finite = torch.ones(1, dtype=torch.bool, device=gathered.device)
+                finite = torch.empty(1, dtype=torch.bool, device=gathered.device)  # encode_tensor sets it
                 codec.encode_tensor(gathered[:nbytes], wire, finite)
-            result = torch.zeros(2, dtype=torch.int64, device=gathered.device)
+            result = torch.empty(2, dtype=torch.int64, device=gathered.device)  # sums write it (unread without)
             if checksum:
                 self.sums(wire, size, result)
             payload = wire[:size]
@@ -378,7 +378,7 @@ class DeviceKV:
                     data = self.device_staging(nbytes)
                     held.append(data)
                     data[:nbytes].copy_(payload[:nbytes], non_blocking=True)
-                result = torch.zeros(2, dtype=torch.int64, device=data.device)
+                result = torch.empty(2, dtype=torch.int64, device=data.device)
                 if expected is not None:
                     self.sums(data, nbytes, result)
             if verify_first and expected is not None:
@@ -405,7 +405,7 @@ class DeviceKV:
         with self.runtime.stream():
             buf = self.device_staging(nbytes)
             self.gather(rows, seq, buf)
-            result = self.torch.zeros(2, dtype=self.torch.int64, device=buf.device)
+            result = self.torch.empty(2, dtype=self.torch.int64, device=buf.device)
             self.sums(buf, nbytes, result)
         try:
             s1, s2, _ = await self._read(result)
