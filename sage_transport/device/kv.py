@@ -101,12 +101,21 @@ def build_rows(table: ChunkTable, side: str, page_bytes: int, runtime: DeviceRun
     off = (table.src_off if side == "src" else table.dst_off).astype(np.int64)
     unit = table_unit(table, off, page_bytes)
     counts = table.piece_len.astype(np.int64) // unit
-    total = int(counts.sum())
     piece_row = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=piece_row[1:])
-    row_seg = np.repeat(seg, counts)
-    row_idx = np.repeat(off // unit - piece_row[:-1], counts) + np.arange(total, dtype=np.int64)
+    total = int(piece_row[-1])
     chunk_rows = piece_row[table.piece_ptr.astype(np.int64)]
+    if total == len(counts):  # one row a piece (pages scattered one by one): no expansion
+        row_seg, row_idx = seg, off // unit
+    else:
+        row_seg = np.repeat(seg, counts)
+        row_idx = np.repeat(off // unit - piece_row[:-1], counts) + np.arange(total, dtype=np.int64)
+    if span is not None:  # one index list over the span: one kernel a chunk
+        span_unit = span.unit_for(unit)
+        per_row = unit // span_unit
+        first_rows = (span.offsets[row_seg] + row_idx * unit) // span_unit
+        span_rows = (first_rows[:, None] + np.arange(per_row, dtype=np.int64)).reshape(-1) if per_row > 1 else first_rows
+        return Rows(unit, chunk_rows.tolist(), [], [], [], [], [], None, span, span_unit, runtime.upload(span_rows))
     cuts = np.flatnonzero(np.diff(row_seg)) + 1 if total else np.zeros(0, dtype=np.int64)
     starts = np.unique(np.concatenate([cuts, chunk_rows[:-1]]))
     starts = starts[starts < total]
@@ -117,14 +126,6 @@ def build_rows(table: ChunkTable, side: str, page_bytes: int, runtime: DeviceRun
     contiguous = breaks[stops - 1] == breaks[starts] if total else np.zeros(0, dtype=bool)
     first = np.where(contiguous, row_idx[starts] if total else starts, -1)
     run_ptr = np.searchsorted(starts, chunk_rows, side="left")
-    if span is not None:  # one index list over the span: one kernel a chunk
-        span_unit = span.unit_for(unit)
-        per_row = unit // span_unit
-        first_rows = (span.offsets[row_seg] + row_idx * unit) // span_unit
-        span_rows = (first_rows[:, None] + np.arange(per_row, dtype=np.int64)).reshape(-1) if per_row > 1 else first_rows
-        return Rows(
-            unit, chunk_rows.tolist(), [], [], [], [], [], None, span, span_unit, runtime.upload(span_rows),
-        )  # fmt: skip
     index = None if bool(contiguous.all()) else runtime.upload(row_idx)
     return Rows(
         unit, chunk_rows.tolist(), run_ptr.tolist(), starts.tolist(), stops.tolist(), row_seg[starts].tolist(),
