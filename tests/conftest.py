@@ -47,14 +47,15 @@ async def channel_pair(
     config: KVTransportConfig | None = None,
     receiver_config: KVTransportConfig | None = None,
     src: KVMemory | None = None,
+    dst: KVMemory | None = None,
     **network_options: object,
 ) -> AsyncIterator[Pair]:
-    """Two channels on one in-memory network; ``src`` (default: random bytes) registered by the sender, zeros by
-    the receiver."""
+    """Two channels on one in-memory network; ``src`` (default: random bytes) registered by the sender, ``dst``
+    (default: zeros) by the receiver."""
     network = MockNetwork(**network_options)  # type: ignore[arg-type]
     config = config or KVTransportConfig(chunk_size=1024, peer_window=4)
     src = src if src is not None else filled(schema, blocks)
-    dst = KVMemory.allocate(schema, blocks, fill=0)
+    dst = dst if dst is not None else KVMemory.allocate(schema, blocks, fill=0)
     async with (
         KVTransferChannel(MockTransport(network, name="decode"), receiver_config or config, name="decode") as receiver,
         KVTransferChannel(MockTransport(network, name="prefill"), config, name="prefill") as sender,

@@ -35,7 +35,7 @@ from sage_transport.testing.device import device_pages, emulated_memory
 from sage_transport.testing.device_peer import schema_for_test
 from sage_transport.transports.mock import FaultAction, FaultRule, MockNetwork, MockTransport
 
-from .conftest import SMALL, filled
+from .conftest import SMALL, channel_pair, filled
 
 HAS_UCX = importlib.util.find_spec("ucxx") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -71,15 +71,9 @@ def float_memory(kind: str, schema: KVCacheSchema, blocks: int, seed: int) -> KV
 async def mock_pair(
     src: KVMemory, dst: KVMemory, config: KVTransportConfig, receiver_config: KVTransportConfig | None = None
 ) -> AsyncIterator[Any]:
-    network = MockNetwork()
-    async with (
-        KVTransferChannel(MockTransport(network, name="decode"), receiver_config or config, name="decode") as receiver,
-        KVTransferChannel(MockTransport(network, name="prefill"), config, name="prefill") as sender,
-    ):
-        receiver.register(dst)
-        sender.register(src)
-        peer = await sender.connect(await receiver.listen())
-        yield network, sender, receiver, peer
+    """conftest's pair over the mock with these memories: ``(network, sender, receiver, peer)``."""
+    async with channel_pair(src.schema, src.num_blocks, config=config, receiver_config=receiver_config, src=src, dst=dst) as pair:
+        yield pair.network, pair.sender, pair.receiver, pair.peer
 
 
 async def move(

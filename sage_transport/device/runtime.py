@@ -10,6 +10,7 @@ and only the stream, the events and the CUDA IPC calls are left to the GPU tests
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -27,32 +28,32 @@ async def wait(done: Callable[[], bool]) -> None:
     await poll_until(done)
 
 
-class DeviceRuntime:
+class DeviceRuntime(abc.ABC):
     """One device's stream, events and staging (see the module docstring)."""
 
     kind = "cuda"  # the memory kind it serves, as the channel and its peers name it
     name = "?"
     device: Any
 
+    @abc.abstractmethod
     def stream(self) -> contextlib.AbstractContextManager[Any]:
         """A context in which torch operations run on this runtime's stream."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def record(self) -> Any:
         """An event recorded on the stream now: ``query()`` is true once all work queued before it is done."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def after(self, event: Any) -> None:
         """The stream waits for ``event`` (recorded on another stream, the engine's) on the device: no host wait."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def host_buffer(self, nbytes: int) -> Any:
         """A uint8 host tensor the device copies to and from asynchronously (pinned for CUDA)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def device_uuid(self) -> str:
         """The device's UUID: two processes on one host use the same GPU when these match."""
-        raise NotImplementedError
 
     def device_buffer(self, nbytes: int) -> Any:
         import torch
