@@ -16,7 +16,8 @@ spread, next to its reference measured in the same sitting:
 * **one_token**: p50/p90/p99 of one token (56 pages of 1 KiB, a different block each time) to the other process.
 
 The receiver's pages are checked against the sender's (xxh3 of every page, in the shuffled order) after each case.
-Writes ``gpu_kv.json`` and ``gpu_kv.md`` into ``--out``.
+Writes ``gpu_kv.json`` and ``gpu_kv.md`` into ``--out``. ``--kind emulated`` runs the same cases over emulated
+device memory (host tensors, no GPU): a dry run of this script's logic, whose figures mean nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 import xxhash  # noqa: E402
 
 from sage_transport import KVCacheSchema, KVMemory, KVTransferChannel, KVTransportConfig, Layout, TransferPlan  # noqa: E402
-from sage_transport.testing.device import device_pages  # noqa: E402
+from sage_transport.testing.device import device_pages, emulated_memory  # noqa: E402
 
 MODEL = "qwen2.5-7b"
 
@@ -49,7 +51,17 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
+KIND = "cuda"  # --kind
+
+
+def synchronize() -> None:
+    if KIND == "cuda":
+        synchronize()
+
+
 def filled(schema: KVCacheSchema, blocks: int, seed: int) -> KVMemory:
+    if KIND == "emulated":
+        return emulated_memory(schema, blocks, seed=seed)
     memory = KVMemory.allocate(schema, blocks, device="cuda")
     generator = torch.Generator(device="cuda").manual_seed(seed)
     for buf in memory.buffers:
@@ -60,16 +72,16 @@ def filled(schema: KVCacheSchema, blocks: int, seed: int) -> KVMemory:
 def d2d_reference(memory: KVMemory, order: list[int], repeat: int) -> list[float]:
     """GB/s of ``dst[:, order] = src`` per layer tensor, inside this process."""
     schema, blocks = memory.schema, memory.num_blocks
-    index = torch.tensor(order, device="cuda")
+    index = torch.tensor(order, device=memory.buffers[0].device)
     views = [buf.view(schema.kv_planes, blocks, schema.page_bytes) for buf in memory.buffers]
     targets = [torch.empty_like(v) for v in views]
     rates = []
     for _ in range(repeat + 1):
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         for src, dst in zip(views, targets):
             dst[:, index] = src
-        torch.cuda.synchronize()
+        synchronize()
         rates.append(memory.nbytes / (time.perf_counter() - start) / 1e9)
     del targets
     return rates[1:]
@@ -77,17 +89,17 @@ def d2d_reference(memory: KVMemory, order: list[int], repeat: int) -> list[float
 
 def pinned_reference(memory: KVMemory, repeat: int) -> list[float]:
     """GB/s of pinned D2H then H2D copies of the same bytes (one copy per layer tensor each way)."""
-    hosts = [torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True) for buf in memory.buffers]
+    hosts = [torch.empty(buf.shape, dtype=torch.uint8, pin_memory=KIND == "cuda") for buf in memory.buffers]
     back = [torch.empty_like(buf) for buf in memory.buffers]
     rates = []
     for _ in range(repeat + 1):
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         for buf, host in zip(memory.buffers, hosts):
             host.copy_(buf, non_blocking=True)
         for host, target in zip(hosts, back):
             target.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
+        synchronize()
         rates.append(memory.nbytes / (time.perf_counter() - start) / 1e9)
     return rates[1:]
 
@@ -143,7 +155,7 @@ async def bulk_case(name: str, memory: KVMemory, order: list[int], config: str, 
 async def _bulk(
     name: str, memory: KVMemory, order: list[int], config: str, repeat: int, env: dict[str, str], schema: KVCacheSchema
 ) -> dict[str, Any]:
-    receiver = Receiver(["--kind", "cuda", "--model", MODEL, "--blocks", str(memory.num_blocks), "--config", config], env)
+    receiver = Receiver(["--kind", KIND, "--model", MODEL, "--blocks", str(memory.num_blocks), "--config", config], env)
     try:
         address = receiver.line()["address"]
         async with KVTransferChannel("ucx", KVTransportConfig.from_string(config), name=f"bench-{name}") as sender:
@@ -173,7 +185,7 @@ async def one_token_case(transfers: int) -> dict[str, Any]:
     schema = KVCacheSchema.for_model(MODEL, block_size=1, layout=Layout.LAYER_KV_BLOCK)
     blocks = 4096
     memory = filled(schema, blocks, 5)
-    receiver = Receiver(["--kind", "cuda", "--model", MODEL, "--block-size", "1", "--blocks", str(blocks)], dict(os.environ))
+    receiver = Receiver(["--kind", KIND, "--model", MODEL, "--block-size", "1", "--blocks", str(blocks)], dict(os.environ))
     rng = np.random.default_rng(1)
     try:
         address = receiver.line()["address"]
@@ -197,34 +209,44 @@ async def one_token_case(transfers: int) -> dict[str, Any]:
     }
 
 
+async def guarded(name: str, case: Any, limit_s: float) -> dict[str, Any]:
+    """A case's record, or its error (with the traceback on stderr): one case failing or hanging must not hide
+    the others' figures."""
+    try:
+        record: dict[str, Any] = await asyncio.wait_for(case, limit_s)
+    except Exception as exc:
+        traceback.print_exc()
+        record = {"error": repr(exc) if not isinstance(exc, TimeoutError) else f"cut after {limit_s:.0f} s"}
+    print(name, json.dumps(record), flush=True)
+    return record
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--one-token", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--kind", choices=("cuda", "emulated"), default="cuda", help="emulated: a dry run without a GPU")
+    parser.add_argument("--case-timeout", type=float, default=90.0, help="seconds one case may take before it is cut")
     args = parser.parse_args()
+    global KIND
+    KIND = args.kind
     schema = KVCacheSchema.for_model(MODEL)
     blocks = -(-args.tokens // schema.block_size)
     memory = filled(schema, blocks, 3)
     order = np.random.default_rng(0).permutation(blocks).tolist()
     record: dict[str, Any] = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": MODEL, "tokens": args.tokens,
+        "gpu": torch.cuda.get_device_name() if KIND == "cuda" else "emulated (no GPU: figures mean nothing)",
+        "torch": torch.__version__, "model": MODEL, "tokens": args.tokens,
         "bytes": memory.nbytes, "command": " ".join(sys.argv),
     }  # fmt: skip
     record["d2d"] = spread(d2d_reference(memory, order, args.repeat))
     record["pinned"] = spread(pinned_reference(memory, args.repeat))
     cases = {"ipc": ("", None), "ucx_cuda": ("direct_placement=false", None), "staged": ("direct_placement=false", "sm,cma,self")}
     for name, (config, tls) in cases.items():
-        try:
-            record[name] = await bulk_case(name, memory, order, config, args.repeat, tls)
-        except Exception as exc:  # one case failing must not hide the others' figures
-            record[name] = {"error": repr(exc)}
-        print(name, json.dumps(record[name]), flush=True)
-    try:
-        record["one_token"] = await one_token_case(args.one_token)
-    except Exception as exc:
-        record["one_token"] = {"error": repr(exc)}
+        record[name] = await guarded(name, bulk_case(name, memory, order, config, args.repeat, tls), args.case_timeout)
+    record["one_token"] = await guarded("one_token", one_token_case(args.one_token), args.case_timeout)
     for name, reference in (("ipc", "d2d"), ("ucx_cuda", "d2d"), ("staged", "pinned")):
         if "gbps" in record[name]:
             record[name]["ratio"] = record[name]["gbps"]["median"] / record[reference]["median"]
