@@ -115,7 +115,7 @@ class PeerManagement(ChannelCore):
             if (window.device is not None) != (self._device is not None):  # host to device or back: sends (staged)
                 return
             if window.device is not None:
-                self._open_device_window(session, window, presented.fds)
+                self._open_device_window(session, window, presented.fds, same_process=pid == os.getpid())
                 fds = []  # the writer owns them now (or they were closed)
                 return
             writer: CmaWriter | ShmWriter | None = None
@@ -138,12 +138,14 @@ class PeerManagement(ChannelCore):
         finally:
             close_fds(fds)
 
-    def _open_device_window(self, session: PeerSession, window: Window, fds: list[int]) -> None:
-        """Write into the peer's device KV through CUDA IPC from now on, where it can be mapped here."""
+    def _open_device_window(self, session: PeerSession, window: Window, fds: list[int], same_process: bool) -> None:
+        """Write into the peer's device KV through CUDA IPC from now on, where it can be mapped here (in this very
+        process, as the kernel attests it: through the peer's addresses, which are ours)."""
         assert window.device is not None and session.region is not None
         expected = session.region.geometry.segment_bytes(session.region.schema)
+        pointers = [address for address, _ in window.buffers] if same_process else None
         try:
-            writer = open_window(window.device, self._device, [expected] * len(window.device.segments), fds)
+            writer = open_window(window.device, self._device, [expected] * len(window.device.segments), fds, pointers)
         except UnsupportedError as exc:
             close_fds(fds)
             log.info("device_placement_unavailable", peer=session.peer, reason=str(exc), fallback="sends")

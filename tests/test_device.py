@@ -307,6 +307,16 @@ async def test_device_chunks_are_placed_through_the_peers_device_window(verify: 
     assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
 
 
+def test_a_cuda_ipc_handle_travels_whole_though_it_holds_nul_bytes() -> None:
+    from sage_transport.device.ipc import _IpcHandle, handle_bytes, handle_from
+
+    raw = bytes([0, 7, 0, 0, 255] + [0] * 50 + [1] * 9)  # what real handles look like: NULs early, data after
+    handle = _IpcHandle.from_buffer_copy(raw)
+    assert handle_bytes(handle) == raw and handle_bytes(handle_from(raw)) == raw
+    with pytest.raises(UnsupportedError, match="64 bytes, the peer sent 63"):
+        handle_from(raw[:63])
+
+
 @needs_ucx
 async def test_a_transfer_cancelled_while_its_chunks_are_placed_ends_on_both_sides_and_the_next_goes() -> None:
     schema, blocks = schema_for_test(), 512
@@ -433,9 +443,13 @@ async def test_gpu_kv_moves_between_kinds(src_kind: str, dst_kind: str, backend:
             sender.register(src)
             receiver.register(dst)
             peer = await sender.connect(await receiver.listen())
+            await move(sender, receiver, peer, schema, order)  # the first proves acceptance, then chunks are placed
             result, _ = await move(sender, receiver, peer, schema, order)
+            links = sender.links()[peer]
     assert result.integrity.value == "verified"
     assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
+    if backend == "ucx" and src_kind == dst_kind == "cuda":  # one process: placed through the peer's own addresses
+        assert links["placement"] == "device_ipc"
 
 
 @pytest.mark.gpu

@@ -34,7 +34,20 @@ _IPC_LAZY_ENABLE_PEER_ACCESS = 1
 
 
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    # bytes, not c_char: a c_char array field reads back cut at its first NUL, and handles hold NULs
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]
+
+
+def handle_bytes(handle: _IpcHandle) -> bytes:
+    """All 64 bytes of a CUDA IPC handle, as they travel."""
+    return bytes(handle)
+
+
+def handle_from(raw: bytes) -> _IpcHandle:
+    """A CUDA IPC handle from the 64 bytes a peer sent (``UnsupportedError`` for any other length)."""
+    if len(raw) != ctypes.sizeof(_IpcHandle):
+        raise UnsupportedError(f"a CUDA IPC handle is {ctypes.sizeof(_IpcHandle)} bytes, the peer sent {len(raw)}")
+    return _IpcHandle.from_buffer_copy(raw)
 
 
 def _cudart() -> Any:
@@ -62,6 +75,7 @@ def _driver() -> Any:
 
 def _check(lib: Any, code: int, what: str) -> None:
     if code != 0:
+        lib.cudaGetLastError()  # else torch's next launch check reports this error as its own
         raise UnsupportedError(f"{what} failed: {lib.cudaGetErrorString(code).decode()} (error {code})")
 
 
@@ -98,7 +112,7 @@ def export_window(kv: DeviceKV) -> tuple[DeviceWindow, list[int]]:
                 handle = _IpcHandle()
                 _check(cudart, cudart.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base)), "cudaIpcGetMemHandle")
                 bases[base] = len(handles)
-                handles.append(bytes(handle.reserved))
+                handles.append(handle_bytes(handle))
             segments.append([bases[base], pointer - base, seg.numel()])
     return DeviceWindow("cuda", runtime.device_uuid(), handles, segments), []
 
@@ -116,9 +130,13 @@ class device_range:
         }
 
 
-def open_window(window: DeviceWindow, kv: DeviceKV, sizes: list[int], fds: list[int]) -> DeviceWriter:
+def open_window(
+    window: DeviceWindow, kv: DeviceKV, sizes: list[int], fds: list[int], same_process: list[int] | None = None
+) -> DeviceWriter:
     """Map a peer's device window (``sizes``: each buffer's bytes as its region says); a writer into it. Takes
-    ownership of ``fds`` (emulated windows). Raises ``UnsupportedError`` where it cannot be mapped here."""
+    ownership of ``fds`` (emulated windows). ``same_process``: the buffers' addresses, where the kernel attested
+    the peer as this very process (CUDA IPC handles do not open in the process that made them; its pointers are
+    valid here as they are). Raises ``UnsupportedError`` where it cannot be mapped here."""
     runtime = kv.runtime
     if window.kind != runtime.name:
         raise UnsupportedError(f"the peer's device memory is {window.kind}, ours {runtime.name}")
@@ -139,6 +157,16 @@ def open_window(window: DeviceWindow, kv: DeviceKV, sizes: list[int], fds: list[
         raise UnsupportedError(f"the peer's KV is on GPU {window.uuid}, ours on {runtime.device_uuid()}: chunks go through UCX")
     import torch
 
+    if same_process is not None:
+        tensors = []
+        if len(same_process) != len(sizes):
+            raise UnsupportedError(f"the peer's window names {len(same_process)} addresses for {len(sizes)} buffers")
+        for i, (address, nbytes) in enumerate(zip(same_process, sizes)):
+            base, size = allocation_of(address)
+            if address + nbytes > base + size:
+                raise UnsupportedError(f"the peer's buffer {i} runs past the device allocation holding it")
+            tensors.append(torch.as_tensor(device_range(address, nbytes)))
+        return DeviceWriter(kv, tensors, lambda: None)
     cudart = _cudart()
     opened: list[int] = []
 
@@ -150,11 +178,10 @@ def open_window(window: DeviceWindow, kv: DeviceKV, sizes: list[int], fds: list[
         with torch.cuda.device(runtime.device):
             mapped = []
             for raw in window.handles:
-                handle, pointer = _IpcHandle(), ctypes.c_void_p()
-                ctypes.memmove(handle.reserved, raw, min(len(raw), 64))
-                code = cudart.cudaIpcOpenMemHandle(ctypes.byref(pointer), handle, _IPC_LAZY_ENABLE_PEER_ACCESS)
+                handle, mapped_at = handle_from(raw), ctypes.c_void_p()
+                code = cudart.cudaIpcOpenMemHandle(ctypes.byref(mapped_at), handle, _IPC_LAZY_ENABLE_PEER_ACCESS)
                 _check(cudart, code, "cudaIpcOpenMemHandle")
-                opened.append(int(pointer.value or 0))
+                opened.append(int(mapped_at.value or 0))
                 mapped.append((opened[-1], allocation_of(opened[-1])[1]))
             tensors = []
             for i, (allocation, offset, nbytes) in enumerate(window.segments):
