@@ -547,3 +547,21 @@ async def test_several_chunks_in_flight_per_peer(streams: int) -> None:
         await pair.sender.transfer(TransferPlan.for_blocks(pair.peer, SMALL, range(64), dst))
         assert_moved(pair, dst)
     assert state["max"] == streams
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+async def test_two_connected_channels_of_one_process_close_whichever_closes_first(transport: str) -> None:
+    """The listening side closes while the peer it accepted is still connected (Python 3.12's Server.wait_closed
+    waits for accepted connections: a listener that waited for it hung until the other channel closed)."""
+    if transport == "ucx":
+        pytest.importorskip("ucxx")
+    for listener_first in (True, False):
+        async with asyncio.timeout(20):
+            dialer, listener = KVTransferChannel(transport, name="dialer"), KVTransferChannel(transport, name="listener")
+            async with dialer, listener:
+                dialer.register(filled(SMALL, 8, 1))
+                listener.register(filled(SMALL, 8, 2))
+                peer = await dialer.connect(await listener.listen())
+                await dialer.transfer(TransferPlan.for_blocks(peer, SMALL, range(8), range(8)))
+                await (listener if listener_first else dialer).aclose()
+            assert not dialer.links() and not listener.links()

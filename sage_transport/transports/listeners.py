@@ -5,7 +5,6 @@ the TCP transport."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 from ..errors import ConnectionClosedError
@@ -49,7 +48,9 @@ class ServerListener(Listener):
         if self._closed:
             return
         self._closed = True
-        self._server.close()
+        self._server.close()  # the listening sockets close here
         self._queue.put_nowait(None)
-        with contextlib.suppress(Exception):
-            await self._server.wait_closed()
+        # Not Server.wait_closed(): from Python 3.12 it also waits for every connection the server accepted to
+        # close, and those are the channel's sessions, which it ends only after its listeners (two channels of
+        # one process waited on each other for ever). The connections are the channel's to close.
+        await asyncio.sleep(0)
