@@ -15,7 +15,7 @@ from . import kernels
 from .chunk_copies import _encode, _gather, _place
 from .errors import ProtocolError
 from .session_device import DevicePath
-from .session_state import _INLINE_PLACE_BYTES, _PLACE_BATCH_BYTES
+from .session_state import _DEVICE_PLACE_BATCH_BYTES, _INLINE_PLACE_BYTES, _PLACE_BATCH_BYTES
 from .transfers import Outgoing, TransferStatus
 from .wire import (
     Chunk,
@@ -139,11 +139,12 @@ class SendPath(DevicePath):
             pending = iter(seqs)
             following = functools.partial(next, pending, None)
             for seq in pending:
-                self._start_placement(out, _batch_of(out.lists.chunk_nbytes, seq, following))
+                self._start_placement(out, _batch_of(out.lists.chunk_nbytes, seq, following, self._place_batch_bytes))
 
     def _placement_batch(self, out: Outgoing, seq: int) -> list[int]:
-        """``seq`` and the chunks of the same transfer the scheduler gives next, up to :data:`_PLACE_BATCH_BYTES`:
-        one worker job writes them all, so the loop's round trip per job is paid once per batch."""
+        """``seq`` and the chunks of the same transfer the scheduler gives next, up to :data:`_PLACE_BATCH_BYTES`
+        (:data:`_DEVICE_PLACE_BATCH_BYTES` for device KV): one job writes them all, so the loop's round trip (a
+        worker's, or a device event's) is paid once per batch."""
         scheduler = self.host.scheduler
 
         def next_of_out() -> int | None:
@@ -152,7 +153,11 @@ class SendPath(DevicePath):
                 self._held_pick, pick = pick, None
             return None if pick is None else pick[1]
 
-        return _batch_of(out.lists.chunk_nbytes, seq, next_of_out)
+        return _batch_of(out.lists.chunk_nbytes, seq, next_of_out, self._place_batch_bytes)
+
+    @property
+    def _place_batch_bytes(self) -> int:
+        return _DEVICE_PLACE_BATCH_BYTES if self.host.device is not None else _PLACE_BATCH_BYTES
 
     def _start_placement(self, out: Outgoing, seqs: list[int]) -> None:
         attempts = []
@@ -244,10 +249,10 @@ class SendPath(DevicePath):
         self.count_sent(len(seqs), nbytes)
 
 
-def _batch_of(sizes: list[int], seq: int, more: Callable[[], int | None]) -> list[int]:
-    """``seq`` and the chunks ``more()`` gives (until None) while their bytes stay under :data:`_PLACE_BATCH_BYTES`."""
+def _batch_of(sizes: list[int], seq: int, more: Callable[[], int | None], limit: int) -> list[int]:
+    """``seq`` and the chunks ``more()`` gives (until None) while their bytes stay under ``limit``."""
     seqs, nbytes = [seq], sizes[seq]
-    while nbytes < _PLACE_BATCH_BYTES and (following := more()) is not None:
+    while nbytes < limit and (following := more()) is not None:
         seqs.append(following)
         nbytes += sizes[following]
     return seqs

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 _YIELD_EVERY = 64
 #: bytes of one transfer's chunks one placement job writes (the loop's round trip is paid per job)
 _PLACE_BATCH_BYTES = 16 << 20
+#: the same for device KV: one job is a few kernels whatever its size (consecutive chunks go together), and the
+#: Python around them (tens of microseconds a job) is what a larger job spreads thinner
+_DEVICE_PLACE_BATCH_BYTES = 64 << 20
 #: a placed peer's window is this many times ``peer_window`` (nothing is staged for its chunks)
 _PLACED_WINDOW_FACTOR = 4
 #: a placement job this small is copied on the loop thread: a worker thread's round trip costs more

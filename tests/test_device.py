@@ -307,6 +307,49 @@ async def test_device_chunks_are_placed_through_the_peers_device_window(verify: 
     assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
 
 
+@pytest.mark.parametrize("sizes", [[4096] * 5, [4096, 4096, 1024, 1024, 5, 8, 8, 4096], [0, 16, 16], [3, 3, 3]])
+def test_pieces_of_one_size_checksum_together_as_each_alone(sizes: list[int]) -> None:
+    kv = DeviceKV([torch.zeros(8, dtype=torch.uint8)], 8, EmulatedRuntime())
+    data = torch.from_numpy(np.random.default_rng(len(sizes)).integers(0, 256, sum(sizes) + 3, dtype=np.uint8))
+    together = torch.zeros(len(sizes), 2, dtype=torch.int64)
+    kv.sums_many(data, sizes, together)
+    offset = 0
+    for i, nbytes in enumerate(sizes):
+        alone = torch.zeros(2, dtype=torch.int64)
+        kv.sums(data[offset:], nbytes, alone)
+        assert together[i].tolist() == alone.tolist()
+        assert combine(*together[i].tolist(), nbytes) == fletcher64(data[offset : offset + nbytes].numpy())
+        offset += nbytes
+
+
+@needs_ucx
+@pytest.mark.parametrize("span", [True, False])
+async def test_consecutive_placed_chunks_share_their_kernels(span: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not span:  # runs of one tensor each: still right, one kernel a run
+        monkeypatch.setattr("sage_transport.device.kv.make_span", lambda segments, runtime: None)
+    calls: list[int] = []
+    real_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *a: (calls.append(1), real_copy(self, *a))[1])
+    schema, blocks = schema_for_test(), 256
+    src, dst = memory_of("device", schema, blocks, seed=8), emulated_memory(schema, blocks, shared=True)
+    order = shuffled(blocks, 8)
+    config = KVTransportConfig(chunk_size=64 << 10)
+    async with KVTransferChannel("ucx", config, name="a") as sender, KVTransferChannel("ucx", config, name="b") as receiver:
+        sender.register(src)
+        receiver.register(dst)
+        peer = await sender.connect(await receiver.listen())
+        await move(sender, receiver, peer, schema, order, transfer_id="accepting")  # proves acceptance
+        calls.clear()
+        placed = sender.statistics().chunks_placed
+        result, _ = await move(sender, receiver, peer, schema, order, transfer_id="placed")
+        assert result.integrity.value == "verified" and sender.links()[peer]["placement"] == "device_ipc"
+        chunks = sender.statistics().chunks_placed - placed
+    assert result.chunks == 128 and chunks > 100  # (a chunk or two may go as a send meanwhile)
+    if span:
+        assert 1 <= len(calls) <= chunks // 8, f"{len(calls)} scatters for {chunks} chunks"  # one per placement job
+    assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
+
+
 def test_a_cuda_ipc_handle_travels_whole_though_it_holds_nul_bytes() -> None:
     from sage_transport.device.ipc import _IpcHandle, handle_bytes, handle_from
 

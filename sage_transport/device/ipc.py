@@ -194,6 +194,17 @@ def open_window(
     return DeviceWriter(kv, tensors, close)
 
 
+def consecutive(seqs: list[int]) -> list[tuple[int, int]]:
+    """``seqs`` as ``(first, last)`` runs of consecutive numbers, in their order."""
+    runs: list[tuple[int, int]] = []
+    for seq in seqs:
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
+
+
 class DeviceWriter:
     """Writes chunks into a peer's mapped device KV on the channel's stream (see the module docstring)."""
 
@@ -230,20 +241,22 @@ class DeviceWriter:
         held = []
         with runtime.stream():
             sums = torch.empty(len(seqs), 4, dtype=torch.int64, device=runtime.device)  # each row written
-            for i, seq in enumerate(seqs):
+            i = 0
+            for first, last in consecutive(seqs):  # each run of consecutive chunks: a few kernels for them all
                 if stopped():
                     break
-                nbytes = int(table.chunk_nbytes[seq])
-                staging = kv.device_staging(nbytes)
+                sizes = [int(n) for n in table.chunk_nbytes[first : last + 1]]
+                staging = kv.device_staging(sum(sizes))
                 held.append(staging)
-                kv.gather(src, seq, staging)
+                kv.gather(src, first, staging, last=last)
                 if checksum:
-                    kv.sums(staging, nbytes, sums[i, :2])
-                kv.scatter(dst, seq, staging, self.peer)
+                    kv.sums_many(staging, sizes, sums[i : i + len(sizes), :2])
+                kv.scatter(dst, first, staging, self.peer, last=last)
                 if checksum:  # read back where it landed: what the receiver would hash in place
-                    kv.gather(dst, seq, staging, self.peer)
-                    kv.sums(staging, nbytes, sums[i, 2:])
-                written.append((seq, nbytes))
+                    kv.gather(dst, first, staging, self.peer, last=last)
+                    kv.sums_many(staging, sizes, sums[i : i + len(sizes), 2:])
+                written.extend(zip(range(first, last + 1), sizes))
+                i += len(sizes)
             report = sums
             if runtime.device.type != "cpu":
                 report = runtime.host_buffer(sums.numel() * 8).view(torch.int64).view(-1, 4)

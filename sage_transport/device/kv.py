@@ -201,9 +201,11 @@ class DeviceKV:
         width = unit // self.torch.empty(0, dtype=dtype).element_size()
         return buf[:nbytes].view(dtype).view(-1, width)
 
-    def gather(self, rows: Rows, seq: int, out: Any, segments: list[Any] | None = None) -> None:
-        """Queue chunk ``seq``'s pages → ``out`` (a device byte tensor), back to back."""
-        r0, r1 = rows.chunk_rows[seq], rows.chunk_rows[seq + 1]
+    def gather(self, rows: Rows, seq: int, out: Any, segments: list[Any] | None = None, last: int | None = None) -> None:
+        """Queue chunk ``seq``'s pages → ``out`` (a device byte tensor), back to back (chunks ``seq`` to ``last``
+        when given: one kernel for them all over the span)."""
+        end = seq + 1 if last is None else last + 1
+        r0, r1 = rows.chunk_rows[seq], rows.chunk_rows[end]
         if rows.span is not None:  # one kernel
             per = rows.unit // rows.span_unit
             target = self._as_rows(out, (r1 - r0) * rows.unit, rows.span_unit)
@@ -211,7 +213,7 @@ class DeviceKV:
             self.torch.index_select(rows.span.rows(rows.span_unit), 0, index, out=target)
             return
         target = self._as_rows(out, (r1 - r0) * rows.unit, rows.unit)
-        for run in range(rows.run_ptr[seq], rows.run_ptr[seq + 1]):
+        for run in range(rows.run_ptr[seq], rows.run_ptr[end]):
             a, b = rows.run_start[run], rows.run_stop[run]
             source = self.segment_rows(rows.run_seg[run], rows.unit, segments)
             first = rows.run_first[run]
@@ -220,16 +222,18 @@ class DeviceKV:
             else:
                 self.torch.index_select(source, 0, rows.index[a:b], out=target[a - r0 : b - r0])
 
-    def scatter(self, rows: Rows, seq: int, data: Any, segments: list[Any] | None = None) -> None:
-        """Queue ``data`` (chunk ``seq``'s bytes back to back, on the device) → its pages."""
-        r0, r1 = rows.chunk_rows[seq], rows.chunk_rows[seq + 1]
+    def scatter(self, rows: Rows, seq: int, data: Any, segments: list[Any] | None = None, last: int | None = None) -> None:
+        """Queue ``data`` (chunk ``seq``'s bytes back to back, on the device; chunks ``seq`` to ``last`` when
+        given) → its pages."""
+        end = seq + 1 if last is None else last + 1
+        r0, r1 = rows.chunk_rows[seq], rows.chunk_rows[end]
         if rows.span is not None:  # one kernel
             per = rows.unit // rows.span_unit
             source = self._as_rows(data, (r1 - r0) * rows.unit, rows.span_unit)
             rows.span.rows(rows.span_unit).index_copy_(0, rows.span_index[r0 * per : r1 * per], source)
             return
         source = self._as_rows(data, (r1 - r0) * rows.unit, rows.unit)
-        for run in range(rows.run_ptr[seq], rows.run_ptr[seq + 1]):
+        for run in range(rows.run_ptr[seq], rows.run_ptr[end]):
             a, b = rows.run_start[run], rows.run_stop[run]
             target = self.segment_rows(rows.run_seg[run], rows.unit, segments)
             first = rows.run_first[run]
@@ -253,12 +257,35 @@ class DeviceKV:
             padded = torch.zeros(-(-nbytes // _WORD) * _WORD, dtype=torch.uint8, device=data.device)
             padded[:nbytes].copy_(data[:nbytes])
             words = padded.view(torch.int64)
-        count = words.numel()
-        if self._weights is None or self._weights.numel() < count:
-            size = max(count, 1 << 16)
-            self._weights = torch.arange(1, size + 1, dtype=torch.int64, device=data.device)
         out[0] = words.sum()
-        out[1] = (words * self._weights[:count]).sum()
+        out[1] = (words * self._word_weights(words.numel(), data.device)).sum()
+
+    def sums_many(self, data: Any, sizes: list[int], out: Any) -> None:
+        """Queue fletcher64's sums of consecutive pieces of ``data`` (``sizes`` bytes each, back to back) into
+        ``out`` (int64[len(sizes), 2], device): pieces of one word-aligned size reduce together, two kernels for
+        the lot, instead of two for each."""
+        i = 0
+        offset = 0
+        while i < len(sizes):
+            nbytes = sizes[i]
+            k = 1
+            while i + k < len(sizes) and sizes[i + k] == nbytes:
+                k += 1
+            if k == 1 or nbytes % _WORD or nbytes == 0 or (int(data.data_ptr()) + offset) % _WORD:
+                for j in range(k):
+                    self.sums(data[offset + j * nbytes :], nbytes, out[i + j])
+            else:
+                count = nbytes // _WORD
+                words = data[offset : offset + k * nbytes].view(self.torch.int64).view(k, count)
+                out[i : i + k, 0] = words.sum(1)
+                out[i : i + k, 1] = (words * self._word_weights(count, data.device)).sum(1)
+            i += k
+            offset += k * nbytes
+
+    def _word_weights(self, count: int, device: Any) -> Any:
+        if self._weights is None or self._weights.numel() < count:
+            self._weights = self.torch.arange(1, max(count, 1 << 16) + 1, dtype=self.torch.int64, device=device)
+        return self._weights[:count]
 
     # ---- staging ------------------------------------------------------------------------------------
 
