@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 __all__ = ["poll_until"]
 
-#: Back-off of a polling wait: yield to the loop this many times, then sleep from ``_FIRST_SLEEP_S`` doubling
-#: to ``_MAX_SLEEP_S``.
-_YIELDS = 16
-_FIRST_SLEEP_S = 20e-6
-_MAX_SLEEP_S = 1e-3
+#: A polling wait first yields to the loop (other tasks and I/O run between polls) for this long, then sleeps
+#: ``_SLEEP_S`` between polls. Not sooner: the loop's selector sleeps in whole milliseconds (epoll rounds a 20 µs
+#: timeout up to 1 ms), so a wait that slept after a few yields noticed a 50 µs kernel ~1 ms late, once per wait
+#: (every CUDA step of a device transfer, every NCCL op).
+_SPIN_S = 2e-3
+_SLEEP_S = 1e-3
 
 
 async def poll_until(done: Callable[[], bool]) -> None:
-    """Wait until ``done()`` is true: first by yielding to the loop, then by sleeping with a doubling back-off."""
-    spins = 0
-    sleep = _FIRST_SLEEP_S
+    """Wait until ``done()`` is true: yielding to the loop for up to ``_SPIN_S``, then sleeping ``_SLEEP_S``
+    between polls."""
+    if done():
+        return
+    spin_until = time.perf_counter() + _SPIN_S
     while not done():
-        if spins < _YIELDS:
-            spins += 1
+        if time.perf_counter() < spin_until:
             await asyncio.sleep(0)
         else:
-            await asyncio.sleep(sleep)
-            sleep = min(sleep * 2, _MAX_SLEEP_S)
+            await asyncio.sleep(_SLEEP_S)

@@ -307,6 +307,34 @@ async def test_device_chunks_are_placed_through_the_peers_device_window(verify: 
     assert np.array_equal(device_pages(dst)[:, :, order], device_pages(src))
 
 
+async def test_a_polled_wait_lets_the_loop_run_and_ends_once_its_condition_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_transport import polling
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    polls = 0
+
+    def done() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 50
+
+    await polling.poll_until(done)  # within its spin: every poll lets the ticker run once
+    assert polls == 51 and ticks >= 49
+    monkeypatch.setattr(polling, "_SPIN_S", 0.0)  # past the spin: it sleeps between polls
+    polls, ticks = 48, 0
+    await polling.poll_until(done)
+    task.cancel()
+    assert polls == 51 and ticks >= 2
+
+
 @pytest.mark.parametrize("sizes", [[4096] * 5, [4096, 4096, 1024, 1024, 5, 8, 8, 4096], [0, 16, 16], [3, 3, 3]])
 def test_pieces_of_one_size_checksum_together_as_each_alone(sizes: list[int]) -> None:
     kv = DeviceKV([torch.zeros(8, dtype=torch.uint8)], 8, EmulatedRuntime())
