@@ -62,6 +62,11 @@ class KVTransferChannel(PeerManagement, SendingSide, ReceivingSide, PullSide, St
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called (a published registration withdraws itself then)."""
+        return self._closed
+
     async def aclose(self) -> None:
         """Fail every open transfer, stop every task, close connections and listeners. Idempotent."""
         if self._closed:

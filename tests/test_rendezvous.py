@@ -1,25 +1,39 @@
-"""Addresses by name through a store: torch's TCPStore (real) and etcd's v3 JSON gateway (a stand-in server
-speaking the same requests), one sender finding two receivers."""
+"""Addresses and membership through a real etcd (Debian's etcd-server, started here on free ports) and torch's
+TCPStore: one sender finding two receivers, joins and leaves as they happen, a killed member expiring with its
+lease, an unreachable store named in its error."""
 
 from __future__ import annotations
 
-import base64
-import json
+import asyncio
+import os
+import signal
 import socket
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
 
 from sage_transport import KVCacheSchema, KVMemory, KVTransferChannel, TransferPlan
-from sage_transport.errors import ConfigError, TransferTimeoutError
-from sage_transport.rendezvous import EtcdStore, connect_by_name, lookup, open_store, publish
+from sage_transport.errors import ConfigError, PeerDeadError, TransferTimeoutError
+from sage_transport.rendezvous import (
+    AddressStore,
+    EtcdStore,
+    MemberEvent,
+    TorchTCPStore,
+    connect_by_name,
+    lookup,
+    open_store,
+    publish,
+    watch_members,
+)
+from sage_transport.testing.etcd import EtcdServer, etcd_binary
 
 from .conftest import filled
 
 SCHEMA = KVCacheSchema(num_layers=2, num_kv_heads=2, head_dim=32, block_size=8)
+needs_etcd = pytest.mark.skipif(etcd_binary() is None, reason="no etcd binary (Debian: apt-get install etcd-server)")
 
 
 def _free_port() -> int:
@@ -28,44 +42,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def etcd() -> Iterator[tuple[str, dict[str, str]]]:
-    data: dict[str, str] = {}
-
-    class Gateway(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            key = base64.b64decode(body["key"]).decode()
-            if self.path == "/v3/kv/put":
-                data[key] = base64.b64decode(body["value"]).decode()
-                reply: dict[str, object] = {"header": {}}
-            elif self.path == "/v3/kv/range":
-                reply = {"header": {}}
-                if key in data:
-                    reply["kvs"] = [{"key": body["key"], "value": base64.b64encode(data[key].encode()).decode()}]
-            else:
-                self.send_error(404)
-                return
-            out = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"etcd://127.0.0.1:{server.server_address[1]}", data
-    finally:
-        server.shutdown()
-        server.server_close()
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    if etcd_binary() is None:
+        pytest.skip("no etcd binary (Debian: apt-get install etcd-server)")
+    pytest.importorskip("aetcd")
+    with EtcdServer() as server:
+        yield server
 
 
-async def _one_sender_two_receivers(sender_store, receiver_stores) -> None:  # type: ignore[no-untyped-def]
+async def _one_sender_two_receivers(sender_store: AddressStore, receiver_stores: list[AddressStore]) -> None:
     blocks = 32
     src = filled(SCHEMA, blocks)
     dsts = [KVMemory.allocate(SCHEMA, blocks, fill=0) for _ in receiver_stores]
@@ -85,6 +71,10 @@ async def _one_sender_two_receivers(sender_store, receiver_stores) -> None:  # t
             assert np.array_equal(np.frombuffer(dst.buffers[0], np.uint8), np.frombuffer(src.buffers[0], np.uint8))
 
 
+async def _next(events: AsyncIterator[MemberEvent], timeout_s: float) -> MemberEvent:
+    return await asyncio.wait_for(anext(events), timeout_s)
+
+
 async def test_tcpstore_publishes_addresses_for_many_peers() -> None:
     pytest.importorskip("torch")
     port = _free_port()
@@ -95,19 +85,110 @@ async def test_tcpstore_publishes_addresses_for_many_peers() -> None:
         await lookup(server, "nobody", timeout_s=0.2)
 
 
-async def test_etcd_gateway_publishes_addresses(etcd) -> None:  # type: ignore[no-untyped-def]
-    url, data = etcd
-    store = open_store(url)
+async def test_etcd_publishes_addresses_for_many_peers(etcd: EtcdServer) -> None:
+    store = open_store(etcd.url)
     assert isinstance(store, EtcdStore)
-    await _one_sender_two_receivers(store, [open_store(url), open_store(url)])
-    assert set(data) == {"sage_transport/addr/decode-0", "sage_transport/addr/decode-1"}
-    assert all(":" in address for address in data.values())
-    with pytest.raises(TransferTimeoutError):
-        await lookup(store, "nobody", timeout_s=0.1)
+    try:
+        await _one_sender_two_receivers(store, [open_store(etcd.url), open_store(etcd.url)])
+        with pytest.raises(TransferTimeoutError, match="nobody"):
+            await lookup(store, "nobody", timeout_s=0.1)
+    finally:
+        await store.close()
 
 
-def test_bad_store_urls_name_the_value() -> None:
+async def test_etcd_watchers_see_members_join_and_leave_as_it_happens(etcd: EtcdServer) -> None:
+    prefix = "t-watch/"
+    store = open_store(etcd.url)
+    async with KVTransferChannel("tcp", name="decode-a") as a, KVTransferChannel("tcp", name="decode-b") as b:
+        first = await publish(a, store, prefix=prefix, ttl_s=5)
+        events = watch_members(store, prefix)
+        assert await _next(events, 5) == MemberEvent("joined", "decode-a", first.address)  # there before the watch
+        second = await publish(b, store, prefix=prefix, ttl_s=5)
+        assert await _next(events, 5) == MemberEvent("joined", "decode-b", second.address)
+        await first.withdraw()
+        assert await _next(events, 5) == MemberEvent("left", "decode-a", None)
+        assert not first.alive and second.alive
+        await b.aclose()  # a closed channel withdraws its registration
+        assert await _next(events, 5) == MemberEvent("left", "decode-b", None)
+        await events.aclose()
+    await store.close()
+
+
+_MEMBER = """
+import asyncio, sys
+from sage_transport import KVTransferChannel
+from sage_transport.rendezvous import open_store, publish
+async def main():
+    async with KVTransferChannel("tcp", name="doomed") as channel:
+        await publish(channel, open_store(sys.argv[1]), prefix=sys.argv[2], ttl_s=float(sys.argv[3]))
+        print("published", flush=True)
+        await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+async def _killed_member_leaves(url: str, prefix: str, ttl_s: float) -> float:
+    """Seconds from SIGKILL of a published member to its ``left`` event."""
+    store = open_store(url, is_server=False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MEMBER, url, prefix, str(ttl_s), stdout=asyncio.subprocess.PIPE, env=env
+    )
+    try:
+        assert child.stdout is not None
+        assert (await asyncio.wait_for(child.stdout.readline(), 60)).strip() == b"published"
+        events = watch_members(store, prefix, ttl_s=ttl_s)
+        joined = await _next(events, 10)
+        assert joined.kind == "joined" and joined.name == "doomed"
+        child.send_signal(signal.SIGKILL)  # no withdrawal: only the lease (or the beats) can tell
+        killed = time.monotonic()
+        left = await _next(events, ttl_s + 10)
+        assert left == MemberEvent("left", "doomed", None)
+        await events.aclose()
+        return time.monotonic() - killed
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
+        await store.close()
+
+
+async def test_a_killed_etcd_member_leaves_when_its_lease_expires(etcd: EtcdServer) -> None:
+    gone_after = await _killed_member_leaves(etcd.url, "t-killed/", ttl_s=2.0)
+    assert gone_after < 2.0 + 5.0, gone_after  # its lease's TTL and etcd's expiry check, never for ever
+
+
+async def test_a_killed_tcpstore_member_leaves_once_its_beats_stop() -> None:
+    pytest.importorskip("torch")
+    port = _free_port()
+    host = open_store(f"tcpstore://127.0.0.1:{port}", is_server=True)
+    assert isinstance(host, TorchTCPStore)
+    gone_after = await _killed_member_leaves(f"tcpstore://127.0.0.1:{port}", "t-killed/", ttl_s=1.0)
+    assert gone_after < 1.0 + 5.0, gone_after
+    async with KVTransferChannel("tcp", name="decode-t") as channel:  # and a withdrawal is seen as a leave
+        registration = await publish(channel, host, prefix="t-tcp/", ttl_s=1.0)
+        events = watch_members(host, "t-tcp/", ttl_s=1.0)
+        assert await _next(events, 5) == MemberEvent("joined", "decode-t", registration.address)
+        await registration.withdraw()
+        assert await _next(events, 5) == MemberEvent("left", "decode-t", None)
+        await events.aclose()
+
+
+async def test_an_unreachable_etcd_is_named_in_the_error() -> None:
+    pytest.importorskip("aetcd")
+    url = f"etcd://127.0.0.1:{_free_port()}"
+    store = open_store(url)
+    async with KVTransferChannel("tcp", name="lonely") as channel:
+        with pytest.raises(PeerDeadError, match=url.replace(".", r"\.")):
+            await publish(channel, store, ttl_s=2)
+    await store.close()
+
+
+async def test_bad_store_urls_and_ttls_name_the_value() -> None:
     with pytest.raises(ConfigError, match="redis://x:1"):
         open_store("redis://x:1")
     with pytest.raises(ConfigError, match="'tcpstore'"):
         open_store("tcpstore")
+    async with KVTransferChannel("tcp", name="short") as channel:
+        with pytest.raises(ConfigError, match=r"ttl_s=0\.5 must be at least 1 second"):
+            await publish(channel, open_store("etcd://127.0.0.1:1"), ttl_s=0.5)
