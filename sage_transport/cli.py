@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--peer", action="append", default=[], metavar="HOST:PORT", help="send to a `sage-transport serve` there (repeatable)"
     )
+    m.add_argument("--store", default=None, metavar="URL", help="find receivers in etcd://HOST:PORT or tcpstore://HOST:PORT")
+    m.add_argument(
+        "--to", action="append", default=[], metavar="NAME", help="send to the `serve --store` registered as NAME (repeatable)"
+    )
+    m.add_argument("--to-all", action="store_true", help="send to every `serve --store` registered in --store now")
     m.add_argument("--no-reference", action="store_true", help="skip the references (ucx_perftest, the in-process shuffled copy)")
     m.add_argument(
         "--compare",
@@ -133,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=0, help="job port (default 0: any free port, printed)")
     s.add_argument("--once", action="store_true", help="exit after one job")
+    s.add_argument("--store", default=None, metavar="URL", help="register in etcd://HOST:PORT or tcpstore://HOST:PORT")
+    s.add_argument("--name", default=None, help="the name to register (default serve-HOST-PORT)")
+    s.add_argument("--advertise", default=None, metavar="HOST", help="the host peers reach this at (default --host)")
+    s.add_argument("--ttl", type=float, default=10.0, help="seconds the registration outlives a crash (default 10)")
     s.add_argument("--log-json", action="store_true", help="logs as JSON lines")
     s.add_argument("-v", "--verbose", action="store_true", help="log more")
     return parser
@@ -194,6 +203,7 @@ def _migrate(args: argparse.Namespace) -> int:
     for name in ("tokens", "repeat", "receivers", "block_size"):
         if getattr(args, name) <= 0:
             raise SageTransportError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    peers = list(args.peer) + _peers_from_store(args)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     if show:
         observe.stage = lambda text: print(f"  {text} ...", file=sys.stderr, flush=True)
@@ -208,7 +218,7 @@ def _migrate(args: argparse.Namespace) -> int:
             repeats=args.repeat,
             seed=args.seed,
             receivers=args.receivers,
-            peers=args.peer,
+            peers=peers,
             reference=not args.no_reference,
             progress=progress_bar() if show else None,
             observe=observe,
@@ -219,6 +229,31 @@ def _migrate(args: argparse.Namespace) -> int:
     if args.json_path is not None:
         args.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
     return 0 if record.verified else 1
+
+
+def _peers_from_store(args: argparse.Namespace) -> list[str]:
+    """``--to`` names (and ``--to-all``: every registered serve) resolved in ``--store``."""
+    if not (args.to or args.to_all):
+        if args.store is not None:
+            raise SageTransportError("--store names where to find receivers: add --to NAME or --to-all")
+        return []
+    if args.store is None:
+        raise SageTransportError("--to and --to-all need --store URL (etcd://HOST:PORT or tcpstore://HOST:PORT)")
+    from .rendezvous import SERVE_PREFIX, current_members, lookup, open_store
+
+    async def resolve() -> list[str]:
+        store = open_store(args.store)
+        try:
+            found = await current_members(store, SERVE_PREFIX) if args.to_all else {}
+            if args.to_all and not found:
+                raise SageTransportError(f"--to-all: no `sage-transport serve` is registered in {args.store}")
+            for name in args.to:
+                found[name] = await lookup(store, name, timeout_s=10, prefix=SERVE_PREFIX)
+            return [found[name] for name in sorted(found)]
+        finally:
+            await store.close()
+
+    return list(run_async(resolve()))
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -363,7 +398,8 @@ def _serve(args: argparse.Namespace) -> int:
         from .config import KVTransportConfig
 
         token = KVTransportConfig.resolve(None).auth_token  # SAGE_TRANSPORT_AUTH_TOKEN
-        run_async(serve(args.host, args.port, once=args.once, auth_token=token))
+        options = {"store": args.store, "name": args.name, "advertise": args.advertise, "ttl_s": args.ttl}
+        run_async(serve(args.host, args.port, once=args.once, auth_token=token, **options))
     except KeyboardInterrupt:
         pass
     return 0

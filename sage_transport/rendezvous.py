@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -36,21 +36,26 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PREFIX",
+    "SERVE_PREFIX",
     "AddressStore",
     "EtcdStore",
     "MemberEvent",
     "Registration",
     "TorchTCPStore",
     "connect_by_name",
+    "current_members",
     "lookup",
     "open_store",
     "publish",
+    "register",
     "watch_members",
 ]
 
 log = structlog.get_logger("sage_transport.rendezvous")
 
 PREFIX = "sage_transport/addr/"
+#: where ``sage-transport serve --store`` registers its job address (``migrate --store --to NAME`` looks there)
+SERVE_PREFIX = "sage_transport/serve/"
 #: a registration's default time to live: a member that stops refreshing is gone this long after its last refresh
 DEFAULT_TTL_S = 10.0
 
@@ -71,6 +76,7 @@ class AddressStore(Protocol):
         """The value, waiting up to ``timeout_s`` for it to appear; ``TransferTimeoutError`` otherwise."""
         ...
 
+    async def members(self, prefix: str) -> dict[str, str]: ...
     def watch(self, prefix: str, ttl_s: float) -> AsyncIterator[tuple[str, str, str | None]]: ...
     async def close(self) -> None: ...
 
@@ -99,14 +105,14 @@ def open_store(url: str, *, is_server: bool = False, timeout_s: float = 30.0) ->
 
 
 class Registration:
-    """A channel's name and address in a store, refreshed every third of ``ttl_s`` until :meth:`withdraw` (or
-    ``async with`` ends, or the channel closes). Should the store stop answering, refreshes are retried and
-    logged; once the store has let the registration expire it is made again."""
+    """A name and address in a store, refreshed every third of ``ttl_s`` until :meth:`withdraw` (or ``async
+    with`` ends, or ``closed()`` turns true: a published channel's close). Should the store stop answering,
+    refreshes are retried and logged; once the store has let the registration expire it is made again."""
 
-    def __init__(self, channel: KVTransferChannel, store: AddressStore, key: str, address: str, ttl_s: float) -> None:
-        self.channel, self.store, self.key, self.address, self.ttl_s = channel, store, key, address, ttl_s
-        self.name = channel.name
+    def __init__(self, store: AddressStore, name: str, key: str, address: str, ttl_s: float, closed: Callable[[], bool]) -> None:
+        self.store, self.name, self.key, self.address, self.ttl_s = store, name, key, address, ttl_s
         self.refreshes = 0
+        self._closed = closed
         self._lease: _Lease | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -115,9 +121,9 @@ class Registration:
         self._task = asyncio.create_task(self._keep_alive(), name=f"sage-registration-{self.name}")
 
     async def _keep_alive(self) -> None:
-        while not self.channel.closed:
+        while not self._closed():
             await asyncio.sleep(self.ttl_s / 3)
-            if self.channel.closed:
+            if self._closed():
                 break
             try:
                 assert self._lease is not None
@@ -157,6 +163,25 @@ class Registration:
         await self.withdraw()
 
 
+async def register(
+    store: AddressStore,
+    name: str,
+    address: str,
+    *,
+    ttl_s: float = DEFAULT_TTL_S,
+    prefix: str = PREFIX,
+    closed: Callable[[], bool] = lambda: False,
+) -> Registration:
+    """Register ``name → address`` under ``prefix`` with ``ttl_s`` and keep it alive (see :class:`Registration`)."""
+    if not ttl_s >= 1.0:
+        raise ConfigError(f"ttl_s={ttl_s!r} must be at least 1 second (etcd's leases count whole seconds)")
+    if not name or "/" in name:
+        raise ConfigError(f"name={name!r} must be non-empty and hold no '/'")
+    registration = Registration(store, name, prefix + name, address, ttl_s, closed)
+    await registration._start()
+    return registration
+
+
 async def publish(
     channel: KVTransferChannel,
     store: AddressStore,
@@ -167,13 +192,11 @@ async def publish(
 ) -> Registration:
     """Make ``channel`` reachable under its name: listen (unless ``address`` is given), register under
     ``prefix`` with ``ttl_s`` and keep the registration alive while the channel runs."""
-    if not ttl_s >= 1.0:
+    if not ttl_s >= 1.0:  # before listening
         raise ConfigError(f"ttl_s={ttl_s!r} must be at least 1 second (etcd's leases count whole seconds)")
     if address is None:
         address = await channel.listen()
-    registration = Registration(channel, store, prefix + channel.name, address, ttl_s)
-    await registration._start()
-    return registration
+    return await register(store, channel.name, address, ttl_s=ttl_s, prefix=prefix, closed=lambda: channel.closed)
 
 
 async def lookup(store: AddressStore, name: str, timeout_s: float = 30.0, *, prefix: str = PREFIX) -> str:
@@ -186,6 +209,11 @@ async def connect_by_name(
 ) -> str:
     """Look ``name`` up and connect ``channel`` to it; returns the peer name to put in plans."""
     return await channel.connect(await lookup(store, name, timeout_s, prefix=prefix))
+
+
+async def current_members(store: AddressStore, prefix: str = PREFIX) -> dict[str, str]:
+    """``{name: address}`` of the members under ``prefix`` now (what :func:`watch_members` starts with)."""
+    return {key[len(prefix) :]: value for key, value in (await store.members(prefix)).items()}
 
 
 async def watch_members(store: AddressStore, prefix: str = PREFIX, *, ttl_s: float = DEFAULT_TTL_S) -> AsyncIterator[MemberEvent]:

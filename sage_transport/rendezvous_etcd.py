@@ -91,6 +91,11 @@ class EtcdStore:
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 0.25)
 
+    async def members(self, prefix: str) -> dict[str, str]:
+        client = await self.client()
+        found = await self.call("get prefix", client.get_prefix(prefix.encode()))
+        return {bytes(kv.key).decode(): bytes(kv.value).decode() for kv in found}
+
     async def watch(self, prefix: str, ttl_s: float) -> AsyncIterator[tuple[str, str, str | None]]:
         """``(kind, key, value)``: every key under ``prefix`` now as a ``"put"``, then each put and delete
         (``"delete"``, value None: withdrawn, or its lease expired) as it happens, from the snapshot's revision on

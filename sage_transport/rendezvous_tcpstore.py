@@ -81,6 +81,11 @@ class TorchTCPStore:
                 alive[key] = (bytes(self.raw.get(key)).decode(), int(self.raw.add(_BEAT + key, 0)))
         return alive
 
+    async def members(self, prefix: str) -> dict[str, str]:
+        """Registered and not withdrawn (a member that died stays until a watcher's TTL passes: no leases)."""
+        found = await asyncio.to_thread(self._snapshot, prefix, [])
+        return {key: value for key, (value, _) in found.items()}
+
     async def watch(self, prefix: str, ttl_s: float) -> AsyncIterator[tuple[str, str, str | None]]:
         """``(kind, key, value)``: every member under ``prefix`` now as a ``"put"``, then joins (``"put"``) and
         leaves (``"delete"``, value None), polled every ``ttl_s / 4`` (see the module docstring)."""

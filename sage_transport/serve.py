@@ -27,7 +27,7 @@ import structlog
 
 from .channel import KVTransferChannel
 from .config import KVTransportConfig, require_token_off_loopback
-from .errors import AuthError, PeerDeadError, ProtocolError, SageTransportError
+from .errors import AuthError, ConfigError, PeerDeadError, ProtocolError, SageTransportError
 from .memory import KVMemory
 from .schema import KVCacheSchema, Layout
 from .telemetry.trace import ChunkTracer
@@ -228,11 +228,25 @@ def trust_line(auth_token: str | None) -> str:
 
 
 async def serve(
-    host: str = "127.0.0.1", port: int = 0, *, once: bool = False, ready: Any = None, auth_token: str | None = None
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    once: bool = False,
+    ready: Any = None,
+    auth_token: str | None = None,
+    store: str | None = None,
+    name: str | None = None,
+    advertise: str | None = None,
+    ttl_s: float = 10.0,
 ) -> None:
     """Serve migration jobs on ``host:port`` until cancelled (``once``: after the first job). Senders must prove
-    ``auth_token``; a ``host`` other than loopback requires one (:class:`~sage_transport.errors.ConfigError`)."""
+    ``auth_token``; a ``host`` other than loopback requires one (:class:`~sage_transport.errors.ConfigError`).
+    ``store`` (``etcd://`` or ``tcpstore://``): register the job address there as ``name`` (default
+    ``serve-HOST-PORT``) under :data:`~sage_transport.rendezvous.SERVE_PREFIX`, kept alive while serving;
+    ``advertise`` is the host peers reach it at (required with a wildcard ``host``)."""
     require_token_off_loopback(host, auth_token, "serve --host")
+    if store is not None and advertise is None and host in ("0.0.0.0", "::", ""):
+        raise ConfigError(f"serve --host={host!r} with --store needs --advertise HOST: the address peers reach it at")
     finished = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -252,13 +266,27 @@ async def serve(
     server = await asyncio.start_server(handle, host, port)
     bound = server.sockets[0].getsockname()
     address = f"{bound[0]}:{bound[1]}"
-    if ready is not None:
-        ready(address)
-    else:
-        print(f"sage-transport serve: listening on {address}", flush=True)
-        print(f"sage-transport serve: {trust_line(auth_token)}", flush=True)
-    async with server:
+    registration = None
+    try:
+        if store is not None:
+            from .rendezvous import SERVE_PREFIX, open_store, register
+
+            reachable = f"{advertise or bound[0]}:{bound[1]}"
+            member = name or f"serve-{advertise or bound[0]}-{bound[1]}"
+            registration = await register(open_store(store), member, reachable, ttl_s=ttl_s, prefix=SERVE_PREFIX)
+        if ready is not None:
+            ready(address)
+        else:
+            print(f"sage-transport serve: listening on {address}", flush=True)
+            if registration is not None:
+                print(f"sage-transport serve: registered as {registration.name} in {store}", flush=True)
+            print(f"sage-transport serve: {trust_line(auth_token)}", flush=True)
         if once:
             await finished.wait()
         else:
             await server.serve_forever()
+    finally:
+        server.close()  # not wait_closed(): from Python 3.12 it would wait for the job connections too
+        if registration is not None:
+            await registration.withdraw()
+            await registration.store.close()

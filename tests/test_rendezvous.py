@@ -192,3 +192,51 @@ async def test_bad_store_urls_and_ttls_name_the_value() -> None:
     async with KVTransferChannel("tcp", name="short") as channel:
         with pytest.raises(ConfigError, match=r"ttl_s=0\.5 must be at least 1 second"):
             await publish(channel, open_store("etcd://127.0.0.1:1"), ttl_s=0.5)
+
+
+def test_migrate_finds_its_receivers_through_etcd_and_a_killed_one_leaves(etcd: EtcdServer, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+
+    from sage_transport.cli import main
+    from sage_transport.rendezvous import SERVE_PREFIX, current_members
+
+    serve = [sys.executable, "-m", "sage_transport.cli", "serve", "--store", etcd.url, "--ttl", "2", "--name"]
+    serves = [subprocess.Popen([*serve, f"decode-{i}"], stdout=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        addresses = []
+        for proc in serves:
+            assert proc.stdout is not None
+            addresses.append(proc.stdout.readline().rsplit("listening on ", 1)[1].strip())
+            assert "registered as decode-" in proc.stdout.readline()
+        job = ["migrate", "--store", etcd.url, "--tokens", "512", "--repeat", "1", "--json"]
+        out = tmp_path / "all.json"
+        assert main([*job, str(out), "--to-all"]) == 0
+        record = json.loads(out.read_text())
+        assert record["verified"] is True and sorted(record["peers"]) == sorted(addresses)
+        out = tmp_path / "one.json"
+        assert main([*job, str(out), "--to", "decode-1"]) == 0
+        assert json.loads(out.read_text())["peers"] == [addresses[1]]
+        serves[0].send_signal(signal.SIGKILL)  # its registration outlives it by its TTL, no longer
+        serves[0].wait()
+
+        async def members() -> dict[str, str]:
+            store = open_store(etcd.url)
+            try:
+                return await current_members(store, SERVE_PREFIX)
+            finally:
+                await store.close()
+
+        deadline = time.monotonic() + 2.0 + 5.0
+        while "decode-0" in asyncio.run(members()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert asyncio.run(members()) == {"decode-1": addresses[1]}
+    finally:
+        for proc in serves:
+            proc.terminate()
+            proc.wait(timeout=20)
+            if proc.stdout is not None:
+                proc.stdout.close()
+    capsys.readouterr()
+    assert main(["migrate", "--to", "decode-1"]) != 0
+    assert "--to and --to-all need --store URL" in capsys.readouterr().err
