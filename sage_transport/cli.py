@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -228,7 +229,7 @@ def _migrate(args: argparse.Namespace) -> int:
     print("\n".join(summary_lines(record)))
     if args.json_path is not None:
         args.json_path.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
-    return 0 if record.verified else 1
+    return 0 if record.verified and not record.failed else 1
 
 
 def _peers_from_store(args: argparse.Namespace) -> list[str]:
@@ -399,8 +400,15 @@ def _serve(args: argparse.Namespace) -> int:
 
         token = KVTransportConfig.resolve(None).auth_token  # SAGE_TRANSPORT_AUTH_TOKEN
         options = {"store": args.store, "name": args.name, "advertise": args.advertise, "ttl_s": args.ttl}
-        run_async(serve(args.host, args.port, once=args.once, auth_token=token, **options))
-    except KeyboardInterrupt:
+
+        async def until_terminated() -> None:  # SIGTERM (a service manager's stop) ends it as Ctrl-C does:
+            task = asyncio.current_task()  # its registration is withdrawn at once, not left to expire
+            assert task is not None
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            await serve(args.host, args.port, once=args.once, auth_token=token, **options)
+
+        run_async(until_terminated())
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0
 

@@ -99,6 +99,7 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     copy_ratio: float | None = None  # gbps / copy_gbps
     nixl: dict[str, Any] | None = None  # --compare nixl: NIXL as vLLM drives it, in the same run (gbps, cpu, ratio, ...)
     peak_rss: dict[str, int] = {}  # peak resident set, bytes: sender, and the largest receiver
+    failed: dict[str, str] = {}  # receivers whose transfer failed ("ErrorType: message"); the others carried on
 
 
 @dataclass
@@ -402,6 +403,7 @@ class _Receiver:
         self.dst_of_src = np.arange(0)
         self.digest = 0
         self.coded_digest = 0
+        self.failure: str | None = None  # why its transfer failed ("ErrorType: message"); then it gets no more
 
 
 async def _start_local_receiver(host: str) -> _Receiver:
@@ -502,6 +504,8 @@ async def _migrate_to_receivers(
             cpu_sender = 0.0
             last_results: list[Any] = []
             kv_dtypes: list[str] = []
+            alive = list(enumerate(nodes))
+            observe.step("moving the cache")
             for i in range(repeats):
                 if pause_s and i:
                     await asyncio.sleep(pause_s)
@@ -514,16 +518,29 @@ async def _migrate_to_receivers(
                         transfer_id=transfer_id(i, k),
                         priority=Priority.BULK,
                     )
-                    for k, node in enumerate(nodes)
+                    for k, node in alive
                 ]
                 cpu_start = cpu_seconds()
                 start = time.perf_counter()
                 handles = [channel.submit(plan) for plan in plans]
                 async with _progress_task(handles, progress):
-                    results = await asyncio.gather(*(h.wait() for h in handles))
+                    outcomes = await asyncio.gather(*(h.wait() for h in handles), return_exceptions=True)
                 seconds.append(time.perf_counter() - start)
                 cpu_sender += cpu_seconds() - cpu_start
-                for node, result in zip(nodes, results):
+                results = []
+                for (_, node), outcome in zip(alive, outcomes):  # a receiver that failed: the others carry on
+                    if isinstance(outcome, SageTransportError):
+                        node.failure = f"{type(outcome).__name__}: {outcome}"
+                        if observe.notice is not None:
+                            observe.notice(f"receiver {node.address} failed: {node.failure}")
+                        if all(n.failure is not None for _, n in alive):
+                            raise outcome
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    else:
+                        results.append(outcome)
+                alive = [(k, node) for k, node in alive if node.failure is None]
+                for (_, node), result in zip(alive, results):
                     assert node.reader is not None
                     received = await read_job_message(node.reader, 120)
                     if not isinstance(received, JobReceived) or received.transfer_id != result.transfer_id:
@@ -546,6 +563,8 @@ async def _migrate_to_receivers(
         peak_receiver = 0
         for node in nodes:
             assert node.writer is not None and node.reader is not None
+            if node.failure is not None:  # it is gone, or its channel is: nothing to say goodbye to
+                continue
             await send_job_message(node.writer, JobDone())
             bye = await read_job_message(node.reader, 60)
             if isinstance(bye, JobBye):
@@ -572,8 +591,9 @@ async def _migrate_to_receivers(
             ucx_transports.setdefault(proto, sorted(set(ucx_transports.get(proto, [])) | set(lanes)))
     nbytes = blocks * schema.bytes_per_block
     moved = nbytes * repeats * len(nodes) / GIB
+    survivors = [node for node in nodes if node.failure is None]  # a failed receiver's bytes are not counted
     record = _record(
-        model, tokens, blocks, nbytes * len(nodes), seconds, chunks, transport, config, verified, shuffle, retries,
+        model, tokens, blocks, nbytes * len(survivors), seconds, chunks, transport, config, verified, shuffle, retries,
         len(nodes), [node.address for node in nodes],
         cpu_seconds={"sender": cpu_sender, "receivers": cpu_receivers},
         cpu_per_gib={"sender": cpu_sender / moved, "receivers": cpu_receivers / moved},
@@ -581,6 +601,7 @@ async def _migrate_to_receivers(
     )  # fmt: skip
     kinds = sorted({str(info.get("placement", "none")) for info in links.values()} - {"none"})
     record = msgspec.structs.replace(record, chunks_placed=placed, placement="+".join(kinds) or "none")
+    record = msgspec.structs.replace(record, failed={n.address: n.failure for n in nodes if n.failure is not None})
     record = msgspec.structs.replace(
         _with_wire(record, last_results),
         kv_dtypes=kv_dtypes,
@@ -818,4 +839,5 @@ def summary_lines(record: MigrationRecord) -> list[str]:
         ("retries", record.retries),
         ("verified", f"{record.verified} (per-chunk {record.integrity} + {how})"),
     ]
+    rows += [("failed", f"{address}: {why}") for address, why in sorted(record.failed.items())]
     return [f"{k:>10}  {v}" for k, v in rows]

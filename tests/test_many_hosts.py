@@ -103,3 +103,48 @@ def test_seven_prefills_migrate_to_one_decode_at_once(cluster, tmp_path: Path) -
             assert record["verified"] is True and [p.split(":")[0] for p in record["peers"]] == [hosts.ip(0)]
     finally:
         _stop([serve])
+
+
+def test_a_decode_killed_mid_run_fails_alone_and_leaves_the_membership(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import signal
+    import time
+
+    from sage_transport.rendezvous import SERVE_PREFIX, current_members, open_store
+
+    hosts, etcd = cluster
+    serves = [_serve(hosts, host, etcd, f"doomed-{host}" if host == 3 else f"decode-{host}") for host in range(1, 5)]
+    try:
+        out = tmp_path / "kill.json"
+        command = [sys.executable, "-m", "sage_transport.cli", "migrate", "--store", etcd.url, "--to-all", "--transport",
+                   "tcp", "--tokens", "4096", "--repeat", "4", "--no-reference", "--progress", "on",
+                   "--json", str(out)]  # fmt: skip
+        proc = hosts.run(0, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        assert proc.stderr is not None
+        while "moving the cache" not in (line := proc.stderr.readline()):
+            assert line, "migrate ended before moving anything"
+        time.sleep(0.5)
+        victim = serves[2]  # host 3
+        victim.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 1, err[-2000:]  # not every receiver got the cache ...
+        record = json.loads(out.read_text())
+        assert record["verified"] is True  # ... but every one that did got it whole
+        assert list(record["failed"]) == [p for p in record["peers"] if p.startswith(hosts.ip(3) + ":")]
+        reason = next(iter(record["failed"].values()))
+        assert reason.split(":")[0] in {"PeerDeadError", "ConnectionClosedError", "TransportError"}, reason
+
+        async def members() -> dict[str, str]:
+            store = open_store(etcd.url)
+            try:
+                return await current_members(store, SERVE_PREFIX)
+            finally:
+                await store.close()
+
+        while "doomed-3" in asyncio.run(members()):
+            assert time.monotonic() - killed < 3 + 5, "the killed serve's registration outlived its TTL"
+            time.sleep(0.2)
+        assert set(asyncio.run(members())) >= {"decode-1", "decode-2", "decode-4"}
+    finally:
+        _stop(serves)
