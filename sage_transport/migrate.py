@@ -100,6 +100,7 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     nixl: dict[str, Any] | None = None  # --compare nixl: NIXL as vLLM drives it, in the same run (gbps, cpu, ratio, ...)
     peak_rss: dict[str, int] = {}  # peak resident set, bytes: sender, and the largest receiver
     failed: dict[str, str] = {}  # receivers whose transfer failed ("ErrorType: message"); the others carried on
+    failed_at: dict[str, float] = {}  # when each failure was noticed: CLOCK_MONOTONIC, comparable across one host's processes
 
 
 @dataclass
@@ -404,6 +405,16 @@ class _Receiver:
         self.digest = 0
         self.coded_digest = 0
         self.failure: str | None = None  # why its transfer failed ("ErrorType: message"); then it gets no more
+        self.failed_at = 0.0  # time.monotonic() when its failure was noticed
+
+
+async def _outcome(handle: Any, node: _Receiver) -> Any:
+    """The transfer's result; a failure is timed as it is noticed, not when the other receivers are done."""
+    try:
+        return await handle.wait()
+    except SageTransportError:
+        node.failed_at = time.monotonic()
+        raise
 
 
 async def _start_local_receiver(host: str) -> _Receiver:
@@ -524,7 +535,8 @@ async def _migrate_to_receivers(
                 start = time.perf_counter()
                 handles = [channel.submit(plan) for plan in plans]
                 async with _progress_task(handles, progress):
-                    outcomes = await asyncio.gather(*(h.wait() for h in handles), return_exceptions=True)
+                    waits = (_outcome(handle, node) for handle, (_, node) in zip(handles, alive))
+                    outcomes = await asyncio.gather(*waits, return_exceptions=True)
                 seconds.append(time.perf_counter() - start)
                 cpu_sender += cpu_seconds() - cpu_start
                 results = []
@@ -601,7 +613,10 @@ async def _migrate_to_receivers(
     )  # fmt: skip
     kinds = sorted({str(info.get("placement", "none")) for info in links.values()} - {"none"})
     record = msgspec.structs.replace(record, chunks_placed=placed, placement="+".join(kinds) or "none")
-    record = msgspec.structs.replace(record, failed={n.address: n.failure for n in nodes if n.failure is not None})
+    gone = [n for n in nodes if n.failure is not None]
+    record = msgspec.structs.replace(
+        record, failed={n.address: str(n.failure) for n in gone}, failed_at={n.address: n.failed_at for n in gone}
+    )
     record = msgspec.structs.replace(
         _with_wire(record, last_results),
         kv_dtypes=kv_dtypes,

@@ -9,6 +9,7 @@ no join or leave between the two is missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -116,8 +117,10 @@ class EtcdStore:
                     yield "delete", key, None
         except aetcd.exceptions.ClientError as exc:
             raise PeerDeadError(f"etcd at {self.url} ended the watch of {prefix!r}: {exc!r}") from exc
-        finally:
-            await asyncio.shield(watch.cancel())
+        finally:  # the watch ends with its iterator (a store closed meanwhile has ended it already)
+            if self._client is not None:
+                with contextlib.suppress(aetcd.exceptions.ClientError, AttributeError):
+                    await watch.cancel()
 
     async def close(self) -> None:
         client, self._client = self._client, None
