@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from sage_transport.rendezvous import SERVE_PREFIX, open_store, watch_members  # noqa: E402
 from sage_transport.testing.etcd import EtcdServer  # noqa: E402
-from sage_transport.testing.hosts import EmulatedHosts  # noqa: E402
+from sage_transport.testing.hosts import EmulatedHosts, stop_processes  # noqa: E402
 
 TOKEN = "many-hosts-bench-secret-Jw4Nc8Ry2Pk6"
 ENV = {**os.environ, "SAGE_TRANSPORT_AUTH_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
@@ -92,16 +92,6 @@ def migrate(
     return hosts.run(host, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def stop(procs: list[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        proc.wait(timeout=30)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def finished(proc: subprocess.Popen[str], out: Path) -> dict[str, Any]:
     _, err = proc.communicate(timeout=600)
     if not out.exists():
@@ -147,7 +137,7 @@ def main() -> None:
                 migrate(hosts, 0, etcd, work / "out.json", args.tokens, args.repeat, "--to-all"), work / "out.json"
             )
         finally:
-            stop(serves)
+            stop_processes(serves)
         record["fan_out"] = {"gbps": fan_out["gbps"], "min": fan_out["gbps_min"], "max": fan_out["gbps_max"],
                              "receivers": len(fan_out["peers"]), "verified": fan_out["verified"],
                              "ratio_to_link_rate": fan_out["gbps"] / link_gbs}  # fmt: skip
@@ -161,7 +151,7 @@ def main() -> None:
             ]
             fan_in = [finished(proc, out) for proc, out in zip(procs, outs)]
         finally:
-            stop([decode])
+            stop_processes([decode])
         total = sum(r["gbps"] for r in fan_in)
         record["fan_in"] = {"gbps": total, "per_sender": [r["gbps"] for r in fan_in], "senders": len(fan_in),
                             "verified": all(r["verified"] for r in fan_in), "ratio_to_link_rate": total / link_gbs}  # fmt: skip
@@ -183,7 +173,7 @@ def main() -> None:
             watcher.join(timeout=60)
             gone_s = left[0] - killed if left else None
         finally:
-            stop(serves)
+            stop_processes(serves)
         noticed = list(kill["failed_at"].values())
         record["kill"] = {"failed": kill["failed"], "noticed_ms": (noticed[0] - killed) * 1e3 if noticed else None,
                           "gone_from_etcd_s": gone_s, "ttl_s": TTL_S, "others_verified": kill["verified"]}  # fmt: skip

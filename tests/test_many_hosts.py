@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_transport.testing.etcd import EtcdServer, etcd_binary
-from sage_transport.testing.hosts import EmulatedHosts, HostsUnavailable
+from sage_transport.testing.etcd import EtcdServer, etcd_binary, registered_serves
+from sage_transport.testing.hosts import EmulatedHosts, HostsUnavailable, stop_processes
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None, reason="emulated hosts need root, ip and tc"),
@@ -58,21 +58,6 @@ def _migrate(hosts: EmulatedHosts, host: int, etcd: EtcdServer, out: Path, *targ
     return hosts.run(host, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def _stop(procs: list[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
 def test_a_prefill_migrates_to_every_decode_it_finds_in_etcd(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     hosts, etcd = cluster
     serves = [_serve(hosts, host, etcd, f"decode-{host}") for host in range(1, HOSTS)]
@@ -86,7 +71,7 @@ def test_a_prefill_migrates_to_every_decode_it_finds_in_etcd(cluster, tmp_path: 
         assert len(record["peers"]) == HOSTS - 1  # every decode, each found through etcd by its registration
         assert {peer.split(":")[0] for peer in record["peers"]} == {hosts.ip(host) for host in range(1, HOSTS)}
     finally:
-        _stop(serves)
+        stop_processes(serves)
 
 
 def test_seven_prefills_migrate_to_one_decode_at_once(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -102,15 +87,12 @@ def test_seven_prefills_migrate_to_one_decode_at_once(cluster, tmp_path: Path) -
             record = json.loads(out.read_text())
             assert record["verified"] is True and [p.split(":")[0] for p in record["peers"]] == [hosts.ip(0)]
     finally:
-        _stop([serve])
+        stop_processes([serve])
 
 
 def test_a_decode_killed_mid_run_fails_alone_and_leaves_the_membership(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
     import signal
     import time
-
-    from sage_transport.rendezvous import SERVE_PREFIX, current_members, open_store
 
     hosts, etcd = cluster
     serves = [_serve(hosts, host, etcd, f"doomed-{host}" if host == 3 else f"decode-{host}") for host in range(1, 5)]
@@ -135,16 +117,9 @@ def test_a_decode_killed_mid_run_fails_alone_and_leaves_the_membership(cluster, 
         reason = next(iter(record["failed"].values()))
         assert reason.split(":")[0] in {"PeerDeadError", "ConnectionClosedError", "TransportError"}, reason
 
-        async def members() -> dict[str, str]:
-            store = open_store(etcd.url)
-            try:
-                return await current_members(store, SERVE_PREFIX)
-            finally:
-                await store.close()
-
-        while "doomed-3" in asyncio.run(members()):
+        while "doomed-3" in registered_serves(etcd.url):
             assert time.monotonic() - killed < 3 + 5, "the killed serve's registration outlived its TTL"
             time.sleep(0.2)
-        assert set(asyncio.run(members())) >= {"decode-1", "decode-2", "decode-4"}
+        assert set(registered_serves(etcd.url)) >= {"decode-1", "decode-2", "decode-4"}
     finally:
-        _stop(serves)
+        stop_processes(serves)

@@ -28,7 +28,7 @@ from sage_transport.rendezvous import (
     publish,
     watch_members,
 )
-from sage_transport.testing.etcd import EtcdServer, etcd_binary
+from sage_transport.testing.etcd import EtcdServer, etcd_binary, registered_serves
 
 from .conftest import filled
 
@@ -199,7 +199,6 @@ def test_migrate_finds_its_receivers_through_etcd_and_a_killed_one_leaves(etcd: 
     import subprocess
 
     from sage_transport.cli import main
-    from sage_transport.rendezvous import SERVE_PREFIX, current_members
 
     serve = [sys.executable, "-m", "sage_transport.cli", "serve", "--store", etcd.url, "--ttl", "2", "--name"]
     serves = [subprocess.Popen([*serve, f"decode-{i}"], stdout=subprocess.PIPE, text=True) for i in range(2)]
@@ -220,17 +219,10 @@ def test_migrate_finds_its_receivers_through_etcd_and_a_killed_one_leaves(etcd: 
         serves[0].send_signal(signal.SIGKILL)  # its registration outlives it by its TTL, no longer
         serves[0].wait()
 
-        async def members() -> dict[str, str]:
-            store = open_store(etcd.url)
-            try:
-                return await current_members(store, SERVE_PREFIX)
-            finally:
-                await store.close()
-
         deadline = time.monotonic() + 2.0 + 5.0
-        while "decode-0" in asyncio.run(members()) and time.monotonic() < deadline:
+        while "decode-0" in registered_serves(etcd.url) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert asyncio.run(members()) == {"decode-1": addresses[1]}
+        assert registered_serves(etcd.url) == {"decode-1": addresses[1]}
     finally:
         for proc in serves:
             proc.terminate()

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from types import TracebackType
 
-__all__ = ["EtcdServer", "EtcdUnavailable", "etcd_binary"]
+__all__ = ["EtcdServer", "EtcdUnavailable", "etcd_binary", "registered_serves"]
 
 
 class EtcdUnavailable(RuntimeError):
@@ -97,3 +97,20 @@ class EtcdServer:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def registered_serves(url: str) -> dict[str, str]:
+    """``{name: address}`` of the ``sage-transport serve --store`` instances registered at ``url`` now (from
+    synchronous code: a loop of its own)."""
+    import asyncio
+
+    from ..rendezvous import SERVE_PREFIX, current_members, open_store
+
+    async def read() -> dict[str, str]:
+        store = open_store(url)
+        try:
+            return await current_members(store, SERVE_PREFIX)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-__all__ = ["EmulatedHosts", "HostsUnavailable"]
+__all__ = ["EmulatedHosts", "HostsUnavailable", "stop_processes"]
 
 
 class HostsUnavailable(RuntimeError):
@@ -91,3 +91,20 @@ class EmulatedHosts:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._remove()
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[Any]], timeout_s: float = 20.0) -> None:
+    """SIGTERM every process still running (a serve withdraws its registration then), SIGKILL those that outlast
+    ``timeout_s``, and close their pipes."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
