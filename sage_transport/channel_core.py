@@ -19,6 +19,7 @@ from .errors import (
     ProtocolError,
     UnsupportedError,
 )
+from .fan_in import FanInArbiter
 from .integrity import checksum_function, streaming_checksum_function
 from .memory import KVMemory
 from .plan import TransferPlan, TransferResult
@@ -31,7 +32,7 @@ from .telemetry.trace import ChunkTracer
 from .transfers import Expectation, Incoming, Outgoing, TransferHandle
 from .transports.base import Listener, Transport
 from .transports.registry import get_transport_class
-from .wire import Abort, Ack, Announce, Fence, Nack, Pull, PullRefused
+from .wire import Abort, Ack, Announce, Fence, Hold, Nack, Pull, PullRefused
 from .wire_codec import QUANTISED, ChunkCodec, require_codec
 
 log = structlog.get_logger("sage_transport.channel")
@@ -137,6 +138,7 @@ class ChannelCore:
         self._memory_base = np.zeros(0, dtype=np.uint64)  # each registered buffer's address (compiled loops)
         self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._sessions: dict[str, PeerSession] = {}
+        self._fan_in = FanInArbiter(self.config.fan_in_priority)  # ranks incoming chunks across senders
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._outgoing: dict[str, Outgoing] = {}
@@ -200,6 +202,10 @@ class ChannelCore:
             self._on_pull(session, msg)
         elif kind is PullRefused:
             self._on_pull_refused(session, msg)
+        elif kind is Hold:  # the peer receives from others too and ranks us: start no chunk of these classes
+            self._scheduler.hold(session.peer, msg.held)
+            self._counters["holds_received"] += 1
+            session.wake.set()
         else:
             raise ProtocolError(f"unexpected {kind.__name__} from {session.peer} after the handshake")
 

@@ -308,6 +308,7 @@ class PeerManagement(ChannelCore):
         if self._sessions.get(session.peer) is session:
             del self._sessions[session.peer]
             self._scheduler.widen(session.peer, 1)
+            self._scheduler.hold(session.peer, 0)  # a peer of that name later starts unheld
         if session.attest_nonce is not None and self._attestation is not None:
             self._attestation.revoke(session.attest_nonce)
         if isinstance(cause, ProtocolError):

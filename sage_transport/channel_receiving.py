@@ -141,6 +141,8 @@ class ReceivingSide(ChannelCore):
         )
         inc.codec = codec
         inc.pages = pages
+        inc.priority = msg.priority
+        self._fan_in.opened(session, msg.priority, self._sessions.values())
         session.incoming_pages += pages
         session.max_wire_id_in = max(session.max_wire_id_in, msg.wire_id)
         largest = table.max_chunk_bytes
@@ -176,6 +178,7 @@ class ReceivingSide(ChannelCore):
         if session.incoming.pop(inc.wire_id, None) is not None:
             self.telemetry.comm_end()
             session.incoming_pages -= inc.pages
+            self._fan_in.closed(session, inc.priority, self._sessions.values())
         if inc.deadline_timer is not None:
             inc.deadline_timer.cancel()
         wall = time.perf_counter() - inc.expectation.started_at
@@ -208,6 +211,7 @@ class ReceivingSide(ChannelCore):
         if session.incoming.pop(inc.wire_id, None) is None:
             return
         self.telemetry.comm_end()
+        self._fan_in.closed(session, inc.priority, self._sessions.values())
         if inc.deadline_timer is not None:
             inc.deadline_timer.cancel()
         session.incoming_pages -= inc.pages

@@ -39,6 +39,8 @@ class ChannelStatistics(msgspec.Struct, frozen=True):
     internal_errors: int = 0  # sessions ended by an unexpected exception here (a bug: should stay 0)
     untrusted_refusals: int = 0  # pulls, pushes and windows refused: the peer is neither token-proven nor attested
     connections_refused: int = 0  # closed at once: too many handshakes pending on a listener
+    holds_received: int = 0  # Hold messages from receivers ranking us among their senders (fan-in priority)
+    holds_sent: int = 0  # Hold messages this side sent its senders (holds and releases)
 
 
 class PeerStatistics(msgspec.Struct, frozen=True):
@@ -80,6 +82,8 @@ class StatisticsView(ChannelCore):
             internal_errors=c["internal_errors"],
             untrusted_refusals=c["untrusted_refusals"],
             connections_refused=c["connections_refused"],
+            holds_received=c["holds_received"],
+            holds_sent=self._fan_in.holds_sent,
             inflight_chunks=sched.inflight,
             queued_chunks=sched.queued_chunks,
             handshake_failures=c["handshake_failures"],

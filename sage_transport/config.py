@@ -123,7 +123,9 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ``always`` on every link; ``accept_codecs`` is what this side accepts from senders (``all``, ``none`` or names
     joined by ``+``). ``allow_pull`` lets trusted peers ask for transfers of this side's registered KV
     (:meth:`~sage_transport.channel.KVTransferChannel.pull`, how vLLM and LMDeploy decode sides fetch KV);
-    ``accept_push`` lets them send transfers this side did not ask for. A peer is trusted when it proved
+    ``accept_push`` lets them send transfers this side did not ask for. ``fan_in_priority``: while a
+    decode-critical transfer comes in from one peer, the others hold their bulk chunks (:mod:`.fan_in`). A peer
+    is trusted when it proved
     ``auth_token`` (or ``auth_token_file``, a file only its owner may read) or, without a token, when the kernel
     attests it as a process of this user on this host. ``max_pending_handshakes`` bounds the connections a
     listener holds before they authenticate.
@@ -149,6 +151,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     accept_codecs: str = "all"
     allow_pull: bool = True
     accept_push: bool = True
+    fan_in_priority: bool = True
     integrity: Integrity = Integrity.XXH3
     max_retries: int = 3
     connect_timeout_s: float = 10.0
@@ -364,6 +367,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "auth_token_file": _optional(_str),
     "max_pending_handshakes": _int,
     "accept_push": parse_bool,
+    "fan_in_priority": parse_bool,
     "direct_placement": parse_bool,
     "map_peer_cache": parse_bool,
     "verify_placed": lambda v, f: _str(v, f).lower(),

@@ -116,6 +116,7 @@ class Scheduler:
         self._peer_inflight: collections.Counter[str] = collections.Counter()
         self._peer_load: collections.Counter[str] = collections.Counter()  # window units in flight
         self._peer_widths: dict[str, int] = {}  # window multipliers (peers written by direct placement)
+        self._held: dict[str, int] = {}  # per peer: priority classes its receiver holds (bit p: class p)
         self._inflight = 0
 
     def widen(self, peer: str, factor: int = 1) -> None:
@@ -126,6 +127,18 @@ class Scheduler:
             self._peer_widths.pop(peer, None)
         else:
             self._peer_widths[peer] = factor
+
+    def hold(self, peer: str, classes: int) -> None:
+        """Start no chunk of the classes whose bits are set in ``classes`` for ``peer`` (0: release them). Chunks
+        already in flight go on; the held ones wait in their queues, as if the window were full for them."""
+        if classes:
+            self._held[peer] = classes
+        else:
+            self._held.pop(peer, None)
+
+    def held(self, peer: str) -> int:
+        """The classes held for ``peer`` (bit p: class p)."""
+        return self._held.get(peer, 0)
 
     def set_limits(self, *, window: int, max_inflight: int) -> None:
         """Change the per-peer window and the in-flight limit (live: the next ``next_chunk`` follows them)."""
@@ -174,7 +187,10 @@ class Scheduler:
         queues = self._queues.get(peer)
         if queues is None:
             return None
-        for queue in queues:
+        held = self._held.get(peer, 0)
+        for priority, queue in enumerate(queues):
+            if held >> priority & 1:
+                continue
             for entry in queue:
                 seq = entry.take()
                 if seq is not None:

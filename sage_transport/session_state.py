@@ -89,6 +89,7 @@ class SessionState:
         self.incoming_pages = 0  # pages planned in this peer's open incoming transfers (bounded)
         # direct placement: chunks of accepted transfers are written into the peer's memory by worker threads
         self.window_offered = False
+        self.hold_sent = 0  # the classes we told this peer to hold (fan_in.FanInArbiter)
         self.placer: CmaWriter | ShmWriter | None = None
         self._placement_pool: concurrent.futures.Executor | None = None
         self._placing = 0

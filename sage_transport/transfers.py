@@ -178,6 +178,7 @@ class Incoming:
         "pages",
         "peer",
         "pending_acks",
+        "priority",
         "remaining",
         "table",
         "transfer_id",
@@ -217,6 +218,7 @@ class Incoming:
         self.pending_acks: list[int] = []
         self.bad_chunks = 0
         self.peer = peer
+        self.priority = 1  # its plan's Priority (the announcement's): what fan-in arbitration counts
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.codec: ChunkCodec | None = None
         self.decoding: set[int] = set()  # chunks being decoded by a worker thread

@@ -37,6 +37,7 @@ __all__ = [
     "Chunk",
     "DeviceWindow",
     "Fence",
+    "Hold",
     "Hello",
     "MAX_CONTROL_BYTES",
     "Message",
@@ -58,8 +59,8 @@ __all__ = [
     "handshake_proof",
 ]
 
-PROTOCOL_VERSION = 4  # 2: attestation after the handshake, windows on the attestation socket, fences; 3: Placed.landed;
-# 4: Announce.inline_checksum (a one-chunk transfer's announcement carries its chunk)
+PROTOCOL_VERSION = 5  # 2: attestation after the handshake, windows on the attestation socket, fences; 3: Placed.landed;
+# 4: Announce.inline_checksum (a one-chunk transfer's announcement carries its chunk); 5: Hold (fan-in priority)
 MAX_CONTROL_BYTES = 4 << 20
 MAX_MAPPINGS = 4096
 MAX_ACK_BATCH = 1 << 16
@@ -217,6 +218,14 @@ class Attested(msgspec.Struct, frozen=True, array_like=True, tag="d"):
     presented: bool
 
 
+class Hold(msgspec.Struct, frozen=True, array_like=True, tag="h"):
+    """Receiver → sender: start no chunk of the priority classes whose bits are set in ``held`` (bit ``p``: class
+    ``p``, see :class:`~sage_transport.plan.Priority`) until the next ``Hold``; ``0`` releases. A receiver fed by
+    several senders sends it so a decode-critical transfer from one overtakes bulk transfers from the others."""
+
+    held: U32
+
+
 class Fence(msgspec.Struct, frozen=True, array_like=True, tag="f"):
     """Sender → receiver after the receiver aborted transfer ``wire_id``: none of its direct writes runs any
     more or will start; the receiver may reuse the blocks."""
@@ -277,6 +286,7 @@ Message = Union[
     Nack,
     Abort,
     Placed,
+    Hold,
     Pull,
     PullRefused,
     Attest,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -565,3 +566,62 @@ async def test_two_connected_channels_of_one_process_close_whichever_closes_firs
                 await dialer.transfer(TransferPlan.for_blocks(peer, SMALL, range(8), range(8)))
                 await (listener if listener_first else dialer).aclose()
             assert not dialer.links() and not listener.links()
+
+
+@pytest.mark.parametrize("arbitrate", [True, False])
+async def test_a_decode_critical_transfer_from_one_sender_makes_the_others_hold_their_bulk(arbitrate: bool) -> None:
+    """Three bulk senders and one decode-critical sender share the receiver's link (the mock's ``ingress_Bps``).
+    With fan-in priority the receiver tells the bulk senders to hold while the critical transfer comes in: it
+    ends first and the bulk ones get a release; without it, the bulk senders never hear a thing."""
+    network = MockNetwork(ingress_Bps=100e6)  # the bulk transfers take the link ~60 ms: the critical one lands inside
+    blocks = 1024
+    config = KVTransportConfig(chunk_size=16 << 10, peer_window=4)
+    receiver_config = KVTransportConfig(chunk_size=16 << 10, peer_window=4, fan_in_priority=arbitrate)
+    dst = KVMemory.allocate(SMALL, blocks * 4, fill=0)
+    async with contextlib.AsyncExitStack() as stack:
+        receiver = await stack.enter_async_context(
+            KVTransferChannel(MockTransport(network, name="decode"), receiver_config, name="decode")
+        )
+        receiver.register(dst)
+        address = await receiver.listen()
+        senders = []
+        for i in range(4):
+            sender = await stack.enter_async_context(
+                KVTransferChannel(MockTransport(network, name=f"p{i}"), config, name=f"p{i}")
+            )
+            sender.register(filled(SMALL, blocks, seed=i))
+            senders.append((sender, await sender.connect(address)))
+        done: list[str] = []
+
+        async def send(i: int, block_count: int, priority: Priority) -> None:
+            sender, peer = senders[i]
+            plan = TransferPlan.for_blocks(
+                peer,
+                SMALL,
+                range(block_count),
+                range(i * blocks, i * blocks + block_count),
+                priority=priority,
+                transfer_id=f"t{i}",
+            )
+            result = await sender.transfer(plan)
+            assert result.integrity.value == "verified"
+            done.append(priority.name)
+
+        bulk = [asyncio.ensure_future(send(i, blocks, Priority.BULK)) for i in range(3)]
+        while not all(sender.statistics().chunks_sent for sender, _ in senders[:3]):  # the bulk transfers are on the link
+            await asyncio.sleep(0.001)
+        await send(3, 16, Priority.DECODE_CRITICAL)
+        await asyncio.gather(*bulk)
+    holds = [sender.statistics().holds_received for sender, _ in senders[:3]]
+    if arbitrate:
+        assert done[0] == "DECODE_CRITICAL" and holds == [2, 2, 2], (done, holds)  # held, then released
+    else:
+        assert holds == [0, 0, 0]
+    assert senders[3][0].statistics().holds_received == 0  # the critical sender is never held
+    for i in range(4):  # every byte where it belongs
+        count = blocks if i < 3 else 16
+        a = np.frombuffer(filled(SMALL, blocks, seed=i).buffers[0], np.uint8).reshape(
+            SMALL.num_layers, SMALL.kv_planes, blocks, -1
+        )
+        b = np.frombuffer(dst.buffers[0], np.uint8).reshape(SMALL.num_layers, SMALL.kv_planes, blocks * 4, -1)
+        assert np.array_equal(b[:, :, i * blocks : i * blocks + count], a[:, :, :count])

@@ -136,3 +136,21 @@ def test_chunks_smaller_on_the_wire_take_their_share_of_a_window_slot() -> None:
     assert drain(s, "p") == [("raw", i) for i in range(4)]
     with pytest.raises(ValueError, match=r"cost=0 must be in \(0, 1\]"):
         s.add("bad", "p", 1, cost=0)
+
+
+def test_a_held_class_waits_in_its_queue_while_the_others_go() -> None:
+    from sage_transport.fan_in import BULK_HELD
+
+    s = Scheduler(window=8, max_inflight=64)
+    s.add("bulk", "p", 4, priority=Priority.BULK)
+    s.add("normal", "p", 1, priority=Priority.NORMAL)
+    s.hold("p", BULK_HELD)
+    assert s.held("p") == BULK_HELD
+    assert s.next_for("p") == ("normal", 0)
+    assert s.next_for("p") is None  # bulk is held: nothing else goes, though the window has room
+    s.add("critical", "p", 1, priority=Priority.DECODE_CRITICAL)
+    assert s.next_for("p") == ("critical", 0)
+    s.hold("p", 0)
+    assert [s.next_for("p") for _ in range(4)] == [("bulk", i) for i in range(4)]
+    s.add("bulk-q", "q", 1, priority=Priority.BULK)
+    assert s.next_for("q") == ("bulk-q", 0)  # holds are per peer

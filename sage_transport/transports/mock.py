@@ -2,7 +2,8 @@
 
 A :class:`MockNetwork` is the fabric endpoints share (no global state: pass one network to every
 :class:`MockTransport` that must reach the others). It models a link with ``latency_s`` and
-``bandwidth_Bps`` and, like UCX, sends small payloads eagerly (copied at send time) and large ones by
+``bandwidth_Bps`` (each connection's own), an endpoint's incoming link shared by all its senders with
+``ingress_Bps`` (fan-in contention), and, like UCX, sends small payloads eagerly (copied at send time) and large ones by
 rendezvous (the receiver copies straight from the sender's buffer into its sink, and ``send`` returns
 once it has). Faults come from ``network.faults`` (:mod:`.mock_faults`) or ``kill``/``stall``/``resume``.
 """
@@ -66,14 +67,21 @@ class MockNetwork:
         *,
         latency_s: float = 0.0,
         bandwidth_Bps: float | None = None,
+        ingress_Bps: float | None = None,
         eager_threshold: int = 8192,
         max_message_size: int = 1 << 31,
         seed: int = 0,
     ) -> None:
-        if latency_s < 0 or (bandwidth_Bps is not None and bandwidth_Bps <= 0):
-            raise ValueError(f"latency_s={latency_s!r} and bandwidth_Bps={bandwidth_Bps!r} must be positive")
+        if latency_s < 0 or (bandwidth_Bps is not None and bandwidth_Bps <= 0) or (ingress_Bps is not None and ingress_Bps <= 0):
+            raise ValueError(
+                f"latency_s={latency_s!r}, bandwidth_Bps={bandwidth_Bps!r} and ingress_Bps={ingress_Bps!r} must be positive"
+            )
         self.latency_s = latency_s
         self.bandwidth_Bps = bandwidth_Bps
+        #: each endpoint's incoming link, shared by every connection to it (a receiver fed by several senders):
+        #: a frame waits for its turn on it, in the order frames were sent
+        self.ingress_Bps = ingress_Bps
+        self.ingress_busy_until: dict[str, float] = {}
         self.eager_threshold = eager_threshold
         self.max_message_size = max_message_size
         self.faults = FaultInjector(seed)
@@ -148,6 +156,12 @@ class MockConnection(Connection):
             tx.busy_until = max(now, tx.busy_until) + (len(header) + nbytes) / net.bandwidth_Bps
             await asyncio.sleep(tx.busy_until - now)
             self._check_sendable()
+        if net.ingress_Bps is not None:  # the receiver's link: shared with its other senders
+            start = max(loop.time(), net.ingress_busy_until.get(self.peer_address, 0.0))
+            net.ingress_busy_until[self.peer_address] = start + (len(header) + nbytes) / net.ingress_Bps
+            await asyncio.sleep(net.ingress_busy_until[self.peer_address] - loop.time())
+            self._check_sendable()
+            now = loop.time()
         frame = _Frame(header, view, nbytes, max(now, tx.busy_until) + net.latency_s)
         duplicate = False
         for rule in (
