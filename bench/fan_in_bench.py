@@ -138,11 +138,13 @@ def main() -> None:
     parser.add_argument("--bulk-blocks", type=int, default=256)
     parser.add_argument("--bulk-config", default="", help="the bulk senders' settings (e.g. peer_window=2)")
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--queue-ms", type=float, default=50.0, help="each shaped link's queue (tc tbf latency)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     record: dict[str, Any] = {"gbit": args.gbit, "critical_blocks": args.critical_blocks, "bulk_blocks": args.bulk_blocks,
                               "bulk_config": args.bulk_config, "command": " ".join(sys.argv), "transport": "tcp"}  # fmt: skip
-    with EmulatedHosts(SENDERS + 1, rate_gbit=args.gbit) as hosts:
+    record["queue_ms"] = args.queue_ms
+    with EmulatedHosts(SENDERS + 1, rate_gbit=args.gbit, queue_ms=args.queue_ms) as hosts:
         record["alone"] = sitting(hosts, args, fan_in=True, bulk=False)
         record["with_bulk_arbitrated"] = sitting(hosts, args, fan_in=True, bulk=True)
         record["with_bulk_unarbitrated"] = sitting(hosts, args, fan_in=False, bulk=True)

@@ -8,7 +8,8 @@ Host ``i`` is namespace ``sgh<tag>i`` with one veth pair: ``h<tag>i`` inside (ad
 ``b<tag>i`` on the bridge ``br<tag>`` (``10.N.0.1/24``, where an etcd for all of them can listen). With
 ``rate_gbit``, ``tc tbf`` shapes both directions of every host's link (the veth end inside, what the host
 sends; the end on the bridge, what it receives), so fan-out is bound by the sender's link and fan-in by the
-receiver's, as on a switch. Everything is removed on exit, also after a failure.
+receiver's, as on a switch; ``queue_ms`` is how long a packet may wait in a link's queue (a switch port's
+buffer: bytes queued behind it delay what comes after). Everything is removed on exit, also after a failure.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ def _run(*command: str) -> None:
 class EmulatedHosts:
     """``count`` hosts on one bridge (see the module docstring)."""
 
-    def __init__(self, count: int, *, rate_gbit: float | None = None, burst_kib: int = 1024) -> None:
+    def __init__(self, count: int, *, rate_gbit: float | None = None, burst_kib: int = 1024, queue_ms: float = 50.0) -> None:
         if not 1 <= count <= 200:
             raise ValueError(f"count={count} must be in 1..200")
         if shutil.which("ip") is None or (rate_gbit is not None and shutil.which("tc") is None):
             raise HostsUnavailable("emulated hosts need iproute2 (ip, and tc to shape links)")
-        self.count, self.rate_gbit, self.burst_kib = count, rate_gbit, burst_kib
+        self.count, self.rate_gbit, self.burst_kib, self.queue_ms = count, rate_gbit, burst_kib, queue_ms
         tag = uuid.uuid4().hex[:5]
         self.tag = tag
         self.subnet = 10 + int(tag[:2], 16) % 200
@@ -76,7 +77,8 @@ class EmulatedHosts:
                 _run("ip", "-n", ns, "link", "set", inside, "up")
                 _run("ip", "-n", ns, "link", "set", "lo", "up")
                 if self.rate_gbit is not None:
-                    shape = ["tbf", "rate", f"{self.rate_gbit}gbit", "burst", f"{self.burst_kib}kb", "latency", "50ms"]
+                    rate, burst, queue = f"{self.rate_gbit}gbit", f"{self.burst_kib}kb", f"{self.queue_ms}ms"
+                    shape = ["tbf", "rate", rate, "burst", burst, "latency", queue]
                     _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", inside, "root", *shape)
                     _run("tc", "qdisc", "add", "dev", outside, "root", *shape)
         except BaseException:
