@@ -287,6 +287,7 @@ class PeerManagement(ChannelCore):
         session.window_offered = attestation.offered
         self._sessions[peer] = session
         session.start()
+        self._fan_in.refresh([session])  # a sender that joins while a decode-critical transfer comes in is held too
         if attestation.nonce is not None and self._attestation is not None:  # later presentations: this session's
             self._attestation.rebind(attestation.nonce, lambda presented: self._on_presented(session, presented))
         if attestation.presented is not None:
