@@ -7,7 +7,9 @@ while a decode-critical transfer comes in from one peer, every other peer is tol
 the holds are released. A held sender keeps its chunks in flight, starts no new bulk chunk, and goes on with
 decode-critical and normal ones. That is a credit of zero or unlimited per sender and class, granted by the
 receiver: the simplest grant that lets the critical transfer have the link (``fan_in_priority=false`` turns it
-off). A session that ends takes its transfers out of the count; holds never outlive the receiver's sessions.
+off). A session that ends takes its transfers out of the count; holds never outlive the receiver's sessions. A
+held transfer's own ``deadline_s`` keeps running. What a hold cannot recall is what a held sender had already
+handed its transport (bench/README.md, "Fan-in priority": the bulk senders' unsent socket bytes).
 """
 
 from __future__ import annotations
