@@ -161,8 +161,9 @@ def main() -> None:
             out = work / "kill.json"
             proc = migrate(hosts, 0, etcd, out, args.tokens, 4, "--to-all")
             assert proc.stderr is not None
-            while "moving the cache" not in proc.stderr.readline():
-                pass
+            while "moving the cache" not in (text := proc.stderr.readline()):
+                if not text:
+                    raise RuntimeError("migrate ended before it moved anything")
             left: list[float] = []
             watcher = threading.Thread(target=lambda: left.append(asyncio.run(leaves(etcd.url, "kill-2"))), daemon=True)
             watcher.start()  # watching before the kill: etcd tells when the lease expires
