@@ -26,6 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sage_transport.errors import ConnectionClosedError, PeerDeadError  # noqa: E402
 from sage_transport.transports.registry import get_transport_class  # noqa: E402
 
 BW_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -47,6 +48,7 @@ async def serve_sage(transport: str, options: dict[str, Any]) -> None:
     listener = await t.listen()
     print(listener.address, flush=True)
     conn = await listener.accept()
+    await conn.authenticated(1 << 16, max(BW_SIZES))  # no handshake here: open the limits a channel's would
     target = bytearray(max(BW_SIZES))
     view = memoryview(target)
 
@@ -62,8 +64,8 @@ async def serve_sage(transport: str, options: dict[str, Any]) -> None:
                 await conn.send(b"ok")
             elif frame.header.startswith(b"ping"):
                 await conn.send(frame.header, frame.payload)
-    except Exception:
-        pass
+    except (PeerDeadError, ConnectionClosedError):
+        pass  # the sender is done
     finally:
         await conn.aclose()
         await t.aclose()
@@ -103,6 +105,7 @@ async def sage_row(
     options = {k: v for k, v in options.items() if k != "host"}
     t = get_transport_class(transport)(**options)
     conn = await t.connect(address)
+    await conn.authenticated(1 << 16, max(BW_SIZES))
     info = conn.link_info()
     payload = bytearray(os.urandom(1 << 20)) * (max(sizes) >> 20) if sizes else bytearray(0)
     view = memoryview(payload)
@@ -156,6 +159,64 @@ async def sage_row(
 async def _send_all(conn: Any, queue: Any, payload: memoryview) -> None:
     for _ in queue:
         await conn.send(b"d", payload)
+
+
+# ---- raw sockets (the link's limit: blocking sendall / recv_into, no framing) ----------------------------
+
+
+def serve_socket(host: str) -> None:
+    """Accept connections one at a time and read each to its end into one buffer (killed by the sender)."""
+    import socket
+
+    server = socket.create_server((host, 0))
+    print(f"{host}:{server.getsockname()[1]}", flush=True)
+    view = memoryview(bytearray(max(BW_SIZES)))
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            while conn.recv_into(view):
+                pass
+
+
+async def socket_row(address: str, sizes: list[int]) -> dict[str, Any]:
+    """Raw TCP over the same path: one socket per run, ``sendall`` of ``size`` from one buffer until
+    ``BW_BYTES`` moved (timed until the receiver has closed its end, so every byte arrived)."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    payload = memoryview(bytearray(os.urandom(1 << 20)) * (max(sizes) >> 20))
+    bw: dict[int, list[float]] = {}
+    cpu_per_gib: dict[int, float] = {}
+
+    def one_run(size: int) -> float:
+        count = max(8, BW_BYTES // size)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            start = time.perf_counter()
+            for _ in range(count):
+                sock.sendall(payload[:size])
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)  # the receiver closes after reading everything
+            return size * count / (time.perf_counter() - start) / 1e9
+
+    for size in sizes:
+        c0 = cpu()
+        bw[size] = [await asyncio.to_thread(one_run, size) for _ in range(3)]
+        cpu_per_gib[size] = (cpu() - c0) / (3 * size * max(8, BW_BYTES // size) / (1 << 30))
+    return {"bw": bw, "cpu_per_gib": cpu_per_gib, "rx_cpu_per_gib": {}, "lat": {}, "link": {"transport": "socket"}}
+
+
+async def socket_row_in_child(host: str, sizes: list[int]) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        *CHILD_PREFIX, sys.executable, __file__, "--serve", "socket", host, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    address = (await proc.stdout.readline()).decode().strip()
+    try:
+        return await socket_row(address, sizes)
+    finally:
+        proc.kill()
+        await proc.wait()
 
 
 # ---- raw ucxx (worker-address endpoints, no peer error handling, polling progress) ----------------------
@@ -400,12 +461,20 @@ async def netns_main(args: argparse.Namespace) -> None:
     process must run in the other namespace (see bench/README.md)."""
     sizes = BW_SIZES if not args.quick else [1 << 20, 64 << 20]
     lat_sizes = LAT_SIZES if not args.quick else [8]
-    rows = {
-        "sage tcp over veth": await sage_row("tcp", {"host": args.host}, sizes, lat_sizes, args.inflight),
-        "sage ucx (UCX tcp) over veth": await sage_row(
-            "ucx", {"host": args.host, "tls": "tcp", "locality": "remote"}, sizes, lat_sizes, args.inflight
+    plan: list[tuple[str, Any]] = [
+        ("raw socket over veth (1 stream)", lambda: socket_row_in_child(args.host, sizes)),
+        ("sage tcp over veth", lambda: sage_row("tcp", {"host": args.host}, sizes, lat_sizes, args.inflight)),
+        (
+            "sage ucx (UCX tcp) over veth",
+            lambda: sage_row("ucx", {"host": args.host, "tls": "tcp", "locality": "remote"}, sizes, lat_sizes, args.inflight),
         ),
-    }
+    ]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, run_row in plan:
+        if args.only and not any(o in name for o in args.only):
+            continue
+        print(f"running: {name}", file=sys.stderr, flush=True)
+        rows[name] = await run_row()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
     table = markdown(rows, sizes, lat_sizes)
@@ -426,6 +495,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         if sys.argv[2] == "sage":
             run(serve_sage(sys.argv[3], json.loads(sys.argv[4])))
+        elif sys.argv[2] == "socket":
+            serve_socket(sys.argv[3])
         else:
             run(serve_raw(sys.argv[3]))
         sys.exit(0)

@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Two "hosts" on one machine: network namespaces A and B joined by a veth pair (10.99.7.1 <-> 10.99.7.2),
-# optionally shaped with tc tbf (RATE, e.g. RATE=10gbit). Runs the link bench's TCP rows with the receiver in B.
-#   sudo bench/netns_bench.sh [--quick]            (needs root; removes its namespaces on exit)
+# Two "hosts" on one machine: network namespaces A and B (10.99.7.1 and 10.99.7.2), joined by one veth pair, or
+# with BRIDGE=1 each by its own veth pair to a bridge in the root namespace (as hosts on a switch; this is what
+# sage_transport.testing.hosts builds). RATE (e.g. RATE=10gbit) shapes A's sending end with tc tbf. Runs the link
+# bench's TCP rows with the receiver in B, then ucx_perftest over TCP on the same path as the reference.
+#   sudo bench/netns_bench.sh [--quick] [--only ROW...]      (needs root; removes its namespaces on exit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-A=sgbenchA; B=sgbenchB
-cleanup() { ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true; }
+A=sgbenchA; B=sgbenchB; BR=sgbenchbr
+cleanup() {
+  ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true; ip link del $BR 2>/dev/null || true
+}
 trap cleanup EXIT
 cleanup
 ip netns add $A; ip netns add $B
-ip link add vbenchA type veth peer name vbenchB
-ip link set vbenchA netns $A; ip link set vbenchB netns $B
+if [ -n "${BRIDGE:-}" ]; then
+  ip link add $BR type bridge; ip link set $BR up
+  for ns in $A $B; do
+    ip link add v$ns type veth peer name b$ns
+    ip link set v$ns netns $ns; ip link set b$ns master $BR; ip link set b$ns up
+  done
+  ip -n $A link set v$A name vbenchA; ip -n $B link set v$B name vbenchB
+else
+  ip link add vbenchA type veth peer name vbenchB
+  ip link set vbenchA netns $A; ip link set vbenchB netns $B
+fi
 ip -n $A addr add 10.99.7.1/24 dev vbenchA; ip -n $B addr add 10.99.7.2/24 dev vbenchB
 for ns in $A $B; do ip -n $ns link set lo up; done
 ip -n $A link set vbenchA up; ip -n $B link set vbenchB up
