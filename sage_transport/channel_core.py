@@ -138,6 +138,9 @@ class ChannelCore:
         self._memory_base = np.zeros(0, dtype=np.uint64)  # each registered buffer's address (compiled loops)
         self._placement_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._sessions: dict[str, PeerSession] = {}
+        # sessions that granted extra connections (lanes) still to join: key → (session, lanes granted, joined)
+        self._lane_keys: dict[bytes, tuple[PeerSession, int, set[int]]] = {}
+        self._profile_connections: int | None = None  # connections_per_peer=0: the profile's, once probed
         self._fan_in = FanInArbiter(self.config.fan_in_priority)  # ranks incoming chunks across senders
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -159,6 +162,7 @@ class ChannelCore:
             session_failed=self._session_failed,
             placement_failed=self._placement_failed,
             incoming_complete=self._incoming_complete,
+            landed=self._incoming_landed,
             fail_outgoing=self._fail_outgoing,
             fail_incoming=self._fail_incoming,
         )
@@ -227,6 +231,7 @@ class ChannelCore:
         def _session_failed(self, session: PeerSession, exc: BaseException) -> None: ...
         def _placement_failed(self, session: PeerSession, exc: BaseException) -> None: ...
         def _incoming_complete(self, session: PeerSession, inc: Incoming) -> None: ...
+        def _incoming_landed(self, inc: Incoming) -> None: ...
         def _on_ack(self, session: PeerSession, out: Outgoing, seqs: list[int]) -> None: ...
         def _on_nack(self, session: PeerSession, out: Outgoing, seq: int, attempt: int) -> None: ...
         def _on_announce(self, session: PeerSession, msg: Announce) -> None: ...

@@ -10,10 +10,10 @@ from typing import Any
 
 from .attest import Attestation, AttestationServer, PeerIdentity, Presented, attest_peer, close_fds, supported
 from .channel_core import (
-    ChannelCore,
     _same_shape,
     log,
 )
+from .channel_lanes import LaneManagement
 from .config import Integrity, KVTransportConfig, require_token_off_loopback
 from .device.ipc import export_window, open_window
 from .errors import (
@@ -27,16 +27,16 @@ from .errors import (
     TransportError,
     UnsupportedError,
 )
-from .handshake import Capabilities, client_handshake, server_handshake
+from .handshake import Capabilities, client_handshake, expect, server_handshake
 from .placement import CmaWriter, ShmWriter, buffer_address, cma_available, host_identity
 from .plan import TransferPlan
 from .session import PeerSession
 from .transports.base import Connection, Listener
-from .wire import MAX_CONTROL_BYTES, Region, Window
+from .wire import MAX_CONTROL_BYTES, Hello, JoinLane, Region, Window
 from .wire_codec import local_codecs
 
 
-class PeerManagement(ChannelCore):
+class PeerManagement(LaneManagement):
     """The channel's peers: listeners, handshakes, attestation, one session per peer, and ending them."""
 
     def _segments(self) -> list[tuple[int, int]]:
@@ -179,9 +179,16 @@ class PeerManagement(ChannelCore):
         return sorted(self._sessions)
 
     def links(self) -> dict[str, dict[str, Any]]:
-        """Per peer, what its connection really runs on (``Connection.link_info``: UCX transports in use, ...)."""
+        """Per peer, what its connection really runs on (``Connection.link_info``: UCX transports in use, ...), its
+        placement, and ``connections``: how many it has (``connections_per_peer``) with the payload bytes each sent."""
         return {
-            peer: {**session.conn.link_info(), "placement": session.placement_kind} for peer, session in self._sessions.items()
+            peer: {
+                **session.conn.link_info(),
+                "placement": session.placement_kind,
+                "connections": 1 + len(session.lanes),
+                "bytes_sent_by_connection": [c.statistics().bytes_sent for c in [session.conn, *session.lanes]],
+            }
+            for peer, session in self._sessions.items()
         }
 
     async def listen(self, address: str | None = None) -> str:
@@ -213,9 +220,13 @@ class PeerManagement(ChannelCore):
     async def _serve(self, conn: Connection, pending: list[int]) -> None:
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
+                first: Hello | JoinLane = await expect(conn, (Hello, JoinLane), "handshake")
+                if isinstance(first, JoinLane):
+                    await self._join_lane(conn, first)
+                    return
                 outcome = await server_handshake(
                     conn, name=self.name, token=self.config.auth_token, region=self._region(), known_peers=set(self._sessions),
-                    codecs=self.accepted_codecs(),
+                    codecs=self.accepted_codecs(), hello=first, max_lanes=self._lanes_offered(),
                 )  # fmt: skip
                 attestation = await self._authenticated(conn, initiator=False)
         except (SageTransportError, TimeoutError) as exc:
@@ -229,7 +240,11 @@ class PeerManagement(ChannelCore):
             self._revoke(attestation)
             await conn.aclose()
             return
-        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs, attestation)
+        session = self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs, attestation)
+        if outcome.lanes > 1:
+            self._lane_keys[outcome.lane_key] = (session, outcome.lanes, set())
+            # a key the client never used goes when its connect would have timed out
+            asyncio.get_running_loop().call_later(2 * self.config.connect_timeout_s, self._lane_keys.pop, outcome.lane_key, None)
 
     async def _authenticated(self, conn: Connection, *, initiator: bool) -> Attestation:
         """After a handshake: lift the connection's pre-authentication limits, then learn from the kernel who the
@@ -252,8 +267,9 @@ class PeerManagement(ChannelCore):
             async with asyncio.timeout(self.config.connect_timeout_s):
                 conn = await self.transport.connect(address)
                 outcome = await client_handshake(
-                    conn, name=self.name, token=self.config.auth_token, caps=self._capabilities(), region=self._region()
-                )
+                    conn, name=self.name, token=self.config.auth_token, caps=self._capabilities(), region=self._region(),
+                    lanes=self._connections_for(conn),
+                )  # fmt: skip
                 attestation = await self._authenticated(conn, initiator=True)
         except TimeoutError:
             if conn is not None:
@@ -267,13 +283,15 @@ class PeerManagement(ChannelCore):
             self._revoke(attestation)
             await conn.aclose()
             raise ConfigError(f"already connected to a peer named {outcome.peer_name!r}")
-        self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs, attestation)
-        log.info("peer.connected", peer=outcome.peer_name, address=address)
+        session = self._start_session(conn, outcome.peer_name, outcome.peer_region, outcome.peer_codecs, attestation)
+        if outcome.lanes > 1:
+            await self._open_lanes(session, address, outcome.lanes, outcome.lane_key)
+        log.info("peer.connected", peer=outcome.peer_name, address=address, connections=1 + len(session.lanes))
         return outcome.peer_name
 
     def _start_session(
         self, conn: Connection, peer: str, region: Region | None, codecs: frozenset[str], attestation: Attestation
-    ) -> None:
+    ) -> PeerSession:
         session = PeerSession(self._host, conn, peer, region)
         if self._device is not None:  # the transport's context exists now: it says whether it moves device memory
             self._host.device_wire = self._device.runtime.name == "cuda" and "cuda" in self.transport.capabilities.memory_kinds
@@ -292,6 +310,7 @@ class PeerManagement(ChannelCore):
             self._attestation.rebind(attestation.nonce, lambda presented: self._on_presented(session, presented))
         if attestation.presented is not None:
             self._on_presented(session, attestation.presented)
+        return session
 
     def _session_failed(self, session: PeerSession, exc: BaseException) -> None:
         """A session's task hit a transport or protocol error: fail its transfers and tear it down."""

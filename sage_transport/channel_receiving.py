@@ -200,7 +200,7 @@ class ReceivingSide(ChannelCore):
         self._counters["transfers_received"] += 1
         if self._measure:
             self._transfer_seconds["received"].observe(wall)
-        self._finish_expectation(inc.expectation, result, None)
+        self._finish_incoming(inc, result, None)
         # logged after the acknowledgement is on its way (rendering a line costs tens of microseconds)
         asyncio.get_running_loop().call_soon(functools.partial(
             log.info, "transfer.received", transfer_id=inc.transfer_id, peer=session.peer, bytes=result.bytes,
@@ -224,7 +224,20 @@ class ReceivingSide(ChannelCore):
                 timer = asyncio.get_running_loop().call_later(self.config.ack_timeout_s, self._fence_late, session, inc.wire_id)
                 session.fencing[inc.wire_id] = (inc.expectation, exc, timer)
                 return
-        self._finish_expectation(inc.expectation, None, exc)
+        self._finish_incoming(inc, None, exc)
+
+    def _finish_incoming(self, inc: Incoming, result: TransferResult | None, exc: BaseException | None) -> None:
+        """Tell the waiters an incoming transfer is over, once no lane still lands a payload in its pages."""
+        if inc.landing:
+            inc.finish = (result, exc)
+        else:
+            self._finish_expectation(inc.expectation, result, exc)
+
+    def _incoming_landed(self, inc: Incoming) -> None:
+        if inc.finish is not None:
+            result, exc = inc.finish
+            inc.finish = None
+            self._finish_expectation(inc.expectation, result, exc)
 
     def _on_abort(self, session: PeerSession, msg: Abort) -> None:
         if msg.from_sender:  # a sender aborts only once none of its direct writes runs: it fences too

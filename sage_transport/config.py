@@ -111,7 +111,13 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     more pass over memory, for a receiver that wants its own reading). A writer is always a process the kernel
     attests as this user on this host, which already holds write access to the memory, so its reading
     protects against what the receiver's would (a faulty copy), short of our two sides disagreeing on offsets.
-    ``send_lanes`` is also how many chunk sends a peer's writer keeps in flight on the transport.
+    ``send_lanes`` is also how many chunk sends a peer's writer keeps in flight on each of its connections.
+    ``connections_per_peer`` (1..16, asked by the connecting side; 0, the default: the topology profile's choice
+    for a remote peer, :func:`~sage_transport.hw.profile.connections_for_remote_peers`, and 1 for a peer on this
+    host) opens that many connections to each peer it connects to, the session's own included: control messages
+    and a transfer's first chunks keep to the first, the chunks of a transfer the peer has acknowledged go on
+    whichever is least busy, each landing in place as on the first (several TCP streams for a long, fat link; host
+    KV only: device KV keeps one).
     ``progress_mode``, ``ucx_tls``, ``listen_host``/``listen_port`` and the heartbeat settings configure
     the transport. ``ucx_tls``/``ucx_net_devices`` override the topology profile's UCX transports and
     devices, ``ucx_rndv_threshold`` UCX's eager→rendezvous switch (None: UCX decides); ``ucx_endpoint``
@@ -142,6 +148,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     chunk_size: int = 4 << 20
     gather: bool = True
     send_lanes: int = 2
+    connections_per_peer: int = 0
     peer_window: int = 8
     max_inflight: int = 64
     zero_copy: bool = True
@@ -180,6 +187,7 @@ class KVTransportConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         for name, low, high in (
             ("chunk_size", 512, 1 << 30),
             ("send_lanes", 1, 64),
+            ("connections_per_peer", 0, 16),
             ("peer_window", 1, 4096),
             ("max_inflight", 1, 1 << 16),
             ("max_retries", 0, 100),
@@ -350,6 +358,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "chunk_size": parse_size,
     "gather": parse_bool,
     "send_lanes": _int,
+    "connections_per_peer": _int,
     "peer_window": _int,
     "max_inflight": _int,
     "zero_copy": parse_bool,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -46,10 +46,13 @@ class HandshakeOutcome(msgspec.Struct, frozen=True):
     peer_name: str
     peer_region: Region | None
     peer_codecs: frozenset[str] = frozenset()  # what the peer decodes
+    lanes: int = 1  # connections agreed for this peer, its own included (extra ones join with ``lane_key``)
+    lane_key: bytes = b""
 
 
-async def expect(conn: Connection, kind: type[_M], stage: str) -> _M:
-    """The next frame, which must be a ``kind`` message without payload (a ``Reject`` raises its reason)."""
+async def expect(conn: Connection, kind: type[_M] | tuple[type[Any], ...], stage: str) -> _M:
+    """The next frame, which must be a ``kind`` message (or one of several) without payload (a ``Reject`` raises
+    its reason)."""
     frame = await conn.recv()
     if frame.payload is not None:
         raise ProtocolError(f"{stage}: unexpected payload from {conn.peer_address}")
@@ -58,8 +61,9 @@ async def expect(conn: Connection, kind: type[_M], stage: str) -> _M:
         cls = AuthError if "auth" in msg.reason else HandshakeError
         raise cls(f"{conn.peer_address} rejected the connection: {msg.reason}")
     if not isinstance(msg, kind):
-        raise ProtocolError(f"{stage}: expected {kind.__name__}, got {type(msg).__name__} from {conn.peer_address}")
-    return msg
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ProtocolError(f"{stage}: expected {names}, got {type(msg).__name__} from {conn.peer_address}")
+    return msg  # type: ignore[return-value]
 
 
 async def _reject(conn: Connection, reason: str) -> None:
@@ -70,12 +74,12 @@ async def _reject(conn: Connection, reason: str) -> None:
 
 
 async def client_handshake(
-    conn: Connection, *, name: str, token: str | None, caps: Capabilities, region: Region | None
+    conn: Connection, *, name: str, token: str | None, caps: Capabilities, region: Region | None, lanes: int = 1
 ) -> HandshakeOutcome:
+    """The connecting side's handshake; ``lanes``: connections it wants for this peer (the server may grant fewer)."""
     nonce = os.urandom(32)
-    await conn.send(
-        encode_message(Hello(PROTOCOL_VERSION, name, nonce, caps.integrity, caps.memory_kinds, caps.max_chunk, caps.codecs))
-    )
+    hello = Hello(PROTOCOL_VERSION, name, nonce, caps.integrity, caps.memory_kinds, caps.max_chunk, caps.codecs, lanes)
+    await conn.send(encode_message(hello))
     welcome = await expect(conn, Welcome, "handshake")
     if welcome.version != PROTOCOL_VERSION:
         raise VersionMismatchError(f"{conn.peer_address} speaks protocol {welcome.version}, we speak {PROTOCOL_VERSION}")
@@ -88,7 +92,10 @@ async def client_handshake(
     await conn.send(encode_message(Proof(proof, region)))
     ready = await expect(conn, Ready, "handshake")
     region = ready.region if ready.region is not None else welcome.region
-    return HandshakeOutcome(welcome.name, region, frozenset(ready.codecs))
+    granted = min(ready.lanes, lanes)
+    if granted > 1 and len(ready.lane_key) < 16:
+        raise ProtocolError(f"{conn.peer_address} granted {granted} connections without a key to join them")
+    return HandshakeOutcome(welcome.name, region, frozenset(ready.codecs), granted, ready.lane_key if granted > 1 else b"")
 
 
 async def server_handshake(
@@ -99,8 +106,13 @@ async def server_handshake(
     region: Region | None,
     known_peers: set[str],
     codecs: list[str] | None = None,
+    hello: Hello | None = None,
+    max_lanes: int = 1,
 ) -> HandshakeOutcome:
-    hello = await expect(conn, Hello, "handshake")
+    """The accepting side's handshake (``hello``: the client's first message when the caller read it already);
+    grants the client up to ``max_lanes`` connections."""
+    if hello is None:
+        hello = await expect(conn, Hello, "handshake")
     if hello.version != PROTOCOL_VERSION:
         await _reject(conn, f"protocol version {hello.version} is not supported (we speak {PROTOCOL_VERSION})")
         raise VersionMismatchError(f"{conn.peer_address} speaks protocol {hello.version}, we speak {PROTOCOL_VERSION}")
@@ -116,5 +128,7 @@ async def server_handshake(
     if not hmac.compare_digest(expected, reply.proof):
         await _reject(conn, "auth failed: the client's proof does not match our token")
         raise AuthError(f"peer {hello.name!r} at {conn.peer_address} failed the token challenge")
-    await conn.send(encode_message(Ready(region, codecs or [])))
-    return HandshakeOutcome(hello.name, reply.region, frozenset(hello.codecs))
+    lanes = max(1, min(hello.lanes, max_lanes))
+    key = os.urandom(32) if lanes > 1 else b""
+    await conn.send(encode_message(Ready(region, codecs or [], lanes, key)))
+    return HandshakeOutcome(hello.name, reply.region, frozenset(hello.codecs), lanes, key)

@@ -85,6 +85,8 @@ class MigrationRecord(msgspec.Struct, frozen=True, kw_only=True):
     cpu_seconds_per_gib: dict[str, float] = {}
     chunks_placed: int = 0
     placement: str = "none"  # how chunks were placed directly: shm (memory copy), cma (process_vm_writev), none
+    connections: int = 1  # connections per receiver (``connections_per_peer``; fewer where a lane failed to join)
+    bytes_by_connection: list[int] = []  # payload bytes each connection to the first receiver sent, all repeats
     kv_dtype: str = ""  # the KV dtype on the wire (the stored one unless target_dtype quantised it)
     compression: str = "none"
     wire_bytes: int = 0  # what the chunks took on the wire, per repeat, all receivers together
@@ -612,7 +614,14 @@ async def _migrate_to_receivers(
         ucx_transports=ucx_transports,
     )  # fmt: skip
     kinds = sorted({str(info.get("placement", "none")) for info in links.values()} - {"none"})
-    record = msgspec.structs.replace(record, chunks_placed=placed, placement="+".join(kinds) or "none")
+    first_link = next(iter(links.values()), {})
+    record = msgspec.structs.replace(
+        record,
+        chunks_placed=placed,
+        placement="+".join(kinds) or "none",
+        connections=int(first_link.get("connections", 1)),
+        bytes_by_connection=list(first_link.get("bytes_sent_by_connection", [])),
+    )
     gone = [n for n in nodes if n.failure is not None]
     record = msgspec.structs.replace(
         record, failed={n.address: str(n.failure) for n in gone}, failed_at={n.address: n.failed_at for n in gone}

@@ -122,6 +122,7 @@ def print_profile(console: Console, profile: TransportProfile) -> None:
     table.add_row("net devices", ",".join(profile.net_devices) or "UCX picks")
     table.add_row("NIC", profile.nic or "-")
     table.add_row("rails / QPs", f"{profile.rails} / {profile.queue_pairs}")
+    table.add_row("connections per remote peer", str(profile.connections_per_peer))
     table.add_row("chunk / window / lanes", f"{_size(profile.chunk_size)} / {profile.window} / {profile.lanes}")
     table.add_row("alignment / max message", f"{profile.alignment} B / {_size(profile.max_message_size)}")
     table.add_row(

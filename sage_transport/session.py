@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .placement import CmaWriter
 from .session_receive import ReceivePath
 from .session_send import SendPath
-from .session_state import _INLINE_PLACE_BYTES, _PLACED_WINDOW_FACTOR
+from .session_state import _INLINE_PLACE_BYTES, _PLACED_WINDOW_FACTOR, ReadSlot
 
 __all__ = ["PeerSession"]
 
@@ -47,6 +47,19 @@ class PeerSession(SendPath, ReceivePath):
         """Write chunks of accepted transfers straight into the peer's memory from now on."""
         self.placer, self._placement_pool = placer, pool
         self.host.scheduler.widen(self.peer, _PLACED_WINDOW_FACTOR)
+        self.wake.set()
+
+    def add_lane(self, conn: Any) -> None:
+        """Carry chunks over ``conn`` too (an extra connection to the same peer, already bound to this session):
+        chunks go on the least busy connection, and a lane that fails fails the session, as its own would."""
+        if self.closed:
+            raise ConnectionClosedError(f"the session with {self.peer} is over")
+        self.lanes.append(conn)
+        self._lane_busy.append(0)
+        slot = ReadSlot(lane=True)
+        self.tasks.append(
+            asyncio.create_task(self._run(self._lane_reader(conn, slot)), name=f"sage-lane-{self.peer}-{len(self.lanes)}")
+        )
         self.wake.set()
 
     def start(self) -> None:
@@ -89,7 +102,9 @@ class PeerSession(SendPath, ReceivePath):
             while outbox:
                 await conn.send(outbox.popleft())
             # a codec chunk is encoded before it is sent: two at least, so one encodes while another is on the wire
-            limit = max(2, self._send_limit) if self._encoding else self._send_limit
+            limit = self._send_limit * len(self._lane_busy)  # ``send_lanes`` per connection (lanes add theirs)
+            if self._encoding:
+                limit = max(2, limit)
             busy = self._placing >= self._place_limit or len(self._sends) >= limit
             pick = None
             if not busy:
@@ -162,7 +177,8 @@ class PeerSession(SendPath, ReceivePath):
         close_placer = getattr(self.placer, "close", None)  # a device writer unmaps the peer's KV
         if close_placer is not None:
             close_placer()
-        try:
-            await self.conn.aclose()
-        except (ConnectionClosedError, PeerDeadError):
-            pass
+        for conn in [self.conn, *self.lanes]:
+            try:
+                await conn.aclose()
+            except (ConnectionClosedError, PeerDeadError):
+                pass

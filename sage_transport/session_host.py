@@ -38,6 +38,7 @@ class SessionHost:
     (acknowledgements, announcements, aborts, fences, pulls); ``session_failed(session, exc)`` ends a session;
     ``placement_failed(session, exc)`` is told when writing a peer's memory failed (the session falls back to
     sending); ``incoming_complete(session, incoming)`` when every chunk of an incoming transfer is verified;
+    ``landed(incoming)`` when the last payload landing in an ended transfer's pages on a lane is in (it ends now);
     ``fail_outgoing(out, exc, notify=)`` and ``fail_incoming(session, incoming, exc, notify=)`` end one transfer
     (and tell the peer when ``notify``). A callback's first argument is the
     :class:`~sage_transport.session.PeerSession` reporting."""
@@ -54,6 +55,7 @@ class SessionHost:
     incoming_complete: Callable[[Any, Incoming], None]
     fail_outgoing: Callable[..., None]
     fail_incoming: Callable[..., None]
+    landed: Callable[[Incoming], None]
     #: the registered KV memory: one view per buffer, and each buffer's address (for the compiled loops)
     views: list[memoryview] = field(default_factory=list)
     bases: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
 from typing import Any
 
@@ -12,7 +14,7 @@ from . import kernels
 from .chunk_copies import _scatter
 from .errors import ProtocolError
 from .session_device import DevicePath
-from .session_state import _YIELD_EVERY
+from .session_state import _YIELD_EVERY, ReadSlot
 from .transfers import Incoming
 from .wire import (
     Ack,
@@ -38,12 +40,17 @@ class ReceivePath(DevicePath):
     """Where each incoming chunk lands, how it is verified, and what is acknowledged."""
 
     def _sink(self, header: bytes, nbytes: int) -> Any:
-        msg = self._decoded = decode_message(header)
+        return self._sink_into(self._slot, header, nbytes)
+
+    def _sink_into(self, slot: ReadSlot, header: bytes, nbytes: int) -> Any:
+        msg = slot.decoded = decode_message(header)
         if type(msg) is not Chunk:
+            if slot.lane:
+                raise ProtocolError(f"{type(msg).__name__} from {self.peer} on an extra connection, which carries chunks only")
             if type(msg) is not Announce or msg.inline_checksum is None:
                 raise ProtocolError(f"{type(msg).__name__} from {self.peer} carried a {nbytes}-byte payload")
             self.host.on_control(self, msg)  # taken (or refused) first; the payload is its chunk 0, first copy
-            msg = self._decoded = Chunk(msg.wire_id, 0, 0, msg.inline_checksum)
+            msg = slot.decoded = Chunk(msg.wire_id, 0, 0, msg.inline_checksum)
         inc = self.incoming.get(msg.wire_id)
         if inc is None:  # a transfer already over (its chunks still in flight): discard, within what it could send
             if msg.wire_id > self.max_wire_id_in or nbytes > self.max_incoming_chunk:
@@ -51,8 +58,8 @@ class ReceivePath(DevicePath):
                     f"a {nbytes}-byte chunk of transfer {msg.wire_id} from {self.peer}, which it never announced "
                     f"(or larger than any chunk it announced: {self.max_incoming_chunk} bytes)"
                 )
-            self._target_kind = DUPLICATE
-            return self._staging(nbytes)
+            slot.kind = DUPLICATE
+            return self._staging(slot, nbytes)
         lists = inc.lists
         seq = msg.seq
         if seq >= len(inc.verified):
@@ -64,23 +71,23 @@ class ReceivePath(DevicePath):
                     f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} came again with {nbytes} bytes, "
                     f"more than its {stored}"
                 )
-            self._target_kind = DUPLICATE
-            return self._staging(nbytes)
+            slot.kind = DUPLICATE
+            return self._staging(slot, nbytes)
         if inc.codec is not None:
             stored = lists.chunk_nbytes[seq]
             if seq in inc.decoding and nbytes <= inc.codec.bound(stored):  # a copy is being decoded: its ack follows
-                self._target_kind = BEING_DECODED
-                return self._staging(nbytes)
+                slot.kind = BEING_DECODED
+                return self._staging(slot, nbytes)
             if not 0 < nbytes <= inc.codec.bound(stored):
                 raise ProtocolError(
                     f"chunk {seq} of transfer {inc.transfer_id} from {self.peer} has {nbytes} bytes on the wire, "
                     f"more than {inc.codec.name} takes for {stored} bytes"
                 )
             if self.host.device is not None:
-                self._target_kind = ON_DEVICE
+                slot.kind = ON_DEVICE
                 return self._device_target(nbytes)
-            self._target_kind = ENCODED
-            pair = self._decode_in = self._decode_buffers(inc)
+            slot.kind = ENCODED
+            pair = slot.decode_in = self._decode_buffers(inc)
             return pair[1][:nbytes]
         if lists.chunk_nbytes[seq] != nbytes:
             raise ProtocolError(
@@ -89,17 +96,20 @@ class ReceivePath(DevicePath):
             )
         if self.host.device is not None:
             if seq in inc.decoding:  # a copy is landing on the device: its acknowledgement follows
-                self._target_kind = BEING_DECODED
-                return self._staging(nbytes)
-            self._target_kind = ON_DEVICE
+                slot.kind = BEING_DECODED
+                return self._staging(slot, nbytes)
+            slot.kind = ON_DEVICE
             return self._device_target(nbytes)
         first = lists.piece_ptr[seq]
         if lists.piece_ptr[seq + 1] - first == 1 and self._zero_copy:
-            self._target_kind = IN_PLACE
+            slot.kind = IN_PLACE
             offset = lists.dst_off[first]
+            if slot.lane:  # the transfer does not end while this lands in its pages (another copy may verify first)
+                inc.landing += 1
+                slot.landing = inc
             return self.host.views[lists.dst_seg[first]][offset : offset + nbytes]
-        self._target_kind = STAGED
-        return self._staging(nbytes)
+        slot.kind = STAGED
+        return self._staging(slot, nbytes)
 
     def _decode_buffers(self, inc: Incoming) -> tuple[memoryview, memoryview]:
         codec, largest = inc.codec, inc.table.max_chunk_bytes
@@ -111,19 +121,20 @@ class ReceivePath(DevicePath):
                 return pair
         return memoryview(bytearray(scratch)), memoryview(bytearray(wire))
 
-    def _staging(self, nbytes: int) -> memoryview:
-        if self._staging_in.nbytes < nbytes:
-            self._staging_in = memoryview(bytearray(nbytes))
-        return self._staging_in[:nbytes]
+    def _staging(self, slot: ReadSlot, nbytes: int) -> memoryview:
+        if slot.staging.nbytes < nbytes:
+            slot.staging = memoryview(bytearray(nbytes))
+        return slot.staging[:nbytes]
 
     async def _reader(self) -> None:
-        conn, sink = self.conn, self._sink
+        conn, slot = self.conn, self._slot
+        sink = self._sink
         count = 0
         while True:
-            self._decoded = None
+            slot.decoded = None
             frame = await conn.recv(sink)
             if frame.payload is not None:
-                self._on_chunk(self._decoded, frame.payload)
+                self._on_chunk(slot, frame.payload)
             else:
                 self._dispatch(decode_message(frame.header))
             count += 1
@@ -133,13 +144,53 @@ class ReceivePath(DevicePath):
                 self._decode_done.clear()
                 await self._decode_done.wait()
 
-    def _on_chunk(self, msg: Chunk, payload: memoryview) -> None:
+    async def _lane_reader(self, conn: Any, slot: ReadSlot) -> None:
+        """Read chunks from one extra connection (a lane): the same path as the session's own reader."""
+        sink = functools.partial(self._sink_into, slot)
+        count = 0
+        try:
+            while True:
+                slot.decoded = None
+                frame = await conn.recv(sink)
+                if frame.payload is None:
+                    raise ProtocolError(f"a control message from {self.peer} on an extra connection, which carries chunks only")
+                self._on_chunk(slot, frame.payload)
+                count += 1
+                if count % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                while self._decoding >= max(2, self._send_limit):
+                    self._decode_done.clear()
+                    await self._decode_done.wait()
+        finally:
+            # cut short (the session ends): nothing is written into the transfer's pages once the connection is
+            # closed, so the transfer may end now
+            if slot.landing is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.aclose())
+                self._landed(slot)
+
+    def _landed(self, slot: ReadSlot) -> None:
+        inc, slot.landing = slot.landing, None
+        if inc is not None:
+            inc.landing -= 1
+            if not inc.landing and inc.finish is not None:
+                self.host.landed(inc)
+
+    def _on_chunk(self, slot: ReadSlot, payload: memoryview) -> None:
+        msg = slot.decoded
+        if slot.landing is not None:
+            self._landed(slot)
         inc = self.incoming.get(msg.wire_id)
         if inc is None:
             return  # aborted or unknown: the payload went to scratch
         seq = msg.seq
         counters = self.host.counters
-        kind = self._target_kind
+        kind = slot.kind
+        if kind != DUPLICATE and kind != BEING_DECODED and inc.verified[seq]:  # another lane's copy came first
+            kind = DUPLICATE
+            if slot.decode_in is not None:
+                self._decode_free.append(slot.decode_in)
+                slot.decode_in = None
         if kind == DUPLICATE or kind == BEING_DECODED:
             counters["duplicates"] += 1
             if kind == DUPLICATE:
@@ -152,7 +203,7 @@ class ReceivePath(DevicePath):
             return
         tracer = self.host.tracer
         arrived = time.perf_counter() if tracer is not None else 0.0
-        decode_buffers, self._decode_in = self._decode_in, None
+        decode_buffers, slot.decode_in = slot.decode_in, None
         if kind == STAGED and kernels.ready():  # staging → its pages in one compiled pass (verified first, or fused)
             if self._scatter(inc, seq, payload, msg):
                 if tracer is not None:

@@ -97,7 +97,10 @@ class SendPath(DevicePath):
             started = time.perf_counter()
             if sent_at is not None:
                 sent_at[seq] = started
-        await self.conn.send(header, payload)
+        if not self.lanes or not out.accepted:
+            await self.conn.send(header, payload)
+        else:
+            await self._send_on_lane(header, payload)
         if staging is not None:  # only after a completed send: a cancelled one may still be reading it
             self._staging_free.append(staging)
         if codec_buffers is not None:
@@ -106,6 +109,23 @@ class SendPath(DevicePath):
             tracer.sent(self.peer, out.plan.transfer_id, seq, started, time.perf_counter())
         out.bytes_sent += payload.nbytes
         self.count_sent(1, payload.nbytes)
+
+    async def _send_on_lane(self, header: bytes, payload: Any) -> None:
+        """Send a chunk on the least busy of the session's connections (its own and its lanes). Only chunks of
+        transfers the peer has acknowledged a chunk of come here: it knows them whichever connection they take."""
+        busy = self._lane_busy
+        count = len(busy)
+        index = turn = self._lane_turn  # ties go round: connections whose sends all finished at once share evenly
+        for k in range(1, count):
+            other = (turn + k) % count
+            if busy[other] < busy[index]:
+                index = other
+        self._lane_turn = (index + 1) % count
+        busy[index] += 1
+        try:
+            await (self.conn if index == 0 else self.lanes[index - 1]).send(header, payload)
+        finally:
+            busy[index] -= 1
 
     def _encode_buffers(self, out: Outgoing) -> tuple[memoryview, memoryview]:
         codec, largest = out.codec, out.table.max_chunk_bytes

@@ -37,6 +37,22 @@ _PLACED_WINDOW_FACTOR = 4
 _INLINE_PLACE_BYTES = 256 << 10
 
 
+class ReadSlot:
+    """What one reader knows of the frame it is reading: its header, where its payload lands, the buffers it
+    took. The session's own connection has one, and so has each of its extra connections (lanes), so that
+    several payloads land at once."""
+
+    __slots__ = ("decode_in", "decoded", "kind", "landing", "lane", "staging")
+
+    def __init__(self, lane: bool = False) -> None:
+        self.decoded: Any = None
+        self.kind = 0  # IN_PLACE, STAGED, ...
+        self.decode_in: tuple[memoryview, memoryview] | None = None
+        self.staging = memoryview(bytearray(0))
+        self.lane = lane  # an extra connection: chunks only, and the transfer it lands in place in waits for it
+        self.landing: Incoming | None = None  # (lanes) the transfer whose pages the payload being read lands in
+
+
 class SessionState:
     """The state of one peer connection; :class:`~sage_transport.session.PeerSession` adds the tasks that drive it."""
 
@@ -55,10 +71,11 @@ class SessionState:
         self._staging_free: list[memoryview] = []  # staging buffers for gathered chunks, reused (one per send in flight)
         self._sends: set[asyncio.Task[None]] = set()  # chunk sends in flight (several per peer)
         self._send_limit = host.config.send_lanes
-        self._staging_in = memoryview(bytearray(0))
-        self._decoded: Any = None
+        self._slot = ReadSlot()  # the frame being read on the session's own connection (session_receive)
         self._device_in: Any = None  # device KV: the staging tensor the frame being read lands in
-        self._target_kind = 0  # where the frame being read lands: IN_PLACE, STAGED, ... (session_receive)
+        self.lanes: list[Connection] = []  # extra connections to the peer, for chunks (``connections_per_peer``)
+        self._lane_busy = [0]  # chunk sends in flight on the own connection and on each lane
+        self._lane_turn = 0  # where the search for the least busy one starts next
         self.peer_codecs: frozenset[str] = frozenset()  # what the peer decodes (from the handshake)
         # codec_policy=auto: stored bytes/s of the last large transfer sent as stored or with each codec
         self.rates: dict[str, float] = {}
@@ -66,7 +83,6 @@ class SessionState:
         # wire codecs: (stored bytes, wire form) buffer pairs for encodes and decodes in worker threads
         self._encode_free: list[tuple[memoryview, memoryview]] = []
         self._decode_free: list[tuple[memoryview, memoryview]] = []
-        self._decode_in: tuple[memoryview, memoryview] | None = None
         self._decoding = 0
         self._encoding = 0
         self._decode_done = asyncio.Event()

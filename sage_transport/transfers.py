@@ -170,7 +170,9 @@ class Incoming:
         "deadline_timer",
         "decoding",
         "expectation",
+        "finish",
         "hash_in_place",
+        "landing",
         "layer_hi",
         "layer_lo",
         "layers_left",
@@ -223,6 +225,10 @@ class Incoming:
         self.codec: ChunkCodec | None = None
         self.decoding: set[int] = set()  # chunks being decoded by a worker thread
         self.wire_bytes = 0  # payload bytes of the chunks accepted
+        # payloads landing in its pages on extra connections (lanes) right now: it ends (result or error) only once
+        # none does, so nothing writes into its pages after the caller was told it is over; ``finish`` waits then
+        self.landing = 0
+        self.finish: tuple[TransferResult | None, BaseException | None] | None = None
 
     def mark_verified(self, seq: int) -> bool:
         """Record a verified chunk; True when it was the last."""

@@ -54,13 +54,17 @@ __all__ = [
     "Reject",
     "Welcome",
     "Window",
+    "JoinLane",
+    "MAX_LANES",
     "decode_message",
     "encode_message",
     "handshake_proof",
 ]
 
-PROTOCOL_VERSION = 5  # 2: attestation after the handshake, windows on the attestation socket, fences; 3: Placed.landed;
-# 4: Announce.inline_checksum (a one-chunk transfer's announcement carries its chunk); 5: Hold (fan-in priority)
+PROTOCOL_VERSION = 6  # 2: attestation after the handshake, windows on the attestation socket, fences; 3: Placed.landed;
+# 4: Announce.inline_checksum (a one-chunk transfer's announcement carries its chunk); 5: Hold (fan-in priority);
+# 6: lanes (Hello.lanes, Ready.lanes and lane_key, JoinLane: extra connections per peer for chunks)
+MAX_LANES = 16  # connections per peer, the session's own included
 MAX_CONTROL_BYTES = 4 << 20
 MAX_MAPPINGS = 4096
 MAX_ACK_BATCH = 1 << 16
@@ -82,6 +86,7 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag="hello"):
     memory_kinds: Small
     max_chunk: U64
     codecs: Small = []  # wire dtypes and compressions the client decodes (``fp8_e4m3``, ``int4``, ``zstd``...)
+    lanes: Annotated[int, Meta(ge=1, le=MAX_LANES)] = 1  # connections the client wants for this peer (its own included)
 
 
 class Region(msgspec.Struct, frozen=True, array_like=True):
@@ -116,6 +121,17 @@ class Ready(msgspec.Struct, frozen=True, array_like=True, tag="ready"):
 
     region: Region | None = None
     codecs: Small = []  # wire dtypes and compressions the server decodes
+    lanes: Annotated[int, Meta(ge=1, le=MAX_LANES)] = 1  # connections granted (the client opens ``lanes - 1`` more)
+    lane_key: Mac = b""  # what each extra connection presents in its JoinLane (random, this session's only)
+
+
+class JoinLane(msgspec.Struct, frozen=True, array_like=True, tag="lane"):
+    """The first message of an extra connection (instead of ``Hello``): it joins the session whose ``Ready`` gave
+    ``key`` as lane ``index`` (1 .. lanes - 1). The server answers ``Ready()`` or ``Reject``."""
+
+    version: U32
+    key: Nonce
+    index: Annotated[int, Meta(ge=1, le=MAX_LANES - 1)]
 
 
 class Reject(msgspec.Struct, frozen=True, array_like=True, tag="reject"):
@@ -275,6 +291,7 @@ class Abort(msgspec.Struct, frozen=True, array_like=True, tag="x"):
 
 Message = Union[
     Hello,
+    JoinLane,
     Welcome,
     Proof,
     Ready,

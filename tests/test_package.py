@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(sage_transport.__file__).parent
 CORE_MODULES = [
     "planner.py", "scheduler.py", "transfers.py", "handshake.py", "wire.py", "chunk_copies.py",
     "channel.py", "channel_core.py", "channel_peers.py", "channel_sending.py", "channel_receiving.py",
-    "channel_pulls.py", "channel_stats.py",
+    "channel_pulls.py", "channel_stats.py", "channel_lanes.py",
     "session.py", "session_host.py", "session_state.py", "session_send.py", "session_receive.py",
 ]  # fmt: skip
 CORE_MODULE_LINES = 400  # no core module over this: each part of the channel and the session has one job

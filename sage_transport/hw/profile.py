@@ -43,7 +43,9 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
     ``alignment``: chunk and registration granularity; ``max_message_size``: the largest message a chunk
     becomes; ``inline_threshold``: payloads sent inside the head message; ``rndv_threshold``: UCX's
     eager→rendezvous switch (None: UCX decides); ``lanes``: chunk sends in flight per peer; ``rails``:
-    network ports striped over; ``queue_pairs``: RC queue pairs per peer (UCX opens one per rail).
+    network ports striped over; ``queue_pairs``: RC queue pairs per peer (UCX opens one per rail);
+    ``connections_per_peer``: connections a channel opens to each remote peer (several TCP streams, see
+    :func:`connections_for_remote_peers`).
     """
 
     preset: str | None
@@ -68,6 +70,7 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
     nic: str | None
     rails: int
     queue_pairs: int
+    connections_per_peer: int = 1
     reasons: list[str]
     warnings: list[str]
 
@@ -146,6 +149,8 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
             f"alignment {alignment} B ({'GPU pages' if gpu else 'host pages: CMA, memfd windows and RDMA registration'})"
         )
         max_message = max(alignment, config.chunk_size // alignment * alignment)
+        streams, why = connections_for_remote_peers(topology, config, bool(rails_ports), chosen[0] if chosen else None)
+        reasons.append(why)
         return cls(
             preset=config.preset, backend=config.backend, buffer_device=device_id, numa_node=numa, alignment=alignment,
             max_message_size=max_message, inline_threshold=INLINE_THRESHOLD, rndv_threshold=config.ucx_rndv_threshold,
@@ -153,7 +158,7 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
             progress_mode=config.progress_mode.value, endpoint=config.ucx_endpoint, zero_copy=config.zero_copy,
             gpu_direct_rdma=gpu_direct, ucx_tls_same_host=same_host, ucx_tls_remote=remote, ucx_tls=tls,
             net_devices=net_devices, nic=nic, rails=max(1, len(rails_ports)), queue_pairs=len(rails_ports),
-            reasons=reasons, warnings=warnings,
+            connections_per_peer=streams, reasons=reasons, warnings=warnings,
         )  # fmt: skip
 
     def ucx_options(self, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -168,6 +173,37 @@ class TransportProfile(msgspec.Struct, frozen=True, kw_only=True):
         if self.rndv_threshold is not None:
             options["RNDV_THRESH"] = str(self.rndv_threshold)
         return {k: v for k, v in options.items() if f"UCX_{k}" not in env}
+
+
+#: a host needs this many cores before a second TCP stream per peer pays: each stream's kernel copies take about a
+#: core at full rate, and on two cores two streams moved less than one (bench/README.md, "Across two namespaces")
+STREAM_CORES = 8
+#: one TCP stream reaches roughly this rate (a core's copy and checksum of a stream): faster NICs get more streams
+STREAM_GBPS = 25
+
+
+def connections_for_remote_peers(
+    topology: TopologyInfo, config: KVTransportConfig, rdma: bool, nic: NetworkInterface | None
+) -> tuple[int, str]:
+    """How many connections a channel opens to each remote peer (``connections_per_peer``; 0 asks for this), and
+    why: one where RDMA carries the KV (UCX stripes the rails itself) or the host has under
+    :data:`STREAM_CORES` cores; else one per :data:`STREAM_GBPS` of the NIC's speed (unknown: its cores / 4), at
+    most 4 and at most a quarter of the cores."""
+    if config.connections_per_peer:
+        return config.connections_per_peer, f"{config.connections_per_peer} connection(s) per peer: set by connections_per_peer"
+    if rdma:
+        return 1, "1 connection per remote peer: RDMA (UCX stripes its rails on one endpoint)"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if cores < STREAM_CORES:
+        return 1, f"1 connection per remote peer: {cores} cores (a second TCP stream takes a core the first needs)"
+    speed = nic.speed_mbps if nic is not None else None
+    wanted = cores // 4 if not speed else -(-speed // (STREAM_GBPS * 1000))
+    streams = max(1, min(4, cores // 4, wanted))
+    link = f"{speed / 1000:g} Gb/s {nic.name}" if speed and nic is not None else "NIC speed unknown"
+    return streams, f"{streams} connection(s) per remote peer: TCP over {link}, {cores} cores (one stream ≈ {STREAM_GBPS} Gb/s)"
 
 
 def _current_numa(topology: TopologyInfo) -> int | None:
