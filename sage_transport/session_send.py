@@ -39,6 +39,7 @@ class SendPath(DevicePath):
         staging = None
         codec_buffers = None
         value: int | None = None
+        payload: Any
         checksum = out.checksum
         if out.codec is not None:  # quantise / compress in a worker thread while the loop keeps other chunks moving
             codec_buffers = self._encode_buffers(out)
@@ -61,6 +62,15 @@ class SendPath(DevicePath):
         elif last - first == 1:
             offset = src_off[first]
             payload = views[src_seg[first]][offset : offset + piece_len[first]]
+        elif (
+            self.conn.gathers and kernels.ready() and (checksum is None or (self._fused_place and checksum is self.host.checksum))
+        ):
+            # the connection sends the pages from where they lie (sendmsg): no staging copy; xxh3 over them as one
+            table = out.table
+            if checksum is not None:
+                addr = self.host.bases[table.src_seg[first:last]] + table.src_off[first:last].astype(np.uint64)
+                value = kernels.hash_pages(addr, table.piece_len[first:last])
+            payload = [views[src_seg[k]][src_off[k] : src_off[k] + piece_len[k]] for k in range(first, last)]
         else:
             nbytes = out.lists.chunk_nbytes[seq]
             staging = self._staging_free.pop() if self._staging_free else memoryview(bytearray(0))
@@ -107,8 +117,13 @@ class SendPath(DevicePath):
             self._encode_free.append(codec_buffers)
         if tracer is not None:
             tracer.sent(self.peer, out.plan.transfer_id, seq, started, time.perf_counter())
-        out.bytes_sent += payload.nbytes
-        self.count_sent(1, payload.nbytes)
+        nbytes = out.lists.chunk_nbytes[seq] if type(payload) is list else payload.nbytes
+        out.bytes_sent += nbytes
+        self.count_sent(1, nbytes)
+
+    def _hash_pages_is(self, checksum: Any) -> bool:
+        """Whether ``checksum`` is the channel's xxh3, which the compiled loops compute over pages where they lie."""
+        return self._fused_place and checksum is self.host.checksum
 
     async def _send_on_lane(self, header: bytes, payload: Any) -> None:
         """Send a chunk on the least busy of the session's connections (its own and its lanes). Only chunks of

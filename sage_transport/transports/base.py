@@ -88,6 +88,8 @@ class Connection(_AsyncResource):
 
     local_address: str
     peer_address: str
+    #: ``send`` takes a payload given as a list of byte views, sent as one payload without a copy (gather)
+    gathers: bool = False
     max_header: int = HANDSHAKE_FRAME_LIMIT
     max_payload: int = 0
 

@@ -41,6 +41,7 @@ _INLINE = 64 << 10  # payloads up to this size are copied behind the header (one
 _EARLY_LIMIT = 64 << 20
 _EARLY_AFTER_S = 0.002
 _RECV_SPINS = 64  # payload bytes received ahead of the receiver's sink before reading pauses
+_IOV_MAX = 1024  # buffers one sendmsg takes (Linux's UIO_MAXIOV)
 
 
 class _Early:
@@ -68,7 +69,10 @@ def _tune(sock: socket.socket | None, peer_timeout_s: float) -> None:
 
 
 class TcpConnection(asyncio.BufferedProtocol, Connection):
-    """Both the protocol (receive state machine) and the :class:`Connection`."""
+    """Both the protocol (receive state machine) and the :class:`Connection`. ``send`` also takes a payload as a
+    list of views (a chunk's pages), sent with ``sendmsg`` from where they lie (no gather copy)."""
+
+    gathers = True
 
     def __init__(self, peer_timeout_s: float = 10.0, on_made: Any = None) -> None:
         self.local_address = self.peer_address = "?"
@@ -360,6 +364,9 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         return Frame(item.header, view)
 
     async def send(self, header: bytes, payload: Any = None) -> None:
+        if type(payload) is list:
+            await self._send_gathered(header, payload)
+            return
         self._check_sendable()
         view = None if payload is None else as_byte_view(payload)
         nbytes = 0 if view is None else view.nbytes
@@ -394,6 +401,48 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
                 for part in (head, view):
                     if part is not None and part.nbytes:
                         await loop.sock_sendall(self._sock, part)  # type: ignore[arg-type]
+        except OSError as exc:
+            self._lost(exc)
+            raise PeerDeadError(f"peer {self.peer_address} is gone: {exc}") from exc
+        finally:
+            self._writing -= 1
+
+    async def _send_gathered(self, header: bytes, pieces: list[memoryview]) -> None:
+        """One frame whose payload is ``pieces`` back to back, sent by ``sendmsg`` (at most ``_IOV_MAX`` buffers a
+        call) straight from them."""
+        self._check_sendable()
+        nbytes = sum(piece.nbytes for piece in pieces)
+        if nbytes > _MAX_PAYLOAD:
+            raise FrameTooLargeError(f"payload of {nbytes} bytes exceeds {_MAX_PAYLOAD}")
+        parts = [memoryview(_PREFIX.pack(len(header), nbytes + 1) + header), *pieces]
+        self._counts[0] += 1
+        self._counts[2] += nbytes
+        self._writing += 1
+        await asyncio.shield(asyncio.ensure_future(self._sendmsg_all(parts)))
+
+    async def _sendmsg_all(self, parts: list[memoryview]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._send_lock:
+                sock = self._sock
+                assert sock is not None
+                first = 0
+                while first < len(parts):
+                    try:
+                        sent = sock.sendmsg(parts[first : first + _IOV_MAX])
+                    except (BlockingIOError, InterruptedError):
+                        writable = loop.create_future()
+                        loop.add_writer(sock.fileno(), writable.set_result, None)
+                        try:
+                            await writable
+                        finally:
+                            loop.remove_writer(sock.fileno())
+                        continue
+                    while sent and sent >= parts[first].nbytes:  # whole parts gone
+                        sent -= parts[first].nbytes
+                        first += 1
+                    if sent:  # part of one: the rest of it goes next
+                        parts[first] = parts[first][sent:]
         except OSError as exc:
             self._lost(exc)
             raise PeerDeadError(f"peer {self.peer_address} is gone: {exc}") from exc
