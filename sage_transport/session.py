@@ -5,6 +5,8 @@ per chunk it does list lookups, one memoryview slice, one checksum, one small he
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionClosedError, PeerDeadError, ProtocolError, TransportError
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
     from .placement import CmaWriter
 from .session_receive import ReceivePath
 from .session_send import SendPath
-from .session_state import _INLINE_PLACE_BYTES, _PLACED_WINDOW_FACTOR, ReadSlot
+from .session_state import _INLINE_PLACE_BYTES, _PLACED_WINDOW_FACTOR, _YIELD_EVERY, ReadSlot
 
 __all__ = ["PeerSession"]
 
@@ -56,11 +58,36 @@ class PeerSession(SendPath, ReceivePath):
             raise ConnectionClosedError(f"the session with {self.peer} is over")
         self.lanes.append(conn)
         self._lane_busy.append(0)
-        slot = ReadSlot(lane=True)
+        slot = ReadSlot(lane=True, scatters=conn.gathers)
         self.tasks.append(
             asyncio.create_task(self._run(self._lane_reader(conn, slot)), name=f"sage-lane-{self.peer}-{len(self.lanes)}")
         )
         self.wake.set()
+
+    async def _lane_reader(self, conn: Any, slot: ReadSlot) -> None:
+        """Read chunks from one extra connection (a lane): the same path as the session's own reader."""
+        sink = functools.partial(self._sink_into, slot)
+        count = 0
+        try:
+            while True:
+                slot.decoded = None
+                frame = await conn.recv(sink)
+                if frame.payload is None:
+                    raise ProtocolError(f"a control message from {self.peer} on an extra connection, which carries chunks only")
+                self._on_chunk(slot, frame.payload)
+                count += 1
+                if count % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                while self._decoding >= max(2, self._send_limit):
+                    self._decode_done.clear()
+                    await self._decode_done.wait()
+        finally:
+            # cut short (the session ends): nothing is written into the transfer's pages once the connection is
+            # closed, so the transfer may end now
+            if slot.landing is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.aclose())
+                self._landed(slot)
 
     def start(self) -> None:
         self.tasks = [

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import time
 from typing import Any
 
@@ -34,6 +32,7 @@ DUPLICATE = 2  # a chunk already verified: discarded, acknowledged again
 ENCODED = 3  # a codec's wire form: verified, then decoded into its pages on a worker
 BEING_DECODED = 4  # a copy of a chunk whose decode is running: discarded, its acknowledgement follows the decode
 ON_DEVICE = 5  # device KV: into device (or pinned) staging, then verified, decoded and scattered on the device
+IN_PIECES = 6  # straight into its several destination pages (a connection that scatters), verified where it landed
 
 
 class ReceivePath(DevicePath):
@@ -108,6 +107,13 @@ class ReceivePath(DevicePath):
                 inc.landing += 1
                 slot.landing = inc
             return self.host.views[lists.dst_seg[first]][offset : offset + nbytes]
+        if slot.scatters and self._zero_copy and (inc.checksum is None or inc.hash_in_place or inc.checksum_pieces is not None):
+            slot.kind = IN_PIECES
+            if slot.lane:
+                inc.landing += 1
+                slot.landing = inc
+            views, dst_seg, dst_off, piece_len = self.host.views, lists.dst_seg, lists.dst_off, lists.piece_len
+            return [views[dst_seg[k]][dst_off[k] : dst_off[k] + piece_len[k]] for k in range(first, lists.piece_ptr[seq + 1])]
         slot.kind = STAGED
         return self._staging(slot, nbytes)
 
@@ -144,31 +150,6 @@ class ReceivePath(DevicePath):
                 self._decode_done.clear()
                 await self._decode_done.wait()
 
-    async def _lane_reader(self, conn: Any, slot: ReadSlot) -> None:
-        """Read chunks from one extra connection (a lane): the same path as the session's own reader."""
-        sink = functools.partial(self._sink_into, slot)
-        count = 0
-        try:
-            while True:
-                slot.decoded = None
-                frame = await conn.recv(sink)
-                if frame.payload is None:
-                    raise ProtocolError(f"a control message from {self.peer} on an extra connection, which carries chunks only")
-                self._on_chunk(slot, frame.payload)
-                count += 1
-                if count % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-                while self._decoding >= max(2, self._send_limit):
-                    self._decode_done.clear()
-                    await self._decode_done.wait()
-        finally:
-            # cut short (the session ends): nothing is written into the transfer's pages once the connection is
-            # closed, so the transfer may end now
-            if slot.landing is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(conn.aclose())
-                self._landed(slot)
-
     def _landed(self, slot: ReadSlot) -> None:
         inc, slot.landing = slot.landing, None
         if inc is not None:
@@ -196,6 +177,18 @@ class ReceivePath(DevicePath):
             if kind == DUPLICATE:
                 inc.pending_acks.append(seq)  # re-acknowledge: the sender may have resent after a timeout
                 self._schedule_ack_flush(inc)
+            return
+        if kind == IN_PIECES:  # landed in its pages: verified there
+            self.count_received(inc.lists.chunk_nbytes[seq])
+            if inc.checksum is not None and self._checksum_in_place(inc, seq) != msg.checksum:
+                counters["checksum_failures"] += 1
+                inc.bad_chunks += 1
+                self.post(Nack(inc.wire_id, seq, msg.attempt, "checksum mismatch"))
+                return
+            if self.host.tracer is not None:
+                now = time.perf_counter()
+                self.host.tracer.received(self.peer, inc.transfer_id, seq, now, now)
+            self._accept(inc, seq)
             return
         self.count_received(payload.nbytes)
         if kind == ON_DEVICE:

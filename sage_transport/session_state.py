@@ -42,15 +42,16 @@ class ReadSlot:
     took. The session's own connection has one, and so has each of its extra connections (lanes), so that
     several payloads land at once."""
 
-    __slots__ = ("decode_in", "decoded", "kind", "landing", "lane", "staging")
+    __slots__ = ("decode_in", "decoded", "kind", "landing", "lane", "scatters", "staging")
 
-    def __init__(self, lane: bool = False) -> None:
+    def __init__(self, lane: bool = False, scatters: bool = False) -> None:
         self.decoded: Any = None
         self.kind = 0  # IN_PLACE, STAGED, ...
         self.decode_in: tuple[memoryview, memoryview] | None = None
         self.staging = memoryview(bytearray(0))
         self.lane = lane  # an extra connection: chunks only, and the transfer it lands in place in waits for it
         self.landing: Incoming | None = None  # (lanes) the transfer whose pages the payload being read lands in
+        self.scatters = scatters  # its connection fills a list of buffers: a chunk's pages, where they lie
 
 
 class SessionState:
@@ -71,7 +72,7 @@ class SessionState:
         self._staging_free: list[memoryview] = []  # staging buffers for gathered chunks, reused (one per send in flight)
         self._sends: set[asyncio.Task[None]] = set()  # chunk sends in flight (several per peer)
         self._send_limit = host.config.send_lanes
-        self._slot = ReadSlot()  # the frame being read on the session's own connection (session_receive)
+        self._slot = ReadSlot(scatters=conn.gathers)  # the frame being read on the session's own connection (session_receive)
         self._device_in: Any = None  # device KV: the staging tensor the frame being read lands in
         self.lanes: list[Connection] = []  # extra connections to the peer, for chunks (``connections_per_peer``)
         self._lane_busy = [0]  # chunk sends in flight on the own connection and on each lane

@@ -89,6 +89,9 @@ async def test_over_tcp_every_connection_carries_chunks_into_place() -> None:
             link = a.links()[peer]
             assert link["connections"] == 4 and all(n > 0 for n in link["bytes_sent_by_connection"]), link
             assert b.statistics().chunks_received == result.chunks and b.statistics().chunks_placed == 0
+            receiving = b._sessions["a"]
+            # every chunk landed straight in its scattered pages: no reader ever needed staging
+            assert all(slot.staging.nbytes == 0 for slot in [receiving._slot]), "a chunk was staged"
             assert_idle(a, b)
     assert np.array_equal(pages(dst)[:, :, order], pages(src))
 

@@ -255,8 +255,9 @@ async def check_concurrent_senders(make_pair: PairFactory) -> None:
 
 async def check_gathered_payloads(make_pair: PairFactory) -> None:
     """A connection that ``gathers`` sends a payload given as a list of views as one payload, their bytes back to
-    back, in order with frames sent whole, also with more views than one system call takes; one that does not
-    gathers nothing (the check passes: the session stages for it)."""
+    back, in order with frames sent whole, also with more views than one system call takes, and fills a sink's
+    list of buffers one after the other (cut elsewhere than the sender's); one that does not gathers nothing (the
+    check passes: the session stages for it)."""
     async with make_pair() as pair:
         if not pair.a.gathers:
             return
@@ -274,10 +275,26 @@ async def check_gathered_payloads(make_pair: PairFactory) -> None:
 
         task = asyncio.ensure_future(sender())
         for i, views in enumerate(lists):
-            frame = await pair.b.recv()
             want = b"".join(bytes(v) for v in views)
+            landing = bytearray(len(want))
+            # even frames into pieces of 1..3000 bytes (where the receiving end scatters), odd ones into one buffer
+            scatter = i % 2 == 0 and pair.b.gathers
+
+            def sink(header: bytes, nbytes: int, landing: bytearray = landing, scatter: bool = scatter) -> Any:
+                if not scatter:
+                    return None
+                cuts, pos = [], 0
+                while pos < nbytes:
+                    step = min(nbytes - pos, rng.randrange(1, 3000))
+                    cuts.append(memoryview(landing)[pos : pos + step])
+                    pos += step
+                return cuts
+
+            frame = await pair.b.recv(sink)
             _require(frame.header == b"g%d" % i, f"gathered frame {i} arrived as {frame.header[:20]!r}")
-            _require(frame.payload is not None and bytes(frame.payload) == want, f"gathered payload {i} differs")
+            got = bytes(landing) if scatter else bytes(frame.payload or b"")
+            _require(frame.payload is not None and got == want, f"gathered payload {i} differs")
+            _require(not scatter or type(frame.payload) is list, "a scattered payload did not come back as its pieces")
             plain = await pair.b.recv()
             _require(plain.header == b"plain%d" % i and bytes(plain.payload or b"") == b"x" * i, "frame after a gathered one")
         await task

@@ -38,7 +38,8 @@ HANDSHAKE_FRAME_LIMIT = 8 << 10
 DISCARD_LIMIT = 4 << 20
 
 #: ``sink(header, nbytes)`` returns a writable buffer of exactly ``nbytes`` bytes, or ``None`` to let the
-#: connection allocate one.
+#: connection allocate one; to a connection that ``gathers``, also a list of writable buffers of ``nbytes`` in all,
+#: which the payload fills one after the other (received straight into scattered pages).
 PayloadSink = Callable[[bytes, int], Any]
 
 
@@ -53,10 +54,11 @@ class TransportCapabilities(msgspec.Struct, frozen=True):
 
 
 class Frame(NamedTuple):
-    """A received frame. ``payload`` is the sink's buffer (or a fresh one), ``None`` if none was sent."""
+    """A received frame. ``payload`` is the sink's buffer (or a fresh one), ``None`` if none was sent; where the
+    sink gave a list of buffers (pieces, filled back to back: a transport that ``gathers`` takes one), that list."""
 
     header: bytes
-    payload: memoryview | None
+    payload: Any
 
 
 class ConnectionStatistics(msgspec.Struct, frozen=True):
@@ -88,7 +90,8 @@ class Connection(_AsyncResource):
 
     local_address: str
     peer_address: str
-    #: ``send`` takes a payload given as a list of byte views, sent as one payload without a copy (gather)
+    #: ``send`` takes a payload given as a list of byte views, sent as one payload without a copy (gather), and
+    #: ``recv``'s sink may return a list of buffers the payload fills one after the other (scatter)
     gathers: bool = False
     max_header: int = HANDSHAKE_FRAME_LIMIT
     max_payload: int = 0

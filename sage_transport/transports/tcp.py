@@ -2,8 +2,9 @@
 
 The receive side is a :class:`asyncio.BufferedProtocol`: headers land in a reused buffer, and a payload's
 bytes land straight in the sink's buffer (the kernel copies into the KV cache; no staging, no Python
-copy). The send side sends from the caller's buffer on a duplicate of the socket (no event-loop write
-buffer, so no copy): a frame goes at once when the socket takes it, else behind a FIFO lock, shielded so
+copy), or in the list of buffers the sink gives (a chunk's scattered pages: ``recvmsg_into`` over them). The
+send side sends from the caller's buffer (or list of buffers, with ``sendmsg``) on a duplicate of the socket
+(no event-loop write buffer, so no copy): a frame goes at once when the socket takes it, else behind a FIFO lock, shielded so
 that a cancelled caller never leaves half a frame; ``send`` returns once the payload is in the kernel.
 Run the loop on uvloop for full speed (``sage-transport`` does). Peer death is end-of-stream without the
 goodbye frame or a reset; TCP keepalive and ``TCP_USER_TIMEOUT``, both from ``peer_timeout_s``, cover a silent host
@@ -85,7 +86,9 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         self._start = self._end = 0
         # the frame whose payload is being received
         self._header = b""
-        self._target: memoryview | None = None
+        self._target: memoryview | None = None  # where the payload's next bytes go (the current piece when scattered)
+        self._pieces: list[memoryview] | None = None  # a scattered payload's pieces (the sink gave a list)
+        self._piece = 0
         self._target_pos = 0
         self._target_error: BaseException | None = None
         self._awaiting_sink = False  # a payload header was parsed and no receiver has offered a sink yet
@@ -128,7 +131,7 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         if not self._state:
             self._state = f"dead: {exc or 'the connection ended without a goodbye'}"
         if self._target is not None:  # a payload cut short: it never completes
-            self._target, self._awaiting_sink = None, False
+            self._target, self._pieces, self._awaiting_sink = None, None, False
         self._wake()
 
     def eof_received(self) -> bool:
@@ -147,10 +150,11 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
     def buffer_updated(self, nbytes: int) -> None:
         if self._target is not None:
             self._target_pos += nbytes
-            if self._target_pos == self._target.nbytes:
-                self._finish_payload()
-            else:
+            if self._target_pos < self._target.nbytes:
                 return
+            if self._pieces is not None and not self._next_piece():
+                return
+            self._finish_payload()
         else:
             self._end += nbytes
         self._parse()
@@ -240,12 +244,20 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         self._target_early = early
         self._target_error = None
         target: Any = None
+        pieces: list[memoryview] | None = None
         try:
             if sink is not None:
                 target = sink(header, nbytes)
-            view = as_byte_view(bytearray(nbytes) if target is None else target, writable=True)
-            if view.nbytes != nbytes:
-                raise ProtocolError(f"sink gave {view.nbytes} bytes for a {nbytes}-byte payload")
+            if type(target) is list:  # the payload's pieces, back to back (a chunk's scattered pages)
+                pieces = [as_byte_view(piece, writable=True) for piece in target]
+                total = sum(piece.nbytes for piece in pieces)
+                if total != nbytes or not pieces or not all(piece.nbytes for piece in pieces):
+                    raise ProtocolError(f"sink gave {len(pieces)} pieces of {total} bytes for a {nbytes}-byte payload")
+                view = pieces[0]
+            else:
+                view = as_byte_view(bytearray(nbytes) if target is None else target, writable=True)
+                if view.nbytes != nbytes:
+                    raise ProtocolError(f"sink gave {view.nbytes} bytes for a {nbytes}-byte payload")
         except BaseException as exc:  # the frame is consumed into scratch; the receiver gets the error
             self._target_error = exc
             if nbytes > DISCARD_LIMIT:  # consuming it would allocate what the peer names: end the connection
@@ -258,26 +270,72 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
                 return
             if len(self._scratch) < nbytes:
                 self._scratch = bytearray(nbytes)
-            view = memoryview(self._scratch)[:nbytes]
-        self._target, self._target_pos = view, 0
-        buffered = min(self._end - self._start, nbytes)
-        if buffered:
-            view[:buffered] = self._view[self._start : self._start + buffered]
-            self._start += buffered
-            self._target_pos = buffered
-        if self._target_pos == nbytes:
+            view, pieces = memoryview(self._scratch)[:nbytes], None
+        self._target, self._target_pos, self._pieces, self._piece = view, 0, pieces, 0
+        buffered = self._end - self._start
+        if pieces is None:
+            buffered = min(buffered, nbytes)
+            if buffered:
+                view[:buffered] = self._view[self._start : self._start + buffered]
+                self._start += buffered
+                self._target_pos = buffered
+            if self._target_pos == nbytes:
+                self._finish_payload()
+            return
+        index = 0  # bytes already read go into the pieces first
+        while buffered and index < len(pieces):
+            take = min(buffered, pieces[index].nbytes)
+            pieces[index][:take] = self._view[self._start : self._start + take]
+            self._start += take
+            buffered -= take
+            if take < pieces[index].nbytes:
+                self._piece, self._target, self._target_pos = index, pieces[index], take
+                return
+            index += 1
+        if index == len(pieces):
             self._finish_payload()
+            return
+        self._piece, self._target, self._target_pos = index, pieces[index], 0
+
+    def _next_piece(self) -> bool:
+        """The current piece of a scattered payload is full: read on into the next ones straight from the socket
+        (``recvmsg_into`` over up to ``_IOV_MAX`` pieces a call, without waiting for the loop: a page is a few KiB
+        and one read each would cost more than the copy it saves). True once every piece is full."""
+        pieces = self._pieces
+        assert pieces is not None
+        index = self._piece + 1
+        sock = self._sock
+        while index < len(pieces):
+            if sock is None:
+                break
+            try:
+                got = sock.recvmsg_into(pieces[index : index + _IOV_MAX])[0]
+            except (BlockingIOError, InterruptedError, OSError):
+                break  # nothing more now (or an error the transport reports): the loop reads on into this piece
+            if not got:
+                break  # end of stream: the transport's own read reports it
+            while index < len(pieces) and got >= pieces[index].nbytes:
+                got -= pieces[index].nbytes
+                index += 1
+            if got:  # into the middle of one: the loop (or the next call) goes on from there
+                self._piece, self._target, self._target_pos = index, pieces[index], got
+                return False
+        if index == len(pieces):
+            return True
+        self._piece, self._target, self._target_pos = index, pieces[index], 0
+        return False
 
     def _finish_payload(self) -> None:
         assert self._target is not None
         frame: Frame | _Early | BaseException
+        payload: Any = self._target if self._pieces is None else self._pieces
         if self._target_early:
             frame = _Early(self._header, self._target)
         else:
-            frame = Frame(self._header, self._target) if self._target_error is None else self._target_error
+            frame = Frame(self._header, payload) if self._target_error is None else self._target_error
         self._counts[1] += 1
-        self._counts[3] += self._target.nbytes
-        self._target, self._target_error = None, None
+        self._counts[3] += self._pending_plen
+        self._target, self._target_error, self._pieces = None, None, None
         self._frames.append(frame)
         self._wake()
 
@@ -357,6 +415,15 @@ class TcpConnection(asyncio.BufferedProtocol, Connection):
         target = sink(item.header, nbytes) if sink is not None else None
         if target is None:
             return Frame(item.header, item.payload)
+        if type(target) is list:
+            pieces = [as_byte_view(piece, writable=True) for piece in target]
+            if sum(piece.nbytes for piece in pieces) != nbytes:
+                raise ProtocolError(f"sink gave {len(pieces)} pieces that do not hold a {nbytes}-byte payload")
+            pos = 0
+            for piece in pieces:
+                piece[:] = item.payload[pos : pos + piece.nbytes]
+                pos += piece.nbytes
+            return Frame(item.header, pieces)
         view = as_byte_view(target, writable=True)
         if view.nbytes != nbytes:
             raise ProtocolError(f"sink gave {view.nbytes} bytes for a {nbytes}-byte payload")
