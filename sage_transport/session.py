@@ -5,7 +5,6 @@ per chunk it does list lookups, one memoryview slice, one checksum, one small he
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from typing import TYPE_CHECKING, Any
 
@@ -82,12 +81,7 @@ class PeerSession(SendPath, ReceivePath):
                     self._decode_done.clear()
                     await self._decode_done.wait()
         finally:
-            # cut short (the session ends): nothing is written into the transfer's pages once the connection is
-            # closed, so the transfer may end now
-            if slot.landing is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(conn.aclose())
-                self._landed(slot)
+            await self._release_landing(conn, slot)
 
     def start(self) -> None:
         self.tasks = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -103,13 +104,13 @@ class ReceivePath(DevicePath):
         if lists.piece_ptr[seq + 1] - first == 1 and self._zero_copy:
             slot.kind = IN_PLACE
             offset = lists.dst_off[first]
-            if slot.lane:  # the transfer does not end while this lands in its pages (another copy may verify first)
-                inc.landing += 1
+            if self.lanes:  # the transfer does not end while this lands in its pages (another connection's copy
+                inc.landing += 1  # may verify first)
                 slot.landing = inc
             return self.host.views[lists.dst_seg[first]][offset : offset + nbytes]
         if slot.scatters and self._zero_copy and (inc.checksum is None or inc.hash_in_place or inc.checksum_pieces is not None):
             slot.kind = IN_PIECES
-            if slot.lane:
+            if self.lanes:
                 inc.landing += 1
                 slot.landing = inc
             views, dst_seg, dst_off, piece_len = self.host.views, lists.dst_seg, lists.dst_off, lists.piece_len
@@ -136,19 +137,30 @@ class ReceivePath(DevicePath):
         conn, slot = self.conn, self._slot
         sink = self._sink
         count = 0
-        while True:
-            slot.decoded = None
-            frame = await conn.recv(sink)
-            if frame.payload is not None:
-                self._on_chunk(slot, frame.payload)
-            else:
-                self._dispatch(decode_message(frame.header))
-            count += 1
-            if count % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            while self._decoding >= max(2, self._send_limit):  # decodes in flight hold staging: take no more frames
-                self._decode_done.clear()
-                await self._decode_done.wait()
+        try:
+            while True:
+                slot.decoded = None
+                frame = await conn.recv(sink)
+                if frame.payload is not None:
+                    self._on_chunk(slot, frame.payload)
+                else:
+                    self._dispatch(decode_message(frame.header))
+                count += 1
+                if count % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                while self._decoding >= max(2, self._send_limit):  # decodes in flight hold staging: take no more frames
+                    self._decode_done.clear()
+                    await self._decode_done.wait()
+        finally:
+            await self._release_landing(conn, slot)
+
+    async def _release_landing(self, conn: Any, slot: ReadSlot) -> None:
+        """A reader cut short (the session ends) while a payload landed in a transfer's pages (with lanes): once
+        the connection is closed nothing more is written there, so the transfer may end now."""
+        if slot.landing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(conn.aclose())
+            self._landed(slot)
 
     def _landed(self, slot: ReadSlot) -> None:
         inc, slot.landing = slot.landing, None

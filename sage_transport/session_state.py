@@ -49,8 +49,8 @@ class ReadSlot:
         self.kind = 0  # IN_PLACE, STAGED, ...
         self.decode_in: tuple[memoryview, memoryview] | None = None
         self.staging = memoryview(bytearray(0))
-        self.lane = lane  # an extra connection: chunks only, and the transfer it lands in place in waits for it
-        self.landing: Incoming | None = None  # (lanes) the transfer whose pages the payload being read lands in
+        self.lane = lane  # an extra connection (lane): chunks only
+        self.landing: Incoming | None = None  # (with lanes) the transfer whose pages the payload being read lands in
         self.scatters = scatters  # its connection fills a list of buffers: a chunk's pages, where they lie
 
 

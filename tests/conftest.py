@@ -72,3 +72,15 @@ def rss_bytes() -> int:
 
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def shuffled(blocks: int, seed: int = 0) -> list[int]:
+    """A random permutation of ``range(blocks)`` (a destination block table)."""
+    return np.random.default_rng(seed).permutation(blocks).tolist()
+
+
+def assert_idle(*channels: KVTransferChannel) -> None:
+    """Nothing sending, receiving, in flight or queued on any of ``channels``."""
+    for channel in channels:
+        stats = channel.statistics()
+        assert (stats.transfers_sending, stats.transfers_receiving, stats.inflight_chunks, stats.queued_chunks) == (0, 0, 0, 0)

@@ -29,22 +29,12 @@ from sage_transport import (
 from sage_transport.transports.mock import FaultAction, FaultRule, MockNetwork, MockTransport
 from sage_transport.wire import Chunk, decode_message
 
-from .conftest import SMALL, Pair, channel_pair, filled
-
-
-def shuffled(blocks: int, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).permutation(blocks).tolist()
+from .conftest import SMALL, Pair, assert_idle, channel_pair, filled, shuffled
 
 
 def assert_moved(pair: Pair, dst_blocks: list[int], src_blocks: list[int] | None = None) -> None:
     src_blocks = src_blocks if src_blocks is not None else list(range(len(dst_blocks)))
     assert np.array_equal(pair.dst_pages()[:, :, dst_blocks], pair.src_pages()[:, :, src_blocks])
-
-
-def assert_idle(*channels: KVTransferChannel) -> None:
-    for channel in channels:
-        stats = channel.statistics()
-        assert (stats.transfers_sending, stats.transfers_receiving, stats.inflight_chunks, stats.queued_chunks) == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("chunk_size", [512, 1024, 4096, 1 << 20])

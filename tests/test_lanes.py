@@ -24,22 +24,12 @@ from sage_transport.hw.profile import connections_for_remote_peers
 from sage_transport.transports.mock import FaultAction, FaultRule, MockNetwork, MockTransport
 from sage_transport.wire import PROTOCOL_VERSION, JoinLane, Ready, encode_message
 
-from .conftest import SMALL, channel_pair, filled
-
-
-def shuffled(blocks: int, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).permutation(blocks).tolist()
+from .conftest import SMALL, assert_idle, channel_pair, filled, shuffled
 
 
 def pages(memory: KVMemory) -> np.ndarray:
     s = memory.schema
     return np.frombuffer(memory.buffers[0], np.uint8).reshape(s.num_layers, s.kv_planes, memory.num_blocks, -1)
-
-
-def assert_idle(*channels: KVTransferChannel) -> None:
-    for channel in channels:
-        stats = channel.statistics()
-        assert (stats.transfers_sending, stats.transfers_receiving, stats.inflight_chunks, stats.queued_chunks) == (0, 0, 0, 0)
 
 
 async def test_chunks_spread_over_every_connection_both_ways_and_land_exactly() -> None:
